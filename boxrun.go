@@ -1,0 +1,188 @@
+// Package boxrun runs untrusted code in micro-VMs ("boxes"), driven straight
+// from the caller's process.
+//
+//	eng, _ := boxrun.New(ctx, boxrun.Config{})
+//	box, _ := eng.Create(ctx, boxrun.BoxSpec{Image: "alpine"})
+//	res, _ := eng.Exec(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"uname", "-a"}})
+//	_ = eng.Remove(ctx, box.ID, boxrun.Force)
+//
+// Each box is a VM booted from a kernel and a small agent (PID 1) that runs
+// commands for the host. Its root filesystem is an OCI image (pulled once,
+// turned once into a read-only disk shared by every box of that image) under
+// a writable disk of its own.
+package boxrun
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"github.com/boxrun/boxrun/image"
+)
+
+// Config configures an Engine. The zero value works on a host set up with
+// scripts/setup.sh.
+type Config struct {
+	// DataDir holds images, disks, boxes and caches; default
+	// $BOXRUN_DATA_DIR, else ~/.boxrun.
+	DataDir string
+	// Hypervisor is "auto" (default: the fastest available) or "qemu".
+	Hypervisor string
+	// Kernel is the guest kernel (a bzImage or vmlinux); default
+	// $BOXRUN_KERNEL, else the newest /boot/vmlinuz-* with modules.
+	Kernel string
+	// KernelModules is the kernel's module tree; default /lib/modules/<version>.
+	KernelModules string
+	// AgentPath is the guest agent binary; default $BOXRUN_AGENT, else it is
+	// built from this module's source on first use and cached in DataDir.
+	AgentPath string
+	// RegistriesConf is a containers-registries.conf(5) file; default the
+	// standard locations.
+	RegistriesConf string
+	// StorageDriver is the containers/storage driver; default overlay when
+	// the host supports it, else vfs.
+	StorageDriver string
+	// BootTimeout bounds the wait for a new box's agent; default 2 minutes.
+	BootTimeout time.Duration
+	// PullProgress, if set, receives image pull progress.
+	PullProgress func(image.Progress)
+	// Logger receives the engine's logs; default discards them.
+	Logger *slog.Logger
+}
+
+// BoxSpec describes a box to create. Zero numeric fields take the defaults
+// (2 CPUs, 1024 MiB, 8 GiB disk); negative ones are invalid.
+type BoxSpec struct {
+	Image      string            // image reference: "alpine", "docker://...", "oci:/path", ...
+	Name       string            // optional, unique among boxes
+	CPU        int               // virtual CPUs
+	MemoryMB   int               // guest memory
+	DiskSizeGB int               // size of the box's writable disk (sparse)
+	Workdir    string            // default working directory of execs; default the image's, else /
+	Env        map[string]string // added to the image's environment for every exec
+	Network    bool              // false: the VM has no network device at all
+}
+
+// Box is a snapshot of a box's record.
+type Box struct {
+	ID         string
+	Name       string
+	Status     string // "creating", "running", "stopped", "error"
+	Image      string
+	CPU        int
+	MemoryMB   int
+	DiskSizeGB int
+	Network    bool
+	Workdir    string
+	Env        map[string]string
+	RuntimeID  string // the VM: driver and VMM process id
+	CreatedAt  time.Time
+	StartedAt  *time.Time
+	StoppedAt  *time.Time
+}
+
+// ExecSpec describes a command to run in a box.
+type ExecSpec struct {
+	Cmd     []string          // argv; no shell unless Cmd asks for one
+	Env     map[string]string // added on top of the image's and the box's env
+	Workdir string            // absolute; default the box's workdir
+	User    string            // default the image's user
+	Timeout time.Duration     // 0: none; at expiry the whole process group is killed
+	Stdin   io.Reader         // nil: empty
+	// Entrypoint prepends the image's Entrypoint to Cmd.
+	Entrypoint bool
+}
+
+// ExecResult is the outcome of a finished command.
+type ExecResult struct {
+	ExitCode int    // -1 when killed by a signal
+	Signal   string // e.g. "SIGKILL"
+	TimedOut bool
+	Stdout   string
+	Stderr   string
+	Duration time.Duration
+}
+
+// Event is one step of a streamed command: a chunk of output ("log") or the
+// end ("exit", always last and exactly once). Seq counts from 0 across both
+// output streams, in the order the guest produced them.
+type Event struct {
+	Type     string // "log" or "exit"
+	Stream   string // "stdout" or "stderr" for log events
+	Data     string
+	Seq      int
+	ExitCode int    // exit events
+	Signal   string // exit events: the signal that killed the command
+	TimedOut bool   // exit events
+	Error    string // exit events: why the command ended abnormally
+}
+
+// RemoveOption modifies Remove.
+type RemoveOption int
+
+// Force removes a running box (its VM is killed).
+const Force RemoveOption = 1
+
+// Error is the error type of every Engine method: a BoxRun code and a message.
+type Error = errdefs.Error
+
+// Code is a BoxRun error code.
+type Code = errdefs.Code
+
+// Error codes, as in the BoxRun API.
+const (
+	BoxNotFound       = errdefs.BoxNotFound
+	BoxAlreadyRunning = errdefs.BoxAlreadyRunning
+	BoxNotRunning     = errdefs.BoxNotRunning
+	NameAlreadyExists = errdefs.NameAlreadyExists
+	ResourceExceeded  = errdefs.ResourceExceeded
+	RuntimeError      = errdefs.RuntimeError
+	ImagePullFailed   = errdefs.ImagePullFailed
+	Timeout           = errdefs.Timeout
+	Canceled          = errdefs.Canceled
+	ValidationError   = errdefs.ValidationError
+)
+
+// CodeOf returns err's BoxRun code ("" for nil).
+func CodeOf(err error) Code { return errdefs.CodeOf(err) }
+
+// Exec runs a command to completion and returns its output. A command that
+// ran reports its exit code with a nil error, whatever the code; a command
+// that could not start, timed out (TIMEOUT, with the partial output) or was
+// canceled returns an error.
+func (e *Engine) Exec(ctx context.Context, id string, spec ExecSpec) (*ExecResult, error) {
+	start := time.Now()
+	events, err := e.Stream(ctx, id, spec)
+	if err != nil {
+		return nil, err
+	}
+	var res ExecResult
+	var stdout, stderr []byte
+	var last Event
+	for ev := range events {
+		switch {
+		case ev.Type == "exit":
+			last = ev
+		case ev.Stream == "stderr":
+			stderr = append(stderr, ev.Data...)
+		default:
+			stdout = append(stdout, ev.Data...)
+		}
+	}
+	res.Stdout, res.Stderr = string(stdout), string(stderr)
+	res.ExitCode, res.Signal, res.TimedOut = last.ExitCode, last.Signal, last.TimedOut
+	res.Duration = time.Since(start)
+	switch {
+	case last.Type != "exit" && ctx.Err() != nil:
+		return &res, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
+	case last.TimedOut:
+		return &res, errdefs.New(errdefs.Timeout, "exec %q timed out after %v", spec.Cmd[0], spec.Timeout)
+	case last.Error != "" && ctx.Err() != nil:
+		return &res, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
+	case last.Error != "":
+		return &res, errdefs.New(errdefs.RuntimeError, "exec %q: %s", spec.Cmd[0], last.Error)
+	}
+	return &res, nil
+}

@@ -1,0 +1,166 @@
+// Package disk makes the disks a box boots with: one read-only ext4 base
+// disk per image, shared by every box of that image, and one sparse writable
+// disk per box. The guest joins them with overlayfs (base below, box disk
+// above), so nothing a box writes ever reaches the shared base.
+package disk
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/boxrun/boxrun/errdefs"
+)
+
+// Bases builds and caches base disks in Dir.
+type Bases struct {
+	Dir string
+
+	mu       sync.Mutex
+	building map[string]*sync.Mutex
+}
+
+// Path is where the base disk for key (an image ID) lives once built.
+func (b *Bases) Path(key string) string { return filepath.Join(b.Dir, key+".ext4") }
+
+// Ensure returns the base disk for key, building it from the directory tree
+// that mount provides when it is not cached yet. Concurrent calls for one key
+// build once; the file appears atomically, so a crash mid-build leaves no
+// half-written base disk that a later box could boot from.
+func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs string, unmount func(), err error)) (string, error) {
+	path := b.Path(key)
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	b.mu.Lock()
+	if b.building == nil {
+		b.building = map[string]*sync.Mutex{}
+	}
+	l := b.building[key]
+	if l == nil {
+		l = &sync.Mutex{}
+		b.building[key] = l
+	}
+	b.mu.Unlock()
+	l.Lock()
+	defer l.Unlock()
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	// Another engine process may be building the same base: take a file lock.
+	if err := os.MkdirAll(b.Dir, 0o700); err != nil {
+		return "", err
+	}
+	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return "", err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", err
+	}
+	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+
+	rootfs, unmount, err := mount()
+	if err != nil {
+		return "", err
+	}
+	defer unmount()
+	size, err := treeSize(rootfs)
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "measure image rootfs")
+	}
+	// ext4 needs room for its metadata beyond the file data: inodes, block
+	// rounding, directories. 25% + 32 MiB covers small and large images.
+	size = size + size/4 + 32<<20
+	tmp := path + ".tmp"
+	os.Remove(tmp)
+	// No journal: the base is never written after this.
+	if err := mkfs(ctx, tmp, size, "-d", rootfs, "-L", "boxbase", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0"); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	return path, nil
+}
+
+// Remove deletes the base disk for key, if any.
+func (b *Bases) Remove(key string) error {
+	err := os.Remove(b.Path(key))
+	if os.IsNotExist(err) {
+		return nil
+	}
+	return err
+}
+
+// CreateBoxDisk creates a sparse ext4 disk of sizeGB at path: it takes no
+// more host space than the box actually writes.
+func CreateBoxDisk(ctx context.Context, path string, sizeGB int) error {
+	if sizeGB <= 0 {
+		return errdefs.New(errdefs.ValidationError, "disk size must be greater than 0")
+	}
+	if err := mkfs(ctx, path, int64(sizeGB)<<30, "-L", "boxdata", "-m", "0",
+		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"); err != nil {
+		os.Remove(path)
+		return err
+	}
+	return nil
+}
+
+// mkfs makes an ext4 file system in a new sparse file of size bytes.
+func mkfs(ctx context.Context, path string, size int64, args ...string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "create disk")
+	}
+	err = f.Truncate(size)
+	f.Close()
+	if err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "size disk")
+	}
+	bin, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "mkfs.ext4 not found (install e2fsprogs)")
+	}
+	cmd := exec.CommandContext(ctx, bin, append(append([]string{"-q", "-F", "-t", "ext4"}, args...), path)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "mkfs.ext4 %s: %s", filepath.Base(path), strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// treeSize adds up the apparent size of everything under root.
+func treeSize(root string) (int64, error) {
+	var total int64
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		// Round each file up to a 4 KiB block, as ext4 stores it.
+		total += (info.Size() + 4095) &^ 4095
+		if d.IsDir() {
+			total += 4096
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("walk %s: %w", root, err)
+	}
+	return total, nil
+}

@@ -1,0 +1,497 @@
+package boxrun
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/boxrun/boxrun/disk"
+	"github.com/boxrun/boxrun/errdefs"
+	agentexec "github.com/boxrun/boxrun/exec"
+	"github.com/boxrun/boxrun/image"
+	"github.com/boxrun/boxrun/runtime"
+	"github.com/boxrun/boxrun/state"
+)
+
+// Engine creates and drives boxes. It is safe for concurrent use.
+type Engine struct {
+	cfg    Config
+	log    *slog.Logger
+	images *image.Store
+	bases  *disk.Bases
+	hv     runtime.Hypervisor
+	store  state.Store
+
+	assetsMu sync.Mutex // guards assets: kernel and initramfs, prepared on first use
+	assets   *bootAssets
+
+	mu   sync.Mutex
+	live map[string]*liveBox // running boxes by id
+}
+
+// liveBox is what the engine holds for a running box.
+type liveBox struct {
+	vm    runtime.VM
+	agent *agentexec.Client
+	img   *image.Image
+}
+
+type bootAssets struct {
+	kernel    *runtime.Kernel
+	initramfs string
+}
+
+// New opens an engine on cfg.DataDir.
+func New(ctx context.Context, cfg Config) (*Engine, error) {
+	if cfg.DataDir == "" {
+		cfg.DataDir = os.Getenv("BOXRUN_DATA_DIR")
+	}
+	if cfg.DataDir == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "no data dir")
+		}
+		cfg.DataDir = filepath.Join(home, ".boxrun")
+	}
+	if cfg.BootTimeout <= 0 {
+		cfg.BootTimeout = 2 * time.Minute
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	hv, err := pickHypervisor(cfg.Hypervisor)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"boxes", "cache", "bases"} {
+		if err := os.MkdirAll(filepath.Join(cfg.DataDir, d), 0o700); err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "data dir")
+		}
+	}
+	images, err := image.Open(image.Options{
+		Root:           filepath.Join(cfg.DataDir, "storage"),
+		RunRoot:        filepath.Join(cfg.DataDir, "run", "storage"),
+		Driver:         cfg.StorageDriver,
+		RegistriesConf: cfg.RegistriesConf,
+		Progress:       cfg.PullProgress,
+		Logger:         log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &Engine{
+		cfg:    cfg,
+		log:    log,
+		images: images,
+		bases:  &disk.Bases{Dir: filepath.Join(cfg.DataDir, "bases")},
+		hv:     hv,
+		store:  state.NewMemory(),
+		live:   map[string]*liveBox{},
+	}, nil
+}
+
+func pickHypervisor(name string) (runtime.Hypervisor, error) {
+	switch name {
+	case "", "auto", "qemu":
+		return &runtime.QEMU{}, nil
+	}
+	return nil, errdefs.New(errdefs.ValidationError, "unknown hypervisor %q (want auto or qemu)", name)
+}
+
+// Create pulls the image if needed, boots a box from it and returns once its
+// agent answers. A Create that fails leaves no box, disk or process behind.
+func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
+	if err := spec.normalize(); err != nil {
+		return nil, err
+	}
+	id := newID("box_")
+	now := time.Now().UTC()
+	rec := state.Box{
+		ID: id, Name: spec.Name, Status: state.Creating, Image: spec.Image,
+		CPU: spec.CPU, MemoryMB: spec.MemoryMB, DiskSizeGB: spec.DiskSizeGB,
+		Network: spec.Network, Workdir: spec.Workdir, Env: spec.Env, CreatedAt: now,
+	}
+	// The record reserves the name; it is removed again if anything fails.
+	if err := e.store.PutBox(rec); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(e.cfg.DataDir, "boxes", id)
+	lb, err := e.create(ctx, &rec, dir)
+	if err != nil {
+		os.RemoveAll(dir)
+		e.store.DeleteBox(id)
+		return nil, err
+	}
+	started := time.Now().UTC()
+	rec.Status, rec.StartedAt = state.Running, &started
+	rec.RuntimeID = fmt.Sprintf("%s:%d", e.hv.Name(), lb.vm.PID())
+	e.mu.Lock()
+	e.live[id] = lb
+	e.mu.Unlock()
+	if err := e.store.PutBox(rec); err != nil {
+		e.mu.Lock()
+		delete(e.live, id)
+		e.mu.Unlock()
+		e.destroy(lb, dir)
+		e.store.DeleteBox(id)
+		return nil, err
+	}
+	e.log.Info("box created", "box", id, "image", spec.Image, "pid", lb.vm.PID())
+	return boxOf(rec), nil
+}
+
+func (e *Engine) create(ctx context.Context, rec *state.Box, dir string) (*liveBox, error) {
+	img, err := e.images.Pull(ctx, rec.Image)
+	if err != nil {
+		return nil, err
+	}
+	rec.ImageID = img.ID
+	base, err := e.bases.Ensure(ctx, img.ID, func() (string, func(), error) {
+		root, err := e.images.Mount(ctx, img.ID)
+		if err != nil {
+			return "", nil, err
+		}
+		return root, func() { e.images.Unmount(img.ID) }, nil
+	})
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "base disk for %s", rec.Image)
+	}
+	boot, err := e.bootAssets(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box dir")
+	}
+	data := filepath.Join(dir, "disk.ext4")
+	if err := disk.CreateBoxDisk(ctx, data, rec.DiskSizeGB); err != nil {
+		return nil, err
+	}
+	lb, err := e.boot(ctx, rec, dir, base, data, boot)
+	if err != nil {
+		return nil, err
+	}
+	lb.img = img
+	return lb, nil
+}
+
+// boot starts the VM and waits for its agent's hello.
+func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
+	vm, err := e.hv.Start(ctx, runtime.VMConfig{
+		ID: rec.ID, Dir: dir, CPUs: rec.CPU, MemoryMB: rec.MemoryMB,
+		Kernel: boot.kernel.Vmlinux, Initramfs: boot.initramfs,
+		Cmdline: "boxrun.base=/dev/vda boxrun.data=/dev/vdb",
+		Disks:   []runtime.Disk{{Path: base, ReadOnly: true}, {Path: data}},
+		Network: rec.Network,
+		Logger:  e.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*liveBox, error) {
+		vm.Kill()
+		return nil, err
+	}
+	bctx, cancel := context.WithTimeout(ctx, e.cfg.BootTimeout)
+	defer cancel()
+	conn, err := vm.DialAgent(bctx)
+	if err != nil {
+		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
+	}
+	agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
+	if _, err := agent.Hello(bctx, time.Now()); err != nil {
+		agent.Close()
+		code := errdefs.RuntimeError
+		if ctx.Err() != nil {
+			code = errdefs.Canceled
+		} else if bctx.Err() != nil {
+			code = errdefs.Timeout
+		}
+		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
+	}
+	return &liveBox{vm: vm, agent: agent}, nil
+}
+
+// bootAssets prepares the kernel and the initramfs once per engine. A
+// failure is not cached: the next Create tries again.
+func (e *Engine) bootAssets(ctx context.Context) (*bootAssets, error) {
+	e.assetsMu.Lock()
+	defer e.assetsMu.Unlock()
+	if e.assets != nil {
+		return e.assets, nil
+	}
+	cache := filepath.Join(e.cfg.DataDir, "cache")
+	k, err := runtime.PrepareKernel(e.cfg.Kernel, e.cfg.KernelModules, cache)
+	if err != nil {
+		return nil, err
+	}
+	agentPath := e.cfg.AgentPath
+	if agentPath == "" {
+		if agentPath, err = agentexec.AgentPath(ctx, cache); err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "guest agent")
+		}
+	}
+	initramfs, err := runtime.BuildInitramfs(k, agentPath, cache)
+	if err != nil {
+		return nil, err
+	}
+	e.assets = &bootAssets{kernel: k, initramfs: initramfs}
+	return e.assets, nil
+}
+
+// Get returns a box by id or name.
+func (e *Engine) Get(ctx context.Context, idOrName string) (*Box, error) {
+	rec, err := e.store.GetBox(idOrName)
+	if err != nil {
+		return nil, err
+	}
+	return boxOf(rec), nil
+}
+
+// List returns every box, newest first.
+func (e *Engine) List(ctx context.Context) ([]*Box, error) {
+	recs, err := e.store.ListBoxes()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Box, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, boxOf(r))
+	}
+	return out, nil
+}
+
+// running returns a running box's record and live handle.
+func (e *Engine) running(idOrName string) (state.Box, *liveBox, error) {
+	rec, err := e.store.GetBox(idOrName)
+	if err != nil {
+		return rec, nil, err
+	}
+	e.mu.Lock()
+	lb := e.live[rec.ID]
+	e.mu.Unlock()
+	if lb == nil || rec.Status != state.Running {
+		return rec, nil, errdefs.New(errdefs.BoxNotRunning, "Box '%s' is not running (status: %s)", idOrName, rec.Status)
+	}
+	return rec, lb, nil
+}
+
+// Stream starts a command and returns its events: output chunks in order,
+// then exactly one exit event; the channel is then closed. Cancelling ctx
+// kills the command in the guest. The caller must drain the channel (or
+// cancel ctx).
+func (e *Engine) Stream(ctx context.Context, id string, spec ExecSpec) (<-chan Event, error) {
+	if err := spec.validate(); err != nil {
+		return nil, err
+	}
+	rec, lb, err := e.running(id)
+	if err != nil {
+		return nil, err
+	}
+	p, err := lb.agent.Start(ctx, e.command(rec, lb, spec))
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan Event, 16)
+	go func() {
+		defer close(out)
+		seq := 0
+		for ev := range p.Events() {
+			var e Event
+			if ev.Exit != nil {
+				e = Event{Type: "exit", Seq: seq, ExitCode: ev.Exit.Code, Signal: ev.Exit.Signal,
+					TimedOut: ev.Exit.TimedOut, Error: ev.Exit.Error}
+			} else {
+				e = Event{Type: "log", Stream: ev.Stream, Data: string(ev.Data), Seq: seq}
+			}
+			seq++
+			select {
+			case out <- e:
+			case <-ctx.Done():
+				// Nobody may be reading any more: the process is being
+				// killed; drain the agent's events without delivering them.
+				for range p.Events() {
+				}
+				return
+			}
+		}
+	}()
+	return out, nil
+}
+
+// command builds the guest command for spec: argv, env layered image < box
+// < exec, workdir exec > box > image > /, and the image's user.
+func (e *Engine) command(rec state.Box, lb *liveBox, spec ExecSpec) agentexec.Command {
+	cfg := lb.img.Config
+	args := spec.Cmd
+	if spec.Entrypoint && len(cfg.Entrypoint) > 0 {
+		args = append(append([]string{}, cfg.Entrypoint...), spec.Cmd...)
+	}
+	env := mergeEnv(cfg.Env, rec.Env, spec.Env)
+	dir := spec.Workdir
+	if dir == "" {
+		dir = rec.Workdir
+	}
+	if dir == "" {
+		dir = cfg.WorkingDir
+	}
+	if dir == "" {
+		dir = "/"
+	}
+	user := spec.User
+	if user == "" {
+		user = cfg.User
+	}
+	return agentexec.Command{Args: args, Env: env, Dir: dir, User: user, Timeout: spec.Timeout, Stdin: spec.Stdin}
+}
+
+// mergeEnv layers KEY=VALUE lists and maps; later layers win, order of
+// first appearance is kept.
+func mergeEnv(base []string, layers ...map[string]string) []string {
+	idx := map[string]int{}
+	var out []string
+	set := func(k, v string) {
+		if i, ok := idx[k]; ok {
+			out[i] = k + "=" + v
+			return
+		}
+		idx[k] = len(out)
+		out = append(out, k+"="+v)
+	}
+	for _, kv := range base {
+		k, v, _ := strings.Cut(kv, "=")
+		set(k, v)
+	}
+	for _, m := range layers {
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			set(k, m[k])
+		}
+	}
+	return out
+}
+
+// Remove deletes a box: its VM, its disk and its record. A running box is
+// only removed with Force.
+func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOption) error {
+	force := false
+	for _, o := range opts {
+		force = force || o == Force
+	}
+	rec, err := e.store.GetBox(idOrName)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	lb := e.live[rec.ID]
+	if lb != nil && !force {
+		e.mu.Unlock()
+		return errdefs.New(errdefs.BoxAlreadyRunning, "Box is running. Use force=true to remove.")
+	}
+	delete(e.live, rec.ID)
+	e.mu.Unlock()
+	if err := e.destroy(lb, filepath.Join(e.cfg.DataDir, "boxes", rec.ID)); err != nil {
+		return err
+	}
+	e.log.Info("box removed", "box", rec.ID)
+	return e.store.DeleteBox(rec.ID)
+}
+
+// destroy kills a box's VM (if lb is non-nil) and deletes its directory.
+func (e *Engine) destroy(lb *liveBox, dir string) error {
+	if lb != nil {
+		lb.agent.Close()
+		if err := lb.vm.Kill(); err != nil {
+			return errdefs.Wrap(errdefs.RuntimeError, err, "kill vm")
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "remove box files")
+	}
+	return nil
+}
+
+// Close stops every box this engine runs and releases the engine.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	live := e.live
+	e.live = map[string]*liveBox{}
+	e.mu.Unlock()
+	var wg sync.WaitGroup
+	for id, lb := range live {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e.destroy(lb, filepath.Join(e.cfg.DataDir, "boxes", id))
+			e.store.DeleteBox(id)
+		}()
+	}
+	wg.Wait()
+	return e.images.Close()
+}
+
+func (s *BoxSpec) normalize() error {
+	if strings.TrimSpace(s.Image) == "" {
+		return errdefs.New(errdefs.ValidationError, "image is required")
+	}
+	for _, f := range []struct {
+		v    *int
+		def  int
+		name string
+	}{{&s.CPU, 2, "cpu"}, {&s.MemoryMB, 1024, "memory_mb"}, {&s.DiskSizeGB, 8, "disk_size_gb"}} {
+		if *f.v < 0 {
+			return errdefs.New(errdefs.ValidationError, "%s must be greater than 0", f.name)
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	if s.Workdir != "" && !strings.HasPrefix(s.Workdir, "/") {
+		return errdefs.New(errdefs.ValidationError, "workdir must be an absolute path (starting with /)")
+	}
+	return nil
+}
+
+func (s *ExecSpec) validate() error {
+	if len(s.Cmd) == 0 || s.Cmd[0] == "" {
+		return errdefs.New(errdefs.ValidationError, "cmd must be a non-empty list")
+	}
+	if s.Workdir != "" && !strings.HasPrefix(s.Workdir, "/") {
+		return errdefs.New(errdefs.ValidationError, "workdir must be an absolute path (starting with /)")
+	}
+	if s.Timeout < 0 {
+		return errdefs.New(errdefs.ValidationError, "timeout must be positive")
+	}
+	return nil
+}
+
+func boxOf(r state.Box) *Box {
+	return &Box{
+		ID: r.ID, Name: r.Name, Status: r.Status, Image: r.Image, CPU: r.CPU, MemoryMB: r.MemoryMB,
+		DiskSizeGB: r.DiskSizeGB, Network: r.Network, Workdir: r.Workdir, Env: r.Env,
+		RuntimeID: r.RuntimeID, CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, StoppedAt: r.StoppedAt,
+	}
+}
+
+// newID returns prefix + 12 random characters of the nanoid alphabet.
+func newID(prefix string) string {
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+	b := make([]byte, 12)
+	rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[b[i]&63]
+	}
+	return prefix + string(b)
+}

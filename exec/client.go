@@ -1,0 +1,495 @@
+package exec
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path"
+	"syscall"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// Client is the host end of the connection to a box's agent. All methods
+// are safe for concurrent use; operations run concurrently over the one
+// connection.
+//
+// The agent is untrusted: everything it sends is bounded (frame sizes,
+// per-channel credit, control frames per channel) and a violation closes
+// the connection.
+type Client struct {
+	m   *mux
+	log *slog.Logger
+}
+
+// NewClient wraps conn and starts the goroutine that reads it. The Client
+// owns conn and closes it on [Client.Close] or when the connection fails.
+func NewClient(conn io.ReadWriteCloser, logger *slog.Logger) *Client {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	m := newMux(conn, logger, true)
+	go m.readLoop()
+	return &Client{m: m, log: logger}
+}
+
+// Done is closed when the connection is gone.
+func (c *Client) Done() <-chan struct{} { return c.m.done }
+
+// Err returns why the connection is gone, or nil while it is up.
+func (c *Client) Err() error {
+	select {
+	case <-c.m.done:
+		return c.m.closedErr()
+	default:
+		return nil
+	}
+}
+
+// Close closes the connection. Pending calls fail, and running processes
+// get an exit event with Code -1 and Error set.
+func (c *Client) Close() error {
+	c.m.close(errLocalClose)
+	return nil
+}
+
+func ctxError(err error, op string) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return errdefs.Wrap(errdefs.Timeout, err, "%s", op)
+	}
+	return errdefs.Wrap(errdefs.Canceled, err, "%s", op)
+}
+
+// decodeResult parses a Result and turns a reported failure into an error.
+// The agent is not trusted to pick any code it likes.
+func decodeResult(p []byte) (*result, error) {
+	var res result
+	if err := json.Unmarshal(p, &res); err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "bad result from agent")
+	}
+	if res.Error == "" {
+		return &res, nil
+	}
+	code := errdefs.Code(res.Code)
+	switch code {
+	case errdefs.ValidationError, errdefs.Timeout, errdefs.Canceled:
+	default:
+		code = errdefs.RuntimeError
+	}
+	return &res, errdefs.New(code, "%s", res.Error)
+}
+
+// request opens a channel and sends req on it.
+func (c *Client) request(req *request) (*stream, error) {
+	s, err := c.m.open()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.m.writeJSON(s.id, frameRequest, req); err != nil {
+		c.m.forget(s)
+		return nil, err
+	}
+	return s, nil
+}
+
+// abandon tells the agent to stop the operation on s and forgets s.
+func (c *Client) abandon(s *stream) {
+	_ = c.m.write(s.id, frameCancel, nil)
+	c.m.forget(s)
+}
+
+// await waits for the Result on s, ignoring anything else.
+func (c *Client) await(ctx context.Context, s *stream, op string) (*result, error) {
+	for {
+		f, err := s.recv(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				c.abandon(s)
+				return nil, ctxError(ctx.Err(), op)
+			}
+			return nil, err
+		}
+		if f.typ == frameResult {
+			return decodeResult(f.payload)
+		}
+	}
+}
+
+func (c *Client) call(ctx context.Context, req *request) (*result, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, ctxError(err, req.Op)
+	}
+	s, err := c.request(req)
+	if err != nil {
+		return nil, err
+	}
+	return c.await(ctx, s, req.Op)
+}
+
+// Hello performs the handshake and sets the guest clock to now (plus the
+// time Hello has been waiting). Until the agent answers it repeats
+// Sync+Hello with a growing interval (50ms to 1s): a virtio-serial port
+// drops what the host sends before the guest opened it. Call it first;
+// its ctx bounds how long to wait for the agent to come up.
+func (c *Client) Hello(ctx context.Context, now time.Time) (*HelloInfo, error) {
+	start := time.Now()
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type answer struct {
+		res *result
+		err error
+	}
+	answers := make(chan answer)
+	var attempts []*stream
+	defer func() {
+		for _, s := range attempts {
+			c.m.forget(s)
+		}
+	}()
+	interval := 50 * time.Millisecond
+	retry := time.NewTimer(0)
+	defer retry.Stop()
+	for {
+		select {
+		case <-retry.C:
+			if err := c.m.writeSync(); err != nil {
+				return nil, err
+			}
+			s, err := c.request(&request{Op: "hello", Time: now.Add(time.Since(start)).UnixNano()})
+			if err != nil {
+				return nil, err
+			}
+			attempts = append(attempts, s)
+			go func() {
+				var a answer
+				for {
+					f, err := s.recv(actx)
+					if err != nil {
+						a.err = err
+						break
+					}
+					if f.typ == frameResult {
+						a.res, a.err = decodeResult(f.payload)
+						break
+					}
+				}
+				select {
+				case answers <- a:
+				case <-actx.Done():
+				}
+			}()
+			retry.Reset(interval)
+			interval = min(2*interval, time.Second)
+		case a := <-answers:
+			if a.err != nil {
+				if ctx.Err() != nil {
+					return nil, ctxError(ctx.Err(), "hello")
+				}
+				return nil, a.err
+			}
+			if a.res.Protocol != ProtocolVersion {
+				return nil, errdefs.New(errdefs.RuntimeError, "agent speaks protocol %d, host speaks %d (rebuild the agent)", a.res.Protocol, ProtocolVersion)
+			}
+			return &HelloInfo{Protocol: a.res.Protocol, Version: a.res.Version, Kernel: a.res.Kernel}, nil
+		case <-ctx.Done():
+			return nil, ctxError(ctx.Err(), "hello")
+		}
+	}
+}
+
+// Ping checks that the agent answers.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.call(ctx, &request{Op: "ping"})
+	return err
+}
+
+// Stat describes path in the box, following symlinks inside the box root.
+// A missing path is Exists=false, not an error.
+func (c *Client) Stat(ctx context.Context, p string) (FileInfo, error) {
+	if !path.IsAbs(p) {
+		return FileInfo{}, errdefs.New(errdefs.ValidationError, "stat %q: path is not absolute", p)
+	}
+	res, err := c.call(ctx, &request{Op: "stat", Path: p})
+	if err != nil {
+		return FileInfo{}, err
+	}
+	if res.Stat == nil {
+		return FileInfo{}, nil
+	}
+	return *res.Stat, nil
+}
+
+// Shutdown asks the agent to stop every process, sync, unmount the box
+// filesystems and halt the VM. It returns once the agent acknowledged,
+// after the filesystems are synced; the VM then goes away on its own.
+func (c *Client) Shutdown(ctx context.Context) error {
+	_, err := c.call(ctx, &request{Op: "shutdown"})
+	return err
+}
+
+// CopyIn extracts the tar stream into destDir in the box, creating destDir
+// and its parents. Paths are resolved inside the box root: neither the
+// archive nor symlinks in the box can make the agent write outside it.
+// It returns once the agent extracted everything; if it fails early, the
+// rest of tarStream is left unread.
+func (c *Client) CopyIn(ctx context.Context, destDir string, tarStream io.Reader) error {
+	if !path.IsAbs(destDir) {
+		return errdefs.New(errdefs.ValidationError, "copy to %q: path is not absolute", destDir)
+	}
+	if err := ctx.Err(); err != nil {
+		return ctxError(err, "copy in")
+	}
+	s, err := c.request(&request{Op: "copyin", Dir: destDir})
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, maxDataFrame)
+	for {
+		n, rerr := tarStream.Read(buf)
+		if n > 0 {
+			if err := s.send(ctx, frameData, buf[:n]); err != nil {
+				break // cancelled, or the agent finished early: its Result says why
+			}
+		}
+		if rerr == io.EOF {
+			_ = c.m.write(s.id, frameEOF, nil)
+			break
+		}
+		if rerr != nil {
+			c.abandon(s)
+			return errdefs.Wrap(errdefs.RuntimeError, rerr, "copy to %s: reading archive", destDir)
+		}
+	}
+	_, err = c.await(ctx, s, "copy in")
+	return err
+}
+
+// CopyOut writes a tar of path (a file or directory tree) in the box to w.
+// Entry names are relative to path's parent, so the first entry is
+// base(path); symlinks are archived, not followed. The archive comes from
+// the untrusted guest: extract it with [Untar], which keeps it inside the
+// destination.
+func (c *Client) CopyOut(ctx context.Context, p string, w io.Writer) error {
+	if !path.IsAbs(p) {
+		return errdefs.New(errdefs.ValidationError, "copy from %q: path is not absolute", p)
+	}
+	if err := ctx.Err(); err != nil {
+		return ctxError(err, "copy out")
+	}
+	s, err := c.request(&request{Op: "copyout", Path: p})
+	if err != nil {
+		return err
+	}
+	for {
+		f, err := s.recv(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				c.abandon(s)
+				return ctxError(ctx.Err(), "copy out")
+			}
+			return err
+		}
+		switch f.typ {
+		case frameData:
+			if _, err := w.Write(f.payload); err != nil {
+				c.abandon(s)
+				return errdefs.Wrap(errdefs.RuntimeError, err, "copy from %s: writing archive", p)
+			}
+		case frameResult:
+			_, err := decodeResult(f.payload)
+			return err
+		}
+	}
+}
+
+// Start starts cmd in the box. It returns once the agent has started the
+// process, or an error (RuntimeError for a command that cannot start: not
+// found, bad Dir, unknown User). Cancelling ctx afterwards SIGKILLs the
+// process group; the exit event still arrives.
+func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
+	if len(cmd.Args) == 0 {
+		return nil, errdefs.New(errdefs.ValidationError, "start: empty command")
+	}
+	if cmd.Dir != "" && !path.IsAbs(cmd.Dir) {
+		return nil, errdefs.New(errdefs.ValidationError, "start %q: working directory %q is not absolute", cmd.Args[0], cmd.Dir)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, ctxError(err, "start")
+	}
+	req := &request{
+		Op:    "exec",
+		Args:  cmd.Args,
+		Env:   cmd.Env,
+		Dir:   cmd.Dir,
+		User:  cmd.User,
+		Stdin: cmd.Stdin != nil,
+	}
+	if cmd.Timeout > 0 {
+		req.TimeoutMS = max(1, int64((cmd.Timeout+time.Millisecond-1)/time.Millisecond))
+	}
+	s, err := c.request(req)
+	if err != nil {
+		return nil, err
+	}
+	pid := 0
+	for pid == 0 {
+		f, err := s.recv(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				c.abandon(s) // the agent kills the process if it got that far
+				return nil, ctxError(ctx.Err(), "start")
+			}
+			return nil, err
+		}
+		switch f.typ {
+		case frameStarted:
+			var res result
+			if err := json.Unmarshal(f.payload, &res); err != nil || res.Pid <= 0 {
+				c.abandon(s)
+				return nil, errdefs.New(errdefs.RuntimeError, "start %q: bad answer from agent", cmd.Args[0])
+			}
+			pid = res.Pid
+		case frameResult:
+			if _, err := decodeResult(f.payload); err != nil {
+				return nil, err
+			}
+			return nil, errdefs.New(errdefs.RuntimeError, "start %q: agent ended the exec without starting it", cmd.Args[0])
+		}
+	}
+	p := &Process{
+		c:      c,
+		s:      s,
+		pid:    pid,
+		events: make(chan Event),
+	}
+	go p.pump()
+	if cmd.Stdin != nil {
+		go p.feed(cmd.Stdin)
+	}
+	if ctx.Done() != nil {
+		go func() {
+			select {
+			case <-ctx.Done():
+				_ = c.m.write(s.id, frameCancel, nil)
+			case <-s.gone:
+			}
+		}()
+	}
+	return p, nil
+}
+
+// Process is a command running in the box.
+type Process struct {
+	c      *Client
+	s      *stream
+	pid    int
+	events chan Event
+}
+
+// Pid is the process id in the box.
+func (p *Process) Pid() int { return p.pid }
+
+// Events delivers stdout and stderr chunks in the order the agent read
+// them (one sequence across both streams), then exactly one exit event,
+// then is closed. Output is flow controlled: a process whose events are
+// not read blocks once about 256 KiB are pending, like a full pipe.
+func (p *Process) Events() <-chan Event { return p.events }
+
+// Signal sends sig to the process group in the box.
+func (p *Process) Signal(sig syscall.Signal) error {
+	select {
+	case <-p.s.gone:
+		if err := p.c.Err(); err != nil {
+			return err
+		}
+		return errdefs.New(errdefs.ExecAlreadyFinished, "process %d already exited", p.pid)
+	default:
+	}
+	name := unix.SignalName(sig)
+	if name == "" {
+		return errdefs.New(errdefs.ValidationError, "unknown signal %d", int(sig))
+	}
+	return p.c.m.write(p.s.id, frameSignal, []byte(name))
+}
+
+// Wait drains the events, copying stdout and stderr to the writers (either
+// may be nil), and returns the exit status. Write errors are ignored so the
+// process is never left blocked.
+func (p *Process) Wait(stdout, stderr io.Writer) *ExitStatus {
+	var st *ExitStatus
+	for ev := range p.events {
+		switch {
+		case ev.Exit != nil:
+			st = ev.Exit
+		case ev.Stream == "stdout" && stdout != nil:
+			_, _ = stdout.Write(ev.Data)
+		case ev.Stream == "stderr" && stderr != nil:
+			_, _ = stderr.Write(ev.Data)
+		}
+	}
+	if st == nil {
+		// Events were consumed elsewhere; the status is still known.
+		st = &ExitStatus{Code: -1, Error: "exit event consumed elsewhere"}
+	}
+	return st
+}
+
+func (p *Process) pump() {
+	defer close(p.events)
+	for {
+		f, err := p.s.recv(context.Background())
+		if err != nil {
+			p.finish(&ExitStatus{Code: -1, Error: connErrorMessage(err)})
+			return
+		}
+		switch f.typ {
+		case frameStdout:
+			p.events <- Event{Stream: "stdout", Data: f.payload}
+		case frameStderr:
+			p.events <- Event{Stream: "stderr", Data: f.payload}
+		case frameResult:
+			res, err := decodeResult(f.payload)
+			st := &ExitStatus{Code: -1}
+			switch {
+			case err != nil:
+				st.Error = connErrorMessage(err)
+			case res.Exit == nil:
+				st.Error = "agent sent no exit status"
+			default:
+				st = res.Exit
+			}
+			p.finish(st)
+			return
+		}
+	}
+}
+
+func (p *Process) finish(st *ExitStatus) { p.events <- Event{Exit: st} }
+
+// feed streams stdin to the agent; its EOF (or read error) closes the
+// process's stdin. Like os/exec, a Read blocked on r outlives the process.
+func (p *Process) feed(r io.Reader) {
+	buf := make([]byte, maxDataFrame)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			if p.s.send(p.s.ctx, frameData, buf[:n]) != nil {
+				return // exited or connection gone
+			}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				p.c.log.Warn("reading stdin", "pid", p.pid, "err", err)
+			}
+			_ = p.c.m.write(p.s.id, frameEOF, nil)
+			return
+		}
+	}
+}
+
+func (p *Process) String() string { return fmt.Sprintf("process %d", p.pid) }

@@ -1,0 +1,320 @@
+package exec
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// Close fails pending calls fast and ends running processes with an exit
+// event carrying an error.
+func TestCloseFailsPendingAndProcesses(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	p, err := c.Start(context.Background(), Command{Args: []string{"sleep", "1000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A CopyIn whose archive never ends is pending.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	copyErr := make(chan error, 1)
+	go func() { copyErr <- c.CopyIn(context.Background(), t.TempDir(), pr) }()
+	pw.Write(make([]byte, 512)) // some of a header
+	time.Sleep(50 * time.Millisecond)
+
+	start := time.Now()
+	c.Close()
+	r := collect(t, p)
+	if r.exit.Code != -1 || r.exit.Error != "connection to agent closed" {
+		t.Errorf("exit after close: %+v", r.exit)
+	}
+	pw.CloseWithError(errors.New("writer gone")) // unblocks the Read CopyIn is in
+	if err := <-copyErr; !errdefs.Is(err, errdefs.RuntimeError) {
+		t.Errorf("pending copy: %v", err)
+	}
+	if err := c.Ping(context.Background()); !errdefs.Is(err, errdefs.RuntimeError) || !strings.Contains(err.Error(), "connection to agent closed") {
+		t.Errorf("ping after close: %v", err)
+	}
+	if _, err := c.Start(context.Background(), Command{Args: []string{"true"}}); err == nil {
+		t.Error("start after close succeeded")
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Errorf("close took %v", el)
+	}
+	select {
+	case <-c.Done():
+	default:
+		t.Error("Done not closed")
+	}
+	waitGone(t, p.Pid()) // the server killed the session's processes
+}
+
+// A connection that dies under the client fails calls that wait for an
+// agent which will never answer.
+func TestConnectionLoss(t *testing.T) {
+	host, agent := net.Pipe()
+	c := NewClient(host, testLogger())
+	defer c.Close()
+	// A fake agent that reads the request, then vanishes.
+	go func() {
+		buf := make([]byte, 4096)
+		agent.Read(buf)
+		time.Sleep(50 * time.Millisecond)
+		agent.Close()
+	}()
+	errc := make(chan error, 1)
+	go func() { errc <- c.Ping(context.Background()) }()
+	select {
+	case err := <-errc:
+		if !errdefs.Is(err, errdefs.RuntimeError) || !strings.Contains(err.Error(), "connection to agent lost") {
+			t.Errorf("got %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ping hangs after the connection died")
+	}
+}
+
+// Processes get an exit event with an error when the agent goes away.
+func TestAgentLossEndsProcesses(t *testing.T) {
+	a, b := socketPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, b, ServerOptions{Logger: testLogger()}) }()
+	c := NewClient(a, testLogger())
+	defer c.Close()
+	if _, err := c.Hello(context.Background(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	p, err := c.Start(context.Background(), Command{Args: []string{"sleep", "1000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel() // the agent's session ends
+	r := collect(t, p)
+	if r.exit.Code != -1 || !strings.HasPrefix(r.exit.Error, "connection to agent lost") {
+		t.Errorf("exit %+v", r.exit)
+	}
+	<-served
+	waitGone(t, p.Pid())
+}
+
+// lossyConn drops the first n bytes the agent would read, as a
+// virtio-serial port does with data sent before the guest opened it.
+type lossyConn struct {
+	net.Conn
+	drop int
+}
+
+func (l *lossyConn) Read(p []byte) (int, error) {
+	for {
+		n, err := l.Conn.Read(p)
+		if l.drop == 0 || err != nil {
+			return n, err
+		}
+		k := min(n, l.drop)
+		l.drop -= k
+		if n > k {
+			copy(p, p[k:n])
+			return n - k, nil
+		}
+	}
+}
+
+func TestHelloSurvivesLostBytes(t *testing.T) {
+	for _, drop := range []int{1, 7, 25, 30, 60} {
+		a, b := socketPair(t)
+		c := startServerOn(t, a, &lossyConn{Conn: b, drop: drop}, ServerOptions{})
+		if err := c.Ping(context.Background()); err != nil {
+			t.Errorf("drop %d: %v", drop, err)
+		}
+	}
+}
+
+func TestHelloSetsClock(t *testing.T) {
+	got := make(chan time.Time, 4)
+	a, b := socketPair(t)
+	c := startServerOn(t, a, b, ServerOptions{SetClock: func(t time.Time) error { got <- t; return nil }, Version: "v-test"})
+	want := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	info, err := c.Hello(context.Background(), want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Version != "v-test" {
+		t.Errorf("version %q", info.Version)
+	}
+	<-got // the first hello from startServerOn
+	if g := <-got; g.Before(want) || g.Sub(want) > time.Second {
+		t.Errorf("clock set to %v, want about %v", g, want)
+	}
+}
+
+func writeFrame(w io.Writer, id uint32, typ byte, p []byte) error {
+	_, err := w.Write(appendFrame(nil, id, typ, p))
+	return err
+}
+
+// An agent that violates flow control or frame limits is cut off.
+func TestClientRejectsMisbehavingAgent(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		bad  func(w io.Writer, id uint32)
+	}{
+		{"window overrun", func(w io.Writer, id uint32) {
+			chunk := make([]byte, maxDataFrame)
+			for i := 0; i <= window/maxDataFrame; i++ {
+				writeFrame(w, id, frameData, chunk)
+			}
+		}},
+		{"oversized frame", func(w io.Writer, id uint32) {
+			var hdr [headerSize]byte
+			binary.BigEndian.PutUint32(hdr[0:], maxDataFrame+1)
+			binary.BigEndian.PutUint32(hdr[4:], id)
+			hdr[8] = frameData
+			w.Write(hdr[:])
+		}},
+		{"request from agent", func(w io.Writer, id uint32) { writeFrame(w, 99, frameRequest, []byte("{}")) }},
+		{"control flood", func(w io.Writer, id uint32) {
+			for i := 0; i < 2*maxQueuedControl; i++ {
+				writeFrame(w, id, frameStarted, []byte(`{"pid":1}`))
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := socketPair(t)
+			c := NewClient(a, testLogger())
+			defer c.Close()
+			go func() {
+				// Skip Sync + request header, learn the channel id.
+				br := make([]byte, 4096)
+				n, _ := b.Read(br)
+				sync := len(appendFrame(nil, 0, frameSync, syncMagic))
+				if n < sync+headerSize {
+					return
+				}
+				id := binary.BigEndian.Uint32(br[sync+4:])
+				tc.bad(b, id)
+				io.Copy(io.Discard, b)
+			}()
+			var buf bytes.Buffer
+			err := c.CopyOut(context.Background(), "/x", &buf)
+			if err == nil || !strings.Contains(err.Error(), "protocol error") {
+				t.Errorf("got %v", err)
+			}
+			if c.Err() == nil {
+				t.Error("connection still up")
+			}
+		})
+	}
+}
+
+// --- PID 1 reaping ---------------------------------------------------------
+
+func TestMain(m *testing.M) {
+	if os.Getenv("BOXRUN_TEST_REAPER") == "1" {
+		reaperHelper()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// reaperHelper serves on fd 3 as a child subreaper with a Reaper, like the
+// agent as PID 1: orphans of the commands it runs become its children.
+func reaperHelper() {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		os.Exit(2)
+	}
+	f := os.NewFile(3, "conn")
+	conn, err := net.FileConn(f)
+	if err != nil {
+		os.Exit(3)
+	}
+	Serve(context.Background(), conn, ServerOptions{Reaper: NewReaper(nil)})
+	os.Exit(0)
+}
+
+func zombieChildren(ppid int) []int {
+	var zs []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		f := strings.Fields(s[i+2:])
+		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(ppid) {
+			zs = append(zs, pid)
+		}
+	}
+	return zs
+}
+
+func TestReaperKeepsExitStatuses(t *testing.T) {
+	a, b := socketPair(t)
+	bf, err := b.(*net.UnixConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "BOXRUN_TEST_REAPER=1")
+	cmd.ExtraFiles = []*os.File{bf}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	bf.Close()
+	defer cmd.Wait()
+	c := NewClient(a, testLogger())
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Hello(ctx, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	// Each command orphans children that exit around the time it does, so
+	// the reaper sees a storm of statuses for pids nobody waits for.
+	var wg sync.WaitGroup
+	for i := 0; i < 40; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code := i % 7
+			r := run(t, c, sh("true & true & (sleep 0.01; true) & exit "+strconv.Itoa(code)))
+			if r.exit.Code != code || r.exit.Error != "" {
+				t.Errorf("exec %d: exit %+v, want code %d", i, r.exit, code)
+			}
+		}()
+	}
+	wg.Wait()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		zs := zombieChildren(cmd.Process.Pid)
+		if len(zs) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("zombies left: %v", zs)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,30 @@
+// Package exec is the host↔guest protocol of boxrun: the host-side [Client]
+// the engine drives, the guest-side [Serve] the agent (exec/agent, PID 1 in
+// the box's initramfs) runs, and the tar helpers both ends share.
+//
+// # Wire format
+//
+// Host and agent talk over one byte stream (a virtio-serial port under QEMU,
+// a vsock connection under Cloud Hypervisor). The stream carries frames:
+//
+//	[u32 length][u32 channel][u8 type][length bytes of payload]   (big endian)
+//
+// Every operation (exec, stat, copy, ...) gets its own channel, opened by the
+// host with a Request frame and closed by the agent's Result frame, so many
+// execs, output streams and copies share the connection at once. Control
+// payloads (Request, Started, Result, Signal) are JSON; Data, Stdout and
+// Stderr frames carry raw bytes, at most 32 KiB each.
+//
+// Data is flow controlled per channel and direction with credits, as in
+// HTTP/2: a sender may have at most 256 KiB in flight that the receiver has
+// not yet handed to its consumer; the receiver returns credit with Window
+// frames as its consumer drains the data. So a slow reader of one process's
+// output stalls only that process, and the single demultiplexing goroutine on
+// each side never blocks on a consumer.
+//
+// The host speaks first. A fresh agent discards bytes until it sees the Sync
+// frame (a fixed 25-byte pattern), because virtio-serial drops what the host
+// sent before the guest opened the port: the host therefore repeats
+// Sync+Hello until the agent answers (see [Client.Hello]). The agent only
+// ever writes in answer to a request.
+package exec

@@ -1,0 +1,361 @@
+package exec
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+func TestExecOutputAndExitCodes(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	for _, code := range []int{0, 1, 42} {
+		r := run(t, c, sh(fmt.Sprintf("echo out; echo err >&2; exit %d", code)))
+		if r.stdout != "out\n" || r.stderr != "err\n" {
+			t.Errorf("exit %d: stdout %q stderr %q", code, r.stdout, r.stderr)
+		}
+		if r.exit.Code != code || r.exit.Signal != "" || r.exit.TimedOut || r.exit.Error != "" {
+			t.Errorf("exit %d: got %+v", code, r.exit)
+		}
+	}
+	// No shell: argv goes to the program as is.
+	r := run(t, c, Command{Args: []string{"echo", "a  b", "$HOME"}})
+	if r.stdout != "a  b $HOME\n" {
+		t.Errorf("argv: %q", r.stdout)
+	}
+}
+
+func TestExecEnvDirUser(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	dir := t.TempDir()
+	r := run(t, c, Command{
+		Args: []string{"sh", "-c", `echo "$FOO|$(pwd)|$PATH|$HOME"`},
+		Env:  []string{"FOO=bar baz"},
+		Dir:  dir,
+	})
+	want := "bar baz|" + dir + "|" + defaultPath + "|/root\n"
+	if r.stdout != want {
+		t.Errorf("got %q, want %q", r.stdout, want)
+	}
+	r = run(t, c, Command{Args: []string{"sh", "-c", `echo "$PATH|$HOME"`}, Env: []string{"PATH=/bin:/usr/bin", "HOME=/h"}})
+	if r.stdout != "/bin:/usr/bin|/h\n" {
+		t.Errorf("explicit PATH/HOME: %q", r.stdout)
+	}
+	if r := run(t, c, Command{Args: []string{"pwd"}}); r.stdout != "/\n" {
+		t.Errorf("default dir: %q", r.stdout)
+	}
+
+	for _, tc := range []struct{ user, want string }{
+		{"", "0 0"},
+		{"nobody", "65534 65534"},
+		{"65534", "65534 65534"},
+		{"65534:0", "65534 0"},
+		{"nobody:nogroup", "65534 65534"},
+		{"4242:4343", "4242 4343"}, // numeric ids need no passwd entry
+	} {
+		r := run(t, c, Command{Args: []string{"sh", "-c", "echo $(id -u) $(id -g)"}, User: tc.user})
+		if trim(r.stdout) != tc.want || r.exit.Code != 0 {
+			t.Errorf("user %q: got %q (%+v), want %q", tc.user, r.stdout, r.exit, tc.want)
+		}
+	}
+	r = run(t, c, Command{Args: []string{"sh", "-c", "echo $HOME"}, User: "nobody"})
+	if trim(r.stdout) != "/nonexistent" {
+		t.Errorf("nobody's HOME: %q", r.stdout)
+	}
+}
+
+func TestExecStartErrors(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	for _, tc := range []struct {
+		cmd  Command
+		want string
+	}{
+		{Command{Args: []string{"nope-not-here"}}, `start "nope-not-here": executable file not found in $PATH`},
+		{Command{Args: []string{"/no/such/bin"}}, `start "/no/such/bin": no such file or directory`},
+		{Command{Args: []string{"/etc/passwd"}}, `start "/etc/passwd": permission denied`},
+		{Command{Args: []string{"ls"}, Dir: "/no/such/dir"}, `start "ls": chdir /no/such/dir: no such file or directory`},
+		{Command{Args: []string{"ls"}, User: "no-such-user"}, `start "ls": user "no-such-user": unable to find user no-such-user`},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		p, err := c.Start(ctx, tc.cmd)
+		cancel()
+		if err == nil {
+			t.Errorf("%q: started (pid %d)", tc.cmd.Args, p.Pid())
+			continue
+		}
+		var e *errdefs.Error
+		if !errors.As(err, &e) || e.Code != errdefs.RuntimeError || !strings.HasPrefix(e.Message, tc.want) {
+			t.Errorf("%q: got %#v, want RuntimeError %q", tc.cmd.Args, err, tc.want)
+		}
+	}
+	_, err := c.Start(context.Background(), Command{})
+	if !errdefs.Is(err, errdefs.ValidationError) {
+		t.Errorf("empty command: %v", err)
+	}
+	// The connection still works.
+	if r := run(t, c, Command{Args: []string{"true"}}); r.exit.Code != 0 {
+		t.Errorf("true after errors: %+v", r.exit)
+	}
+}
+
+func TestExecStreamOrder(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	r := run(t, c, sh(`for i in 1 2 3 4 5; do echo o$i; sleep 0.03; echo e$i >&2; sleep 0.03; done`))
+	var got []string
+	for _, ev := range r.events[:len(r.events)-1] {
+		got = append(got, ev.Stream+":"+trim(string(ev.Data)))
+	}
+	var want []string
+	for i := 1; i <= 5; i++ {
+		want = append(want, fmt.Sprintf("stdout:o%d", i), fmt.Sprintf("stderr:e%d", i))
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("order:\n got %v\nwant %v", got, want)
+	}
+	if last := r.events[len(r.events)-1]; last.Exit == nil || last.Stream != "" || last.Data != nil {
+		t.Errorf("last event %+v", last)
+	}
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && len(s) > i+2 && s[i+2] != 'Z'
+}
+
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			t.Errorf("process %d still alive", pid)
+			unix.Kill(pid, unix.SIGKILL)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestExecTimeoutKillsGroup(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	start := time.Now()
+	r := run(t, c, Command{Args: []string{"sh", "-c", "sleep 1000 & echo $!; sleep 1000"}, Timeout: 300 * time.Millisecond})
+	elapsed := time.Since(start)
+	if !r.exit.TimedOut || r.exit.Code != -1 || r.exit.Signal != "SIGKILL" {
+		t.Errorf("exit %+v", r.exit)
+	}
+	if elapsed > 3*time.Second {
+		t.Errorf("took %v for a 300ms timeout", elapsed)
+	}
+	bg, err := strconv.Atoi(trim(r.stdout))
+	if err != nil {
+		t.Fatalf("background pid %q", r.stdout)
+	}
+	waitGone(t, bg)
+	t.Logf("timeout exit after %v", elapsed)
+}
+
+func TestExecCancelKills(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	ctx, cancel := context.WithCancel(context.Background())
+	p, err := c.Start(ctx, sh("sleep 1000 & echo $!; wait"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := <-p.Events()
+	bg, _ := strconv.Atoi(trim(string(ev.Data)))
+	cancel()
+	r := collect(t, p)
+	if r.exit.Code != -1 || r.exit.Signal != "SIGKILL" || r.exit.TimedOut {
+		t.Errorf("exit %+v", r.exit)
+	}
+	waitGone(t, bg)
+	waitGone(t, p.Pid())
+}
+
+func TestExecSignal(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	p, err := c.Start(context.Background(), Command{Args: []string{"sleep", "1000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	r := collect(t, p)
+	if r.exit.Code != -1 || r.exit.Signal != "SIGTERM" {
+		t.Errorf("exit %+v", r.exit)
+	}
+	if err := p.Signal(syscall.SIGTERM); !errdefs.Is(err, errdefs.ExecAlreadyFinished) {
+		t.Errorf("signal after exit: %v", err)
+	}
+}
+
+func TestExecBackgroundHoldsOutput(t *testing.T) {
+	c := startServer(t, ServerOptions{OutputGrace: 200 * time.Millisecond})
+	start := time.Now()
+	r := run(t, c, sh("sleep 1000 & echo $!"))
+	if el := time.Since(start); el > 3*time.Second {
+		t.Errorf("exit held back %v by a background process", el)
+	}
+	bg, _ := strconv.Atoi(trim(r.stdout))
+	if r.exit.Code != 0 || bg == 0 {
+		t.Errorf("got %q %+v", r.stdout, r.exit)
+	}
+	if bg > 0 {
+		unix.Kill(bg, unix.SIGKILL)
+	}
+}
+
+func TestExecStdin(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	data := make([]byte, 3<<20+17)
+	rand.Read(data)
+	r := run(t, c, Command{Args: []string{"sha256sum"}, Stdin: bytes.NewReader(data)})
+	want := fmt.Sprintf("%x  -\n", sha256.Sum256(data))
+	if r.stdout != want {
+		t.Errorf("sha256sum of stdin: %q, want %q", r.stdout, want)
+	}
+	// cat echoes; nil Stdin is /dev/null.
+	r = run(t, c, Command{Args: []string{"cat"}, Stdin: strings.NewReader("hello\n")})
+	if r.stdout != "hello\n" {
+		t.Errorf("cat: %q", r.stdout)
+	}
+	if r := run(t, c, Command{Args: []string{"cat"}}); r.stdout != "" || r.exit.Code != 0 {
+		t.Errorf("cat </dev/null: %q %+v", r.stdout, r.exit)
+	}
+	// A process that does not read stdin exits; the host is not blocked.
+	r = run(t, c, Command{Args: []string{"true"}, Stdin: bytes.NewReader(data)})
+	if r.exit.Code != 0 {
+		t.Errorf("true with stdin: %+v", r.exit)
+	}
+}
+
+// A consumer that does not read one process's events must not hold up the
+// others: flow control stalls only that process.
+func TestExecSlowConsumerIsolated(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	p, err := c.Start(ctx, Command{Args: []string{"head", "-c", "100000000", "/dev/zero"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.Events() // read one chunk, then leave it blocked
+	time.Sleep(100 * time.Millisecond)
+	for i := 0; i < 5; i++ {
+		start := time.Now()
+		if r := run(t, c, Command{Args: []string{"echo", "hi"}}); r.stdout != "hi\n" {
+			t.Fatalf("echo: %q", r.stdout)
+		}
+		if el := time.Since(start); el > 2*time.Second {
+			t.Errorf("echo took %v next to a stalled process", el)
+		}
+	}
+	// Now drain it: all 100 MB arrive.
+	total := 0
+	var exit *ExitStatus
+	for ev := range p.Events() {
+		total += len(ev.Data)
+		if ev.Exit != nil {
+			exit = ev.Exit
+		}
+	}
+	if exit == nil || exit.Code != 0 || total < 100000000-maxDataFrame {
+		t.Errorf("drained %d bytes, exit %+v", total, exit)
+	}
+}
+
+func TestConcurrentExecsAndCopy(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	src := t.TempDir()
+	data := make([]byte, 20<<20)
+	rand.Read(data)
+	if err := os.WriteFile(src+"/big", data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dst := t.TempDir()
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := copyIn(c, src+"/big", dst); err != nil {
+			errs <- err
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := run(t, c, sh(fmt.Sprintf("for j in 1 2 3; do echo %d-$j; sleep 0.01; done; exit %d", i, i)))
+			if r.stdout != fmt.Sprintf("%d-1\n%d-2\n%d-3\n", i, i, i) || r.exit.Code != i {
+				errs <- fmt.Errorf("exec %d: %q %+v", i, r.stdout, r.exit)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	got, err := os.ReadFile(dst + "/big")
+	if err != nil || sha256.Sum256(got) != sha256.Sum256(data) {
+		t.Errorf("copied file differs (%v)", err)
+	}
+}
+
+func TestStat(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	dir := t.TempDir()
+	os.WriteFile(dir+"/f", []byte("12345"), 0o640)
+	os.Symlink("f", dir+"/l")
+	ctx := context.Background()
+	dfi, _ := os.Stat(dir)
+	for _, tc := range []struct {
+		path string
+		want FileInfo
+	}{
+		{dir + "/f", FileInfo{Exists: true, Mode: 0o640, Size: 5}},
+		{dir + "/l", FileInfo{Exists: true, Mode: 0o640, Size: 5}},
+		{dir, FileInfo{Exists: true, IsDir: true, Mode: dfi.Mode()}},
+		{dir + "/missing", FileInfo{}},
+		{dir + "/f/under-a-file", FileInfo{}},
+	} {
+		fi, err := c.Stat(ctx, tc.path)
+		if err != nil {
+			t.Errorf("stat %s: %v", tc.path, err)
+			continue
+		}
+		if tc.want.IsDir {
+			fi.Size = 0
+		}
+		if fi != tc.want {
+			t.Errorf("stat %s: got %+v, want %+v", tc.path, fi, tc.want)
+		}
+	}
+}
+
+func TestPing(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,536 @@
+package exec
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"github.com/boxrun/boxrun/errdefs"
+)
+
+// maxQueuedControl bounds the control frames queued on one channel. The
+// protocol needs at most three (Started, EOF, Result); the bound keeps an
+// untrusted peer from growing our memory with them.
+const maxQueuedControl = 8
+
+// errChannelDone is the receive error of a channel whose Result has been
+// seen (host) or sent (agent).
+var errChannelDone = errors.New("channel finished")
+
+type frame struct {
+	typ     byte
+	payload []byte
+}
+
+func appendFrame(b []byte, id uint32, typ byte, p []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(p)))
+	b = binary.BigEndian.AppendUint32(b, id)
+	b = append(b, typ)
+	return append(b, p...)
+}
+
+// mux multiplexes channels over one connection. One goroutine (readLoop)
+// parses frames and queues them on their channel; it never writes and never
+// waits for a consumer, which is what keeps the two ends from deadlocking
+// each other. Writers share the connection under wmu.
+type mux struct {
+	conn   io.ReadWriteCloser
+	log    *slog.Logger
+	client bool // host end: sends Sync before its first frame, accepts agent frames
+
+	// onRequest is called (agent end) from the read loop for a channel the
+	// host just opened; it must not block.
+	onRequest func(s *stream, payload []byte)
+
+	wmu    sync.Mutex
+	wbuf   []byte
+	synced bool
+
+	ctx    context.Context // cancelled when the mux closes
+	cancel context.CancelFunc
+
+	mu      sync.Mutex
+	streams map[uint32]*stream // nil once closed
+	nextID  uint32
+	err     error // why the mux closed (errdefs error), set under mu before done closes
+
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+func newMux(conn io.ReadWriteCloser, log *slog.Logger, client bool) *mux {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &mux{
+		conn:    conn,
+		log:     log,
+		client:  client,
+		ctx:     ctx,
+		cancel:  cancel,
+		streams: make(map[uint32]*stream),
+		done:    make(chan struct{}),
+	}
+}
+
+// errLocalClose is the cause recorded when our own side closes the mux.
+var errLocalClose = errors.New("closed")
+
+// connError turns the cause of a closed mux into the error callers see.
+func connError(cause error) error {
+	if errors.Is(cause, errLocalClose) {
+		return errdefs.Wrap(errdefs.RuntimeError, cause, "connection to agent closed")
+	}
+	return errdefs.Wrap(errdefs.RuntimeError, cause, "connection to agent lost")
+}
+
+// connErrorMessage is what an ExitStatus.Error says when the connection died.
+func connErrorMessage(err error) string {
+	var e *errdefs.Error
+	if errors.As(err, &e) && e.Message != "" {
+		return e.Message
+	}
+	return err.Error()
+}
+
+func (m *mux) readLoop() {
+	err := m.read()
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.EOF
+	}
+	m.close(err)
+}
+
+func (m *mux) read() error {
+	br := bufio.NewReaderSize(m.conn, 64<<10)
+	if !m.client {
+		if err := awaitSync(br, m.log); err != nil {
+			return err
+		}
+	}
+	var hdr [headerSize]byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			return err
+		}
+		n := binary.BigEndian.Uint32(hdr[0:4])
+		id := binary.BigEndian.Uint32(hdr[4:8])
+		typ := hdr[8]
+		if err := m.checkHeader(typ, n); err != nil {
+			return err
+		}
+		p := make([]byte, n)
+		if _, err := io.ReadFull(br, p); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		if err := m.dispatch(id, typ, p); err != nil {
+			return err
+		}
+	}
+}
+
+// awaitSync discards input up to and including the Sync frame: bytes before
+// it are leftovers of a previous session or the tail of frames the port
+// dropped before we opened it.
+func awaitSync(br *bufio.Reader, log *slog.Logger) error {
+	want := appendFrame(nil, 0, frameSync, syncMagic)
+	win := make([]byte, 0, len(want))
+	skipped := 0
+	for {
+		b, err := br.ReadByte()
+		if err != nil {
+			return err
+		}
+		if len(win) == len(want) {
+			copy(win, win[1:])
+			win = win[:len(want)-1]
+			skipped++
+		}
+		win = append(win, b)
+		if bytes.Equal(win, want) {
+			if skipped > 0 {
+				log.Debug("discarded bytes before sync", "bytes", skipped)
+			}
+			return nil
+		}
+	}
+}
+
+func (m *mux) checkHeader(typ byte, n uint32) error {
+	var ok bool
+	switch typ {
+	case frameData, frameEOF, frameWindow:
+		ok = true
+	case frameStarted, frameResult, frameStdout, frameStderr:
+		ok = m.client
+	case frameRequest, frameSignal, frameCancel, frameSync:
+		ok = !m.client
+	}
+	if !ok {
+		return fmt.Errorf("protocol error: unexpected frame type %d", typ)
+	}
+	limit := uint32(maxControlFrame)
+	if isData(typ) {
+		limit = maxDataFrame
+	}
+	if n > limit {
+		return fmt.Errorf("protocol error: frame of type %d is %d bytes (limit %d)", typ, n, limit)
+	}
+	return nil
+}
+
+func (m *mux) dispatch(id uint32, typ byte, p []byte) error {
+	switch typ {
+	case frameSync:
+		return nil
+	case frameRequest:
+		m.mu.Lock()
+		if _, dup := m.streams[id]; dup || id == 0 {
+			m.mu.Unlock()
+			return fmt.Errorf("protocol error: request on channel %d which is in use", id)
+		}
+		s := m.newStreamLocked(id)
+		m.mu.Unlock()
+		m.onRequest(s, p)
+		return nil
+	}
+	m.mu.Lock()
+	s := m.streams[id]
+	m.mu.Unlock()
+	if s == nil {
+		return nil // a late frame for a channel that already finished
+	}
+	switch typ {
+	case frameWindow:
+		if len(p) != 4 {
+			return fmt.Errorf("protocol error: window frame of %d bytes", len(p))
+		}
+		s.addCredit(int(binary.BigEndian.Uint32(p)))
+		return nil
+	case frameSignal:
+		if f := s.onSignal.Load(); f != nil {
+			(*f)(string(p))
+		}
+		return nil
+	case frameCancel:
+		s.cancel()
+		return nil
+	}
+	final, err := s.deliver(typ, p)
+	if final {
+		m.forget(s)
+	}
+	return err
+}
+
+// close tears the connection down; every channel fails with cause.
+func (m *mux) close(cause error) {
+	m.closeOnce.Do(func() {
+		err := connError(cause)
+		m.mu.Lock()
+		m.err = err
+		streams := m.streams
+		m.streams = nil
+		m.mu.Unlock()
+		close(m.done)
+		m.cancel()
+		if cerr := m.conn.Close(); cerr != nil {
+			m.log.Debug("closing connection", "err", cerr)
+		}
+		for _, s := range streams {
+			s.close(err)
+		}
+	})
+}
+
+// closedErr is the error of a closed mux.
+func (m *mux) closedErr() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.err
+}
+
+func (m *mux) newStreamLocked(id uint32) *stream {
+	ctx, cancel := context.WithCancel(m.ctx)
+	s := &stream{
+		m:        m,
+		id:       id,
+		ctx:      ctx,
+		cancel:   cancel,
+		credit:   window,
+		readable: make(chan struct{}, 1),
+		writable: make(chan struct{}, 1),
+		gone:     make(chan struct{}),
+	}
+	m.streams[id] = s
+	return s
+}
+
+// open allocates a channel (host end).
+func (m *mux) open() (*stream, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.streams == nil {
+		return nil, m.err
+	}
+	for {
+		m.nextID++
+		if _, used := m.streams[m.nextID]; m.nextID != 0 && !used {
+			break
+		}
+	}
+	return m.newStreamLocked(m.nextID), nil
+}
+
+// forget removes s from the channel table and closes it.
+func (m *mux) forget(s *stream) {
+	m.mu.Lock()
+	if m.streams != nil && m.streams[s.id] == s {
+		delete(m.streams, s.id)
+	}
+	m.mu.Unlock()
+	s.close(errChannelDone)
+}
+
+// write sends one frame. Frames are written whole, under wmu, so frames of
+// different channels never interleave.
+func (m *mux) write(id uint32, typ byte, p []byte) error {
+	m.wmu.Lock()
+	defer m.wmu.Unlock()
+	select {
+	case <-m.done:
+		return m.closedErr()
+	default:
+	}
+	buf := m.wbuf[:0]
+	if m.client && !m.synced {
+		buf = appendFrame(buf, 0, frameSync, syncMagic)
+		m.synced = true
+	}
+	buf = appendFrame(buf, id, typ, p)
+	_, err := m.conn.Write(buf)
+	if cap(buf) <= 2*maxDataFrame {
+		m.wbuf = buf
+	}
+	if err != nil {
+		m.close(err)
+		return m.closedErr()
+	}
+	return nil
+}
+
+// writeSync sends a Sync frame (host end), so that an agent which lost the
+// beginning of the stream finds the frame boundaries again.
+func (m *mux) writeSync() error { return m.write(0, frameSync, syncMagic) }
+
+func (m *mux) writeJSON(id uint32, typ byte, v any) error {
+	p, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return m.write(id, typ, p)
+}
+
+// stream is one channel. Incoming frames queue in q in arrival order; Data
+// in q is bounded by the credit we handed out, control frames by
+// maxQueuedControl, so the read loop can always queue without waiting.
+type stream struct {
+	m  *mux
+	id uint32
+
+	// ctx is cancelled by the peer's Cancel frame (agent end) and when the
+	// connection ends.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// onSignal handles Signal frames (agent end); called from the read loop,
+	// so it must not block.
+	onSignal atomic.Pointer[func(string)]
+
+	mu       sync.Mutex
+	q        []frame
+	ctrl     int   // control frames in q
+	unacked  int   // Data bytes received and not yet credited back
+	consumed int   // Data bytes dequeued and not yet credited back
+	credit   int   // Data bytes we may still send
+	err      error // set once no more frames arrive and nothing may be sent
+
+	readable chan struct{} // poked when q grows or err is set
+	writable chan struct{} // poked when credit grows
+	gone     chan struct{} // closed with err
+}
+
+func poke(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// deliver queues a frame from the read loop. final reports that the frame
+// ends the channel (a Result on the host end).
+func (s *stream) deliver(typ byte, p []byte) (final bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return false, nil // closed locally; the peer did not know yet
+	}
+	if isData(typ) {
+		s.unacked += len(p)
+		if s.unacked > window {
+			return false, fmt.Errorf("protocol error: channel %d overran its window", s.id)
+		}
+	} else {
+		s.ctrl++
+		if s.ctrl > maxQueuedControl {
+			return false, fmt.Errorf("protocol error: too many control frames on channel %d", s.id)
+		}
+	}
+	s.q = append(s.q, frame{typ, p})
+	poke(s.readable)
+	return typ == frameResult, nil
+}
+
+func (s *stream) addCredit(n int) {
+	s.mu.Lock()
+	s.credit += n
+	s.mu.Unlock()
+	poke(s.writable)
+}
+
+// close marks the channel finished: queued frames can still be received,
+// then recv returns err; sends fail with err.
+func (s *stream) close(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+		close(s.gone)
+	}
+	s.mu.Unlock()
+	poke(s.readable)
+}
+
+// recv returns the next incoming frame. Dequeuing Data returns its credit to
+// the peer, in batches of at least half a window.
+func (s *stream) recv(ctx context.Context) (frame, error) {
+	for {
+		s.mu.Lock()
+		if len(s.q) > 0 {
+			f := s.q[0]
+			s.q[0] = frame{}
+			s.q = s.q[1:]
+			grant := 0
+			if isData(f.typ) {
+				s.consumed += len(f.payload)
+				if s.consumed >= window/2 && s.err == nil {
+					grant = s.consumed
+					s.unacked -= grant
+					s.consumed = 0
+				}
+			} else {
+				s.ctrl--
+			}
+			s.mu.Unlock()
+			if grant > 0 {
+				var p [4]byte
+				binary.BigEndian.PutUint32(p[:], uint32(grant))
+				_ = s.m.write(s.id, frameWindow, p[:]) // fails only when the mux is gone
+			}
+			return f, nil
+		}
+		err := s.err
+		s.mu.Unlock()
+		if err != nil {
+			return frame{}, err
+		}
+		select {
+		case <-s.readable:
+		case <-ctx.Done():
+			return frame{}, ctx.Err()
+		}
+	}
+}
+
+// send writes p as Data-type frames of at most maxDataFrame bytes, waiting
+// for credit as needed.
+func (s *stream) send(ctx context.Context, typ byte, p []byte) error {
+	for len(p) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		for s.credit == 0 && s.err == nil {
+			s.mu.Unlock()
+			select {
+			case <-s.writable:
+			case <-s.gone:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			s.mu.Lock()
+		}
+		if err := s.err; err != nil {
+			s.mu.Unlock()
+			return err
+		}
+		n := min(len(p), s.credit, maxDataFrame)
+		s.credit -= n
+		s.mu.Unlock()
+		if err := s.m.write(s.id, typ, p[:n]); err != nil {
+			return err
+		}
+		p = p[n:]
+	}
+	return nil
+}
+
+// streamReader reads the Data of a channel up to its EOF frame.
+type streamReader struct {
+	s   *stream
+	ctx context.Context
+	buf []byte
+	err error
+}
+
+func (r *streamReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		f, err := r.s.recv(r.ctx)
+		switch {
+		case err != nil:
+			r.err = err
+		case f.typ == frameData:
+			r.buf = f.payload
+		case f.typ == frameEOF:
+			r.err = io.EOF
+		}
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+// streamWriter writes Data frames.
+type streamWriter struct {
+	s   *stream
+	ctx context.Context
+	typ byte
+}
+
+func (w *streamWriter) Write(p []byte) (int, error) {
+	if err := w.s.send(w.ctx, w.typ, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}

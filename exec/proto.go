@@ -1,0 +1,131 @@
+package exec
+
+import (
+	"io"
+	"os"
+	"time"
+)
+
+// ProtocolVersion is bumped on every incompatible change of the wire format.
+// Hello fails when host and agent disagree.
+const ProtocolVersion = 1
+
+// Frame types. See the package documentation for the framing.
+const (
+	frameRequest byte = 1  // host→agent, JSON request; opens the channel
+	frameStarted byte = 2  // agent→host, JSON {pid}: the process is running
+	frameResult  byte = 3  // agent→host, JSON result; closes the channel
+	frameData    byte = 4  // either way: stdin or tar bytes
+	frameStdout  byte = 5  // agent→host
+	frameStderr  byte = 6  // agent→host
+	frameEOF     byte = 7  // either way: the sender has no more Data
+	frameWindow  byte = 8  // either way: u32 credit returned for Data
+	frameSignal  byte = 9  // host→agent: signal name for the process group
+	frameCancel  byte = 10 // host→agent: abandon the operation
+	frameSync    byte = 11 // host→agent on channel 0: resynchronise
+	frameMax          = frameSync
+)
+
+const (
+	headerSize = 9
+	// maxDataFrame bounds Data/Stdout/Stderr payloads.
+	maxDataFrame = 32 << 10
+	// maxControlFrame bounds JSON payloads (a request carries argv and env).
+	maxControlFrame = 1 << 20
+	// window is the initial (and maximal outstanding) credit per channel and
+	// direction, in bytes.
+	window = 256 << 10
+)
+
+// syncMagic is the payload of the Sync frame. A fresh agent scans the input
+// for the whole Sync frame before it parses anything.
+var syncMagic = []byte("boxrun-sync\x00\x01\xfe\x5a\xa5")
+
+func isData(t byte) bool { return t == frameData || t == frameStdout || t == frameStderr }
+
+// request is the JSON payload of a Request frame. Op selects which of the
+// other fields matter.
+type request struct {
+	Op string `json:"op"` // hello, ping, exec, stat, copyin, copyout, shutdown
+
+	Time int64 `json:"time,omitempty"` // hello: host clock, Unix nanoseconds
+
+	Args      []string `json:"args,omitempty"` // exec
+	Env       []string `json:"env,omitempty"`
+	Dir       string   `json:"dir,omitempty"` // exec: working dir; copyin: destination
+	User      string   `json:"user,omitempty"`
+	TimeoutMS int64    `json:"timeout_ms,omitempty"`
+	Stdin     bool     `json:"stdin,omitempty"`
+
+	Path string `json:"path,omitempty"` // stat, copyout
+}
+
+// result is the JSON payload of a Result frame (and of Started).
+type result struct {
+	Error string `json:"error,omitempty"`
+	Code  string `json:"code,omitempty"` // errdefs code of Error; RUNTIME_ERROR when empty
+
+	Protocol int    `json:"protocol,omitempty"` // hello
+	Version  string `json:"version,omitempty"`
+	Kernel   string `json:"kernel,omitempty"`
+
+	Pid  int         `json:"pid,omitempty"`  // started
+	Exit *ExitStatus `json:"exit,omitempty"` // exec
+	Stat *FileInfo   `json:"stat,omitempty"` // stat
+}
+
+// HelloInfo describes the agent, as returned by [Client.Hello].
+type HelloInfo struct {
+	Protocol int    // wire protocol version of the agent
+	Version  string // agent build version
+	Kernel   string // guest kernel release (uname -r)
+}
+
+// Command is a process to run in the box.
+type Command struct {
+	// Args is the argv. Args[0] is looked up in the PATH of Env unless it
+	// contains a slash; there is no shell unless the caller runs one.
+	Args []string
+	// Env is the final environment (KEY=VALUE). Without PATH a default PATH
+	// is added; without HOME, the user's home directory.
+	Env []string
+	// Dir is the absolute working directory in the box; "" means "/".
+	Dir string
+	// User is "", "name", "uid", "name:group" or "uid:gid", as in an OCI
+	// image config, resolved against the box's /etc/passwd and /etc/group.
+	// "" is root.
+	User string
+	// Timeout, when positive, makes the agent SIGKILL the process group at
+	// expiry; the exit status then has TimedOut set.
+	Timeout time.Duration
+	// Stdin is streamed to the process; its EOF closes the process's stdin.
+	// nil means /dev/null.
+	Stdin io.Reader
+}
+
+// Event is one item of a process's output stream: a chunk of stdout or
+// stderr, or (last) the exit.
+type Event struct {
+	Stream string // "stdout" or "stderr"; "" for the exit event
+	Data   []byte
+	Exit   *ExitStatus // set only on the last event
+}
+
+// ExitStatus tells how a process ended.
+type ExitStatus struct {
+	// Code is the exit code; -1 when killed by a signal or when the agent or
+	// the connection failed.
+	Code     int    `json:"code"`
+	Signal   string `json:"signal,omitempty"` // e.g. "SIGKILL"
+	TimedOut bool   `json:"timed_out,omitempty"`
+	Error    string `json:"error,omitempty"` // runtime failure, e.g. "connection to agent lost"
+}
+
+// FileInfo is the result of [Client.Stat]. Symlinks are followed (inside the
+// box root).
+type FileInfo struct {
+	Exists bool        `json:"exists"`
+	IsDir  bool        `json:"is_dir,omitempty"`
+	Mode   os.FileMode `json:"mode,omitempty"`
+	Size   int64       `json:"size,omitempty"`
+}

@@ -1,0 +1,519 @@
+package exec
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// ServerOptions configures [Serve], the agent end of the protocol.
+type ServerOptions struct {
+	// Root is the box root: commands run chrooted into it and every path
+	// of Stat, CopyIn and CopyOut is resolved inside it. "" or "/" means
+	// the real root, without chroot.
+	Root string
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+	// Version is reported by Hello.
+	Version string
+	// Reaper, when set, collects child exit statuses (the agent as PID 1).
+	// nil waits for each child by pid.
+	Reaper *Reaper
+	// SetClock, when set, is called by Hello with the host's clock.
+	SetClock func(time.Time) error
+	// Shutdown, when set, handles a Shutdown request: it stops every
+	// process, syncs and unmounts. It returns before the request is
+	// acknowledged. nil stops the processes this server started (SIGTERM,
+	// then SIGKILL after ShutdownGrace).
+	Shutdown func(ctx context.Context) error
+	// Halt, when set, is called after Shutdown was acknowledged; it ends the
+	// VM and need not return.
+	Halt func()
+	// ShutdownGrace is how long processes get between SIGTERM and SIGKILL
+	// when Shutdown is nil. Default 2s.
+	ShutdownGrace time.Duration
+	// OutputGrace bounds how long output is still read after a command
+	// exited while nothing more arrives: background processes that keep
+	// stdout open must not hold the exit event back forever. Default 1s.
+	OutputGrace time.Duration
+}
+
+type server struct {
+	opts   ServerOptions
+	log    *slog.Logger
+	root   *fsRoot
+	chroot string // "" when Root is "/"
+	spawn  spawner
+
+	wg sync.WaitGroup
+
+	mu       sync.Mutex
+	pgids    map[int]struct{} // process groups of running execs
+	stopping bool
+}
+
+// Serve answers requests from a [Client] on conn until the connection ends
+// or ctx is cancelled. It discards input up to the host's Sync frame, so
+// garbage left on the line by an earlier session is harmless. When it
+// returns, every exec of the session has been killed and reaped. A clean
+// end of the connection returns nil.
+func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) error {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	rootPath := opts.Root
+	if rootPath == "" {
+		rootPath = "/"
+	}
+	root, err := openRoot(rootPath)
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	defer root.Close()
+	sv := &server{
+		opts:  opts,
+		log:   log,
+		root:  root,
+		pgids: make(map[int]struct{}),
+		spawn: pidWaiter{},
+	}
+	if rootPath != "/" {
+		sv.chroot = rootPath
+	}
+	if opts.Reaper != nil {
+		sv.spawn = opts.Reaper
+	}
+	if sv.opts.OutputGrace <= 0 {
+		sv.opts.OutputGrace = time.Second
+	}
+	if sv.opts.ShutdownGrace <= 0 {
+		sv.opts.ShutdownGrace = 2 * time.Second
+	}
+
+	m := newMux(conn, log, false)
+	m.onRequest = func(s *stream, p []byte) {
+		sv.wg.Add(1)
+		go func() {
+			defer sv.wg.Done()
+			sv.handle(s, p)
+		}()
+	}
+	stop := context.AfterFunc(ctx, func() { m.close(ctx.Err()) })
+	defer stop()
+	m.readLoop()
+	sv.wg.Wait()
+	m.mu.Lock()
+	err = m.err
+	m.mu.Unlock()
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+func (sv *server) handle(s *stream, p []byte) {
+	var req request
+	if err := json.Unmarshal(p, &req); err != nil {
+		sv.finish(s, nil, errdefs.New(errdefs.ValidationError, "bad request: %v", err))
+		return
+	}
+	sv.log.Debug("request", "channel", s.id, "op", req.Op)
+	sv.mu.Lock()
+	stopping := sv.stopping
+	sv.mu.Unlock()
+	if stopping && req.Op != "ping" && req.Op != "hello" {
+		sv.finish(s, nil, errdefs.New(errdefs.RuntimeError, "%s: agent is shutting down", req.Op))
+		return
+	}
+	var res *result
+	var err error
+	switch req.Op {
+	case "hello":
+		res = sv.hello(&req)
+	case "ping":
+	case "exec":
+		sv.exec(s, &req) // sends its own results
+		return
+	case "stat":
+		res, err = sv.stat(&req)
+	case "copyin":
+		err = sv.copyIn(s, &req)
+	case "copyout":
+		err = sv.copyOut(s, &req)
+	case "shutdown":
+		sv.shutdown(s)
+		return
+	default:
+		err = errdefs.New(errdefs.ValidationError, "unknown operation %q", req.Op)
+	}
+	sv.finish(s, res, err)
+}
+
+// finish sends the Result that ends the channel.
+func (sv *server) finish(s *stream, res *result, err error) {
+	if res == nil {
+		res = &result{}
+	}
+	if err != nil {
+		res.Error, res.Code = errorMessage(err), string(errdefs.CodeOf(err))
+		sv.log.Debug("request failed", "channel", s.id, "err", err)
+	}
+	if werr := s.m.writeJSON(s.id, frameResult, res); werr != nil {
+		sv.log.Debug("sending result", "channel", s.id, "err", werr)
+	}
+	s.m.forget(s)
+	s.cancel()
+}
+
+// errorMessage is err's text without the "[CODE]" prefix, which travels
+// separately.
+func errorMessage(err error) string {
+	var e *errdefs.Error
+	if errors.As(err, &e) && e.Message != "" {
+		if e.Err != nil {
+			return e.Message + ": " + e.Err.Error()
+		}
+		return e.Message
+	}
+	return err.Error()
+}
+
+func (sv *server) hello(req *request) *result {
+	if sv.opts.SetClock != nil && req.Time != 0 {
+		if err := sv.opts.SetClock(time.Unix(0, req.Time)); err != nil {
+			sv.log.Warn("setting the clock", "err", err)
+		}
+	}
+	return &result{Protocol: ProtocolVersion, Version: sv.opts.Version, Kernel: kernelRelease()}
+}
+
+func (sv *server) stat(req *request) (*result, error) {
+	fd, err := sv.root.open(req.Path, unix.O_PATH)
+	if err == unix.ENOENT || err == unix.ENOTDIR {
+		return &result{Stat: &FileInfo{}}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("stat %s: %w", req.Path, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", req.Path, err)
+	}
+	mode := fileMode(st.Mode)
+	return &result{Stat: &FileInfo{Exists: true, IsDir: mode.IsDir(), Mode: mode, Size: st.Size}}, nil
+}
+
+func (sv *server) copyIn(s *stream, req *request) error {
+	r := &streamReader{s: s, ctx: s.ctx}
+	if err := untar(r, sv.root, req.Dir, untarOptions{devices: true, log: sv.log}); err != nil {
+		return fmt.Errorf("copy to %s: %w", req.Dir, err)
+	}
+	// Read up to the host's EOF (tar padding may follow the end marker), so
+	// the host's archive writer is not left blocked.
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		return fmt.Errorf("copy to %s: %w", req.Dir, err)
+	}
+	return nil
+}
+
+func (sv *server) copyOut(s *stream, req *request) error {
+	p := cleanInRoot(req.Path)
+	pfd, base, err := sv.root.parent(p)
+	if err != nil {
+		return fmt.Errorf("copy from %s: %w", req.Path, err)
+	}
+	defer unix.Close(pfd)
+	name := base
+	if base == "" {
+		base, name = ".", "."
+	}
+	bw := bufio.NewWriterSize(&streamWriter{s: s, ctx: s.ctx, typ: frameData}, maxDataFrame)
+	if err := writeTar(bw, pfd, base, name); err != nil {
+		return fmt.Errorf("copy from %s: %w", req.Path, err)
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("copy from %s: %w", req.Path, err)
+	}
+	return nil
+}
+
+func (sv *server) shutdown(s *stream) {
+	sv.mu.Lock()
+	sv.stopping = true
+	sv.mu.Unlock()
+	sv.log.Info("shutdown requested")
+	var err error
+	if sv.opts.Shutdown != nil {
+		err = sv.opts.Shutdown(s.ctx)
+	} else {
+		sv.stopProcesses()
+	}
+	sv.finish(s, nil, err)
+	if sv.opts.Halt != nil {
+		sv.opts.Halt()
+	}
+}
+
+// stopProcesses sends SIGTERM to the process groups of running execs, and
+// SIGKILL to those still running after the grace period.
+func (sv *server) stopProcesses() {
+	signalAll := func(sig syscall.Signal) int {
+		sv.mu.Lock()
+		defer sv.mu.Unlock()
+		for pg := range sv.pgids {
+			_ = unix.Kill(-pg, sig)
+		}
+		return len(sv.pgids)
+	}
+	if signalAll(unix.SIGTERM) == 0 {
+		return
+	}
+	deadline := time.Now().Add(sv.opts.ShutdownGrace)
+	for time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		sv.mu.Lock()
+		n := len(sv.pgids)
+		sv.mu.Unlock()
+		if n == 0 {
+			return
+		}
+	}
+	signalAll(unix.SIGKILL)
+}
+
+// exec runs one command: Started, then Stdout/Stderr frames in the order
+// they were read, then a Result with the exit status.
+func (sv *server) exec(s *stream, req *request) {
+	if len(req.Args) == 0 {
+		sv.finish(s, nil, errdefs.New(errdefs.ValidationError, "start: empty command"))
+		return
+	}
+	spec, err := resolveCommand(sv.root, req)
+	if err != nil {
+		sv.finish(s, nil, err)
+		return
+	}
+	pr, err := sv.startProcess(spec, req.Stdin)
+	if err != nil {
+		sv.finish(s, nil, err)
+		return
+	}
+	pid := pr.pid
+	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args)
+
+	// Signals go to the whole process group (Setpgid: pgid == pid).
+	onSignal := func(name string) {
+		if sig := unix.SignalNum(name); sig != 0 {
+			_ = unix.Kill(-pid, sig)
+		}
+	}
+	s.onSignal.Store(&onSignal)
+	exited := make(chan struct{})
+	var timedOut atomic.Bool
+	if req.TimeoutMS > 0 {
+		t := time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
+			timedOut.Store(true)
+			_ = unix.Kill(-pid, unix.SIGKILL)
+		})
+		defer t.Stop()
+	}
+	// Cancel (or the end of the session) kills the group.
+	go func() {
+		select {
+		case <-s.ctx.Done():
+			_ = unix.Kill(-pid, unix.SIGKILL)
+		case <-exited:
+		}
+	}()
+
+	if err := s.m.writeJSON(s.id, frameStarted, &result{Pid: pid}); err != nil {
+		_ = unix.Kill(-pid, unix.SIGKILL)
+	}
+	if pr.stdin != nil {
+		go feedStdin(s, pr.stdin)
+	}
+	var outMu sync.Mutex // one sequence across stdout and stderr
+	var done atomic.Bool
+	var wg sync.WaitGroup
+	for _, o := range []struct {
+		f   *os.File
+		typ byte
+	}{{pr.stdout, frameStdout}, {pr.stderr, frameStderr}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sv.pumpOutput(s, o.f, o.typ, &outMu, &done)
+		}()
+	}
+
+	ws := <-pr.wait
+	// Output still buffered in the pipes is read; past that, a background
+	// process holding the pipe open gets OutputGrace of silence.
+	done.Store(true)
+	deadline := time.Now().Add(sv.opts.OutputGrace)
+	pr.stdout.SetReadDeadline(deadline)
+	pr.stderr.SetReadDeadline(deadline)
+	wg.Wait()
+	close(exited)
+	pr.stdout.Close()
+	pr.stderr.Close()
+	if pr.stdin != nil {
+		pr.stdin.Close()
+	}
+	sv.mu.Lock()
+	delete(sv.pgids, pid)
+	sv.mu.Unlock()
+
+	st := &ExitStatus{Code: ws.ExitStatus(), TimedOut: timedOut.Load()}
+	if ws.Signaled() {
+		st.Code = -1
+		st.Signal = unix.SignalName(ws.Signal())
+	}
+	sv.log.Debug("exited", "channel", s.id, "pid", pid, "code", st.Code, "signal", st.Signal)
+	sv.finish(s, &result{Exit: st}, nil)
+}
+
+type process struct {
+	pid                   int
+	wait                  <-chan syscall.WaitStatus
+	stdin, stdout, stderr *os.File // our ends; stdin nil when /dev/null
+}
+
+func (sv *server) startProcess(spec *execSpec, withStdin bool) (_ *process, err error) {
+	var parentEnds, childEnds []*os.File
+	defer func() {
+		for _, f := range childEnds {
+			f.Close()
+		}
+		if err != nil {
+			for _, f := range parentEnds {
+				f.Close()
+			}
+		}
+	}()
+	pr := &process{}
+	var stdin *os.File
+	if withStdin {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		childEnds, parentEnds = append(childEnds, r), append(parentEnds, w)
+		stdin, pr.stdin = r, w
+	} else {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			return nil, err
+		}
+		childEnds = append(childEnds, f)
+		stdin = f
+	}
+	var files [3]uintptr
+	files[0] = stdin.Fd() // Fd also makes the child's end blocking
+	for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		childEnds, parentEnds = append(childEnds, w), append(parentEnds, r)
+		*dst = r
+		files[i+1] = w.Fd()
+	}
+	attr := &syscall.ProcAttr{
+		Dir:   spec.dir,
+		Env:   spec.env,
+		Files: files[:],
+		Sys: &syscall.SysProcAttr{
+			Chroot:     sv.chroot,
+			Setpgid:    true,
+			Credential: spec.cred,
+		},
+	}
+	// Register the group before the child can be signalled by Shutdown.
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	pid, wait, err := sv.spawn.start(spec.path, spec.argv, attr)
+	if err != nil {
+		return nil, startError(spec.argv[0], "%v", err)
+	}
+	sv.pgids[pid] = struct{}{}
+	pr.pid, pr.wait = pid, wait
+	return pr, nil
+}
+
+// pumpOutput forwards one output pipe. Chunks of stdout and stderr are
+// sent under outMu in the order they were read.
+func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool) {
+	buf := make([]byte, maxDataFrame)
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			outMu.Lock()
+			serr := s.send(s.ctx, typ, buf[:n])
+			outMu.Unlock()
+			if serr != nil {
+				return // the host is gone or cancelled; the group is being killed
+			}
+			if done.Load() {
+				// Time spent waiting for credit does not count as silence.
+				f.SetReadDeadline(time.Now().Add(sv.opts.OutputGrace))
+			}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrDeadlineExceeded) {
+				sv.log.Debug("reading output", "channel", s.id, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// feedStdin copies Data frames to the process's stdin until the host's
+// EOF. Once the process stops reading (EPIPE, or stdin closed when it
+// exits), further input is discarded so the host never blocks on credit.
+func feedStdin(s *stream, w *os.File) {
+	broken := false
+	for {
+		f, err := s.recv(context.Background())
+		if err != nil {
+			w.Close()
+			return
+		}
+		switch f.typ {
+		case frameData:
+			if !broken {
+				if _, err := w.Write(f.payload); err != nil {
+					broken = true
+				}
+			}
+		case frameEOF:
+			w.Close()
+			return
+		}
+	}
+}
+
+// kernelRelease returns `uname -r`.
+func kernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return ""
+	}
+	return strings.TrimSpace(unix.ByteSliceToString(u.Release[:]))
+}

@@ -1,0 +1,265 @@
+package exec
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/moby/sys/user"
+	"golang.org/x/sys/unix"
+)
+
+// defaultPath is the PATH of a command whose Env has none (the one Docker
+// and containerd use).
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// spawner starts processes and reports their wait status.
+type spawner interface {
+	start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error)
+}
+
+// Reaper collects the exit status of every child of this process: the
+// processes the server starts and the orphans the kernel reparents to PID 1.
+// A single loop calls wait4(-1) on SIGCHLD and hands each status to whoever
+// started that pid, so an orphan reap can never steal the status of a
+// process we are waiting for (which happens when os/exec's per-pid Wait
+// races a wait4(-1) loop).
+//
+// Only one Reaper may exist per process, and only in a process that owns
+// all its children (PID 1, or a child subreaper that uses no os/exec).
+type Reaper struct {
+	log     *slog.Logger
+	mu      sync.Mutex
+	waiters map[int]chan syscall.WaitStatus
+}
+
+// NewReaper starts reaping all children of the process.
+func NewReaper(log *slog.Logger) *Reaper {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	r := &Reaper{log: log, waiters: make(map[int]chan syscall.WaitStatus)}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGCHLD)
+	go func() {
+		r.reap() // children that exited before Notify
+		for range sigs {
+			r.reap()
+		}
+	}()
+	return r
+}
+
+func (r *Reaper) reap() {
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil || pid <= 0 {
+			return
+		}
+		r.mu.Lock()
+		ch, ok := r.waiters[pid]
+		delete(r.waiters, pid)
+		r.mu.Unlock()
+		if ok {
+			ch <- ws
+		} else {
+			r.log.Debug("reaped orphan", "pid", pid, "status", int(ws))
+		}
+	}
+}
+
+// start forks and registers the child under r.mu: the reap loop needs r.mu
+// to dispatch, so even a child that exits at once finds its waiter.
+func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	pid, err := syscall.ForkExec(argv0, argv, attr)
+	if err != nil {
+		return 0, nil, err
+	}
+	ch := make(chan syscall.WaitStatus, 1)
+	r.waiters[pid] = ch
+	return pid, ch, nil
+}
+
+// pidWaiter waits for each child by pid: for servers that are not PID 1
+// (tests, or an agent run as an ordinary process).
+type pidWaiter struct{}
+
+func (pidWaiter) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
+	pid, err := syscall.ForkExec(argv0, argv, attr)
+	if err != nil {
+		return 0, nil, err
+	}
+	ch := make(chan syscall.WaitStatus, 1)
+	go func() {
+		var ws syscall.WaitStatus
+		for {
+			_, err := syscall.Wait4(pid, &ws, 0, nil)
+			if err != syscall.EINTR {
+				break
+			}
+		}
+		ch <- ws
+	}()
+	return pid, ch, nil
+}
+
+// execSpec is a resolved Command, ready for fork/exec.
+type execSpec struct {
+	path string // executable, as seen inside the box root
+	argv []string
+	env  []string
+	dir  string
+	cred *syscall.Credential
+}
+
+// startError is the error of a command that cannot start.
+func startError(arg0, format string, args ...any) error {
+	return fmt.Errorf("start %q: %s", arg0, fmt.Sprintf(format, args...))
+}
+
+// resolveCommand turns a request into an execSpec, looking up the user,
+// working directory and executable inside the box root.
+func resolveCommand(root *fsRoot, req *request) (*execSpec, error) {
+	arg0 := req.Args[0]
+	dir := req.Dir
+	if dir == "" {
+		dir = "/"
+	}
+	if !path.IsAbs(dir) {
+		return nil, startError(arg0, "working directory %q is not absolute", dir)
+	}
+	fd, err := root.open(dir, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, startError(arg0, "chdir %s: %v", dir, err)
+	}
+	unix.Close(fd)
+
+	u, err := lookupUser(root, req.User)
+	if err != nil {
+		return nil, startError(arg0, "user %q: %v", req.User, err)
+	}
+	env := req.Env
+	pathEnv, hasPath := getenv(env, "PATH")
+	if !hasPath {
+		pathEnv = defaultPath
+		env = append(env[:len(env):len(env)], "PATH="+defaultPath)
+	}
+	if _, ok := getenv(env, "HOME"); !ok {
+		home := u.Home
+		if home == "" {
+			home = "/"
+		}
+		env = append(env[:len(env):len(env)], "HOME="+home)
+	}
+	exe, err := lookPath(root, arg0, pathEnv, dir)
+	if err != nil {
+		return nil, startError(arg0, "%v", err)
+	}
+	groups := make([]uint32, len(u.Sgids))
+	for i, g := range u.Sgids {
+		groups[i] = uint32(g)
+	}
+	return &execSpec{
+		path: exe,
+		argv: req.Args,
+		env:  env,
+		dir:  dir,
+		cred: &syscall.Credential{Uid: uint32(u.Uid), Gid: uint32(u.Gid), Groups: groups},
+	}, nil
+}
+
+func getenv(env []string, key string) (string, bool) {
+	for i := len(env) - 1; i >= 0; i-- {
+		if v, ok := strings.CutPrefix(env[i], key+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
+// lookupUser resolves an OCI user spec against the box's passwd and group
+// files. A numeric uid need not exist in passwd.
+func lookupUser(root *fsRoot, spec string) (*user.ExecUser, error) {
+	const limit = 16 << 20
+	var passwd, group *bytes.Reader
+	if b, err := root.readFile("/etc/passwd", limit); err == nil {
+		passwd = bytes.NewReader(b)
+	}
+	if b, err := root.readFile("/etc/group", limit); err == nil {
+		group = bytes.NewReader(b)
+	}
+	defaults := &user.ExecUser{Home: "/"}
+	// A nil *bytes.Reader in an io.Reader is not a nil io.Reader.
+	switch {
+	case passwd != nil && group != nil:
+		return user.GetExecUser(spec, defaults, passwd, group)
+	case passwd != nil:
+		return user.GetExecUser(spec, defaults, passwd, nil)
+	case group != nil:
+		return user.GetExecUser(spec, defaults, nil, group)
+	}
+	return user.GetExecUser(spec, defaults, nil, nil)
+}
+
+// lookPath finds the executable for arg0 inside the box root, like
+// exec.LookPath in the box. The returned path is the box's view of it.
+func lookPath(root *fsRoot, arg0, pathEnv, dir string) (string, error) {
+	if strings.Contains(arg0, "/") {
+		p := arg0
+		if !path.IsAbs(p) {
+			p = path.Join(dir, p)
+		}
+		if err := checkExecutable(root, p); err != nil {
+			return "", err
+		}
+		return arg0, nil
+	}
+	for _, d := range strings.Split(pathEnv, ":") {
+		if d == "" {
+			d = "." // POSIX: an empty PATH entry is the working directory
+		}
+		p := path.Join(d, arg0)
+		abs := p
+		if !path.IsAbs(abs) {
+			abs = path.Join(dir, abs)
+		}
+		if checkExecutable(root, abs) == nil {
+			if !path.IsAbs(p) {
+				p = "./" + p
+			}
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("executable file not found in $PATH")
+}
+
+func checkExecutable(root *fsRoot, p string) error {
+	fd, err := root.open(p, unix.O_PATH)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return unix.EISDIR
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o111 == 0 {
+		return unix.EACCES
+	}
+	return nil
+}

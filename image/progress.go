@@ -1,0 +1,93 @@
+package image
+
+import (
+	"sync"
+
+	"github.com/containers/image/v5/types"
+)
+
+// pumpProgress returns the channel to hand to copy.Options.Progress and a
+// function to call once the copy has returned, which closes the channel and
+// waits until every event has been delivered to fn.
+//
+// copy blocks on each send to its progress channel, so the channel is
+// drained at once into a queue, and fn is called from a second goroutine.
+// While fn is busy, successive "progress" events of a blob replace each
+// other in the queue; the other events are all kept.
+func pumpProgress(ref string, fn func(Progress)) (chan types.ProgressProperties, func()) {
+	ch := make(chan types.ProgressProperties)
+	var (
+		mu      sync.Mutex
+		queue   []Progress
+		drained bool
+		wake    = make(chan struct{}, 1)
+		done    = make(chan struct{})
+	)
+
+	go func() {
+		for p := range ch {
+			ev := Progress{
+				Ref:    ref,
+				Layer:  p.Artifact.Digest.String(),
+				Event:  eventName(p.Event),
+				Offset: int64(p.Offset),
+				Total:  p.Artifact.Size,
+			}
+			mu.Lock()
+			if n := len(queue); n > 0 && ev.Event == "progress" &&
+				queue[n-1].Event == "progress" && queue[n-1].Layer == ev.Layer {
+				queue[n-1] = ev
+			} else {
+				queue = append(queue, ev)
+			}
+			mu.Unlock()
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+		mu.Lock()
+		drained = true
+		mu.Unlock()
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}()
+
+	go func() {
+		defer close(done)
+		for range wake {
+			mu.Lock()
+			batch, last := queue, drained
+			queue = nil
+			mu.Unlock()
+			for _, ev := range batch {
+				fn(ev)
+			}
+			if last {
+				return
+			}
+		}
+	}()
+
+	return ch, func() {
+		close(ch)
+		<-done
+	}
+}
+
+func eventName(e types.ProgressEvent) string {
+	switch e {
+	case types.ProgressEventNewArtifact:
+		return "start"
+	case types.ProgressEventRead:
+		return "progress"
+	case types.ProgressEventDone:
+		return "done"
+	case types.ProgressEventSkipped:
+		return "skipped"
+	default:
+		return "unknown"
+	}
+}

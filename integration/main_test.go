@@ -1,0 +1,169 @@
+// Package integration boots real boxes (QEMU: KVM where usable, TCG
+// otherwise) from images served by a real registry on 127.0.0.1 and checks
+// the engine end to end.
+package integration
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun"
+	"github.com/boxrun/boxrun/internal/testenv"
+)
+
+// Fixtures shared by the package's tests: one registry, one engine and one
+// long-lived box for the tests that only run commands, because each boot
+// costs seconds under TCG.
+var fx struct {
+	dataDir  string
+	registry *testenv.Registry
+	regRef   string // busybox in the registry, pulled over docker://
+	ociRef   string // busybox with User "app" as an oci: layout
+	eng      *boxrun.Engine
+
+	once   sync.Once
+	box    *boxrun.Box
+	boxErr error
+}
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		fmt.Fprintln(os.Stderr, "integration: qemu-system-x86_64 not found; run scripts/setup.sh")
+		return 1
+	}
+	tmp, err := os.MkdirTemp("", "boxrun-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(tmp)
+	fx.dataDir = filepath.Join(tmp, "data")
+
+	reg, err := testenv.NewRegistry()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		return 1
+	}
+	defer reg.Close()
+	fx.registry = reg
+	layout := filepath.Join(tmp, "busybox")
+	if err := testenv.WriteBusyboxLayout(layout, testenv.LayoutOptions{}); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		return 1
+	}
+	ctx := context.Background()
+	if fx.regRef, err = reg.PushLayout(ctx, layout, "library/busybox:latest"); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		return 1
+	}
+	userLayout := filepath.Join(tmp, "busybox-app")
+	if err := testenv.WriteBusyboxLayout(userLayout, testenv.LayoutOptions{User: "app", WorkingDir: "/home/app"}); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		return 1
+	}
+	fx.ociRef = "oci:" + userLayout + ":latest"
+
+	conf := filepath.Join(tmp, "registries.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n", reg.Addr)), 0o644)
+	fx.eng, err = boxrun.New(ctx, boxrun.Config{
+		DataDir:        fx.dataDir,
+		RegistriesConf: conf,
+		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		return 1
+	}
+	code := m.Run()
+	if err := fx.eng.Close(); err != nil {
+		fmt.Fprintln(os.Stderr, "integration: close engine:", err)
+		code = 1
+	}
+	if left := vmmProcesses(fx.dataDir); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "integration: VMM processes left running: %v\n", left)
+		code = 1
+	}
+	return code
+}
+
+// sharedBox returns the package's long-lived box (busybox from the
+// registry, with box env), booting it on first use.
+func sharedBox(t *testing.T) *boxrun.Box {
+	t.Helper()
+	fx.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		fx.box, fx.boxErr = fx.eng.Create(ctx, boxrun.BoxSpec{
+			Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 512, DiskSizeGB: 2,
+			Env: map[string]string{"BOX_VAR": "from-box", "OVERRIDE": "box"},
+		})
+	})
+	if fx.boxErr != nil {
+		t.Fatalf("create shared box: %v", fx.boxErr)
+	}
+	return fx.box
+}
+
+// newBox creates a box that the test removes when it ends, pass or fail.
+func newBox(t *testing.T, spec boxrun.BoxSpec) *boxrun.Box {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	box, err := fx.eng.Create(ctx, spec)
+	if err != nil {
+		t.Fatalf("create %s: %v", spec.Image, err)
+	}
+	t.Cleanup(func() {
+		if err := fx.eng.Remove(context.Background(), box.ID, boxrun.Force); err != nil && boxrun.CodeOf(err) != boxrun.BoxNotFound {
+			t.Errorf("remove %s: %v", box.ID, err)
+		}
+	})
+	return box
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func sh(t *testing.T, box *boxrun.Box, script string) *boxrun.ExecResult {
+	t.Helper()
+	res, err := fx.eng.Exec(ctxT(t, time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", script}})
+	if err != nil {
+		t.Fatalf("exec %q: %v", script, err)
+	}
+	return res
+}
+
+// vmmProcesses lists the pids of QEMU processes whose command line mentions
+// dir (the engine runs QEMU in the box's directory under dir).
+func vmmProcesses(dir string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, _ := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if strings.HasPrefix(cwd, dir) && strings.HasPrefix(string(comm), "qemu") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}

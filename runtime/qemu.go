@@ -1,0 +1,284 @@
+package runtime
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+)
+
+// QEMU drives qemu-system-x86_64: KVM when /dev/kvm is usable, TCG software
+// emulation otherwise, so that boxes run on any Linux host.
+type QEMU struct {
+	// Binary is the QEMU executable; "" finds qemu-system-x86_64 in PATH.
+	Binary string
+	// KVM forces hardware acceleration on or off; nil detects /dev/kvm.
+	KVM *bool
+}
+
+// Agent port name shared with the guest agent (boxrun.port= on its cmdline).
+const agentPortName = "boxrun.agent"
+
+func (q *QEMU) Name() string { return "qemu" }
+
+// KVMAvailable reports whether hardware virtualization is usable: /dev/kvm
+// answers with the stable API and the CPU advertises VMX or SVM. The CPU
+// check matters: some sandboxes expose a /dev/kvm that opens and creates VMs
+// but cannot run one (QEMU then hangs or aborts), and those CPUs show no
+// virtualization flag. BOXRUN_ACCEL=tcg|kvm overrides the detection.
+func KVMAvailable() bool {
+	switch os.Getenv("BOXRUN_ACCEL") {
+	case "tcg":
+		return false
+	case "kvm":
+		return true
+	}
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	const kvmGetAPIVersion = 0xAE00
+	v, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmGetAPIVersion, 0)
+	if errno != 0 || v != 12 {
+		return false
+	}
+	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(cpuinfo), "\n") {
+		if strings.HasPrefix(line, "flags") {
+			for _, fl := range strings.Fields(line) {
+				if fl == "vmx" || fl == "svm" {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	return false
+}
+
+// Available reports whether the QEMU binary can be found.
+func (q *QEMU) Available() bool {
+	_, err := q.binary()
+	return err == nil
+}
+
+func (q *QEMU) binary() (string, error) {
+	if q.Binary != "" {
+		return exec.LookPath(q.Binary)
+	}
+	return exec.LookPath("qemu-system-x86_64")
+}
+
+// Args returns QEMU's command line for cfg, relative to cfg.Dir (QEMU runs
+// with cfg.Dir as its working directory so socket paths stay short: a unix
+// socket path may not exceed 107 bytes, and data dirs can be deep).
+func (q *QEMU) Args(cfg VMConfig) []string {
+	kvm := KVMAvailable()
+	if q.KVM != nil {
+		kvm = *q.KVM
+	}
+	// q35 without ACPI boots a PVH vmlinux fastest under TCG; the guest
+	// ends the VM by rebooting, which -no-reboot turns into an exit.
+	args := []string{
+		"-name", "boxrun-" + cfg.ID,
+		"-machine", "q35,acpi=off",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-smp", strconv.Itoa(cfg.CPUs),
+		"-m", strconv.Itoa(cfg.MemoryMB),
+		"-kernel", cfg.Kernel,
+		"-initrd", cfg.Initramfs,
+		"-append", q.cmdline(cfg),
+		"-serial", "file:console.log",
+		"-pidfile", "qemu.pid",
+		"-device", "virtio-rng-pci",
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,name=" + agentPortName,
+	}
+	if kvm {
+		args = append(args, "-accel", "kvm", "-cpu", "host")
+	} else {
+		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
+	}
+	for i, d := range cfg.Disks {
+		drive := fmt.Sprintf("file=%s,if=none,id=disk%d,format=raw,cache=none,aio=threads", d.Path, i)
+		if d.ReadOnly {
+			drive += ",readonly=on"
+		}
+		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
+	}
+	if cfg.Network {
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0")
+	} else {
+		args = append(args, "-nic", "none")
+	}
+	return args
+}
+
+func (q *QEMU) cmdline(cfg VMConfig) string {
+	parts := []string{
+		"console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t",
+		"8250.nr_uarts=1", "random.trust_cpu=on", "cryptomgr.notests", "tsc=reliable",
+		"boxrun.port=" + agentPortName, "boxrun.halt=reboot",
+	}
+	if cfg.Cmdline != "" {
+		parts = append(parts, cfg.Cmdline)
+	}
+	return strings.Join(parts, " ")
+}
+
+// Start boots the VM. The QEMU process runs in its own session so that a
+// signal to the engine's process group does not take its boxes down with it.
+func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
+	bin, err := q.binary()
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "qemu not found (install qemu-system-x86)")
+	}
+	if cfg.CPUs <= 0 || cfg.MemoryMB <= 0 {
+		return nil, errdefs.New(errdefs.ValidationError, "cpus and memory must be positive")
+	}
+	for _, f := range []string{cfg.Kernel, cfg.Initramfs} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "boot file")
+		}
+	}
+	for _, f := range []string{"agent.sock", "qemu.pid", "console.log"} {
+		os.Remove(filepath.Join(cfg.Dir, f))
+	}
+	logf, err := os.OpenFile(filepath.Join(cfg.Dir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "qemu log")
+	}
+	cmd := exec.Command(bin, q.Args(cfg)...)
+	cmd.Dir = cfg.Dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start qemu")
+	}
+	logf.Close()
+	vm := &qemuVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{})}
+	go func() {
+		vm.waitErr = cmd.Wait()
+		close(vm.done)
+	}()
+	if cfg.Logger != nil {
+		cfg.Logger.Debug("qemu started", "box", cfg.ID, "pid", cmd.Process.Pid, "args", cmd.Args)
+	}
+	// QEMU creates the agent socket while it sets up its devices; once it is
+	// there the VM is running. If QEMU dies first, report why.
+	sock := filepath.Join(cfg.Dir, "agent.sock")
+	ok := waitFor(ctx, 10*time.Second, func() bool {
+		select {
+		case <-vm.done:
+			return true
+		default:
+		}
+		_, err := os.Stat(sock)
+		return err == nil
+	})
+	select {
+	case <-vm.done:
+		return nil, errdefs.New(errdefs.RuntimeError, "qemu exited at start (%v): %s", vm.waitErr,
+			strings.TrimSpace(tail(filepath.Join(cfg.Dir, "qemu.log"), 2048)))
+	default:
+	}
+	if !ok {
+		vm.Kill()
+		if ctx.Err() != nil {
+			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "start qemu")
+		}
+		return nil, errdefs.New(errdefs.RuntimeError, "qemu did not create its agent socket within 10s")
+	}
+	return vm, nil
+}
+
+type qemuVM struct {
+	cmd     *exec.Cmd
+	dir     string
+	done    chan struct{}
+	waitErr error
+	once    sync.Once
+}
+
+func (v *qemuVM) PID() int              { return v.cmd.Process.Pid }
+func (v *qemuVM) Done() <-chan struct{} { return v.done }
+func (v *qemuVM) Console() string       { return tail(filepath.Join(v.dir, "console.log"), 4096) }
+
+func (v *qemuVM) exited() bool {
+	select {
+	case <-v.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (v *qemuVM) DialAgent(ctx context.Context) (io.ReadWriteCloser, error) {
+	path, release := dirRelative(v.dir, "agent.sock")
+	defer release()
+	var d net.Dialer
+	for {
+		conn, err := d.DialContext(ctx, "unix", path)
+		if err == nil {
+			return conn, nil
+		}
+		if v.exited() {
+			return nil, errdefs.New(errdefs.RuntimeError, "vm exited")
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ENOENT) {
+			return nil, err
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (v *qemuVM) Kill() error {
+	v.once.Do(func() {
+		if !v.exited() {
+			v.cmd.Process.Signal(syscall.SIGKILL)
+		}
+	})
+	select {
+	case <-v.done:
+	case <-time.After(30 * time.Second):
+		return errdefs.New(errdefs.RuntimeError, "qemu pid %d did not exit after SIGKILL", v.PID())
+	}
+	for _, f := range []string{"agent.sock", "qemu.pid"} {
+		os.Remove(filepath.Join(v.dir, f))
+	}
+	return nil
+}
+
+// dirRelative returns a short path to name inside dir through
+// /proc/self/fd, so connect(2) works however long dir is.
+func dirRelative(dir, name string) (string, func()) {
+	p := filepath.Join(dir, name)
+	if len(p) < 100 {
+		return p, func() {}
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return p, func() {}
+	}
+	return fmt.Sprintf("/proc/self/fd/%d/%s", f.Fd(), name), func() { f.Close() }
+}

@@ -1,0 +1,90 @@
+// Package runtime starts and stops the micro-VMs that boxes run in.
+//
+// A Hypervisor is one driver (QEMU, Cloud Hypervisor); a VM is one running
+// virtual machine. Drivers know nothing about images or agents: they boot a
+// kernel and an initramfs with the disks they are given, and expose the byte
+// stream on which the guest agent listens.
+package runtime
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+)
+
+// Hypervisor starts VMs.
+type Hypervisor interface {
+	// Name is the driver's name ("qemu", "cloud-hypervisor").
+	Name() string
+	// Start boots a VM. When Start returns an error, no process, socket or
+	// file of the VM is left behind.
+	Start(ctx context.Context, cfg VMConfig) (VM, error)
+}
+
+// VMConfig describes one VM.
+type VMConfig struct {
+	ID       string // box id, for logs and process names
+	Dir      string // private directory for the VM's sockets and logs; must exist
+	CPUs     int
+	MemoryMB int
+	// Kernel is an uncompressed vmlinux (PVH entry) or a bzImage.
+	Kernel    string
+	Initramfs string
+	// Cmdline is appended to the driver's own kernel command line.
+	Cmdline string
+	Disks   []Disk // in order: the guest sees them as vda, vdb, ...
+	Network bool   // false: the VM has no network device at all
+	Logger  *slog.Logger
+}
+
+// Disk is a raw disk image attached to the VM.
+type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+// VM is a running virtual machine.
+type VM interface {
+	// PID is the VMM process id.
+	PID() int
+	// DialAgent connects to the guest agent's byte stream. The stream is
+	// open before the guest has booted; the first bytes the guest reads are
+	// the ones the host wrote first.
+	DialAgent(ctx context.Context) (io.ReadWriteCloser, error)
+	// Done is closed when the VMM process has exited.
+	Done() <-chan struct{}
+	// Kill stops the VMM process at once and waits until it is gone.
+	Kill() error
+	// Console returns the tail of the guest's serial console, for errors.
+	Console() string
+}
+
+// tail returns up to the last n bytes of a file.
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Size() > n {
+		f.Seek(st.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	return string(b)
+}
+
+// waitFor polls cond until it returns true, ctx ends or d passes.
+func waitFor(ctx context.Context, d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

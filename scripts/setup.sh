@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what boxrun needs on a Debian host (idempotent: a second run only
+# checks). Needs root (or sudo) for apt-get.
+#   qemu-system-x86    the QEMU driver (KVM when usable, TCG otherwise)
+#   linux-image-amd64  the guest kernel and its modules; INITRD=No skips the
+#                      host initramfs build, which boxes never use
+#   e2fsprogs          mkfs.ext4 -d builds image and box disks
+#   xz-utils, zstd     unpack the kernel's compressed payload into a vmlinux
+#   busybox-static     the tests' and the demo's tiny image
+#   docker-registry    a real registry on 127.0.0.1 for the tests' pulls
+set -euo pipefail
+
+pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry ca-certificates git)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  echo "setup: installing ${missing[*]}" >&2
+  $SUDO apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive INITRD=No apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The registry package starts a system service we do not use; tests run
+# their own registry on a free port.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl stop docker-registry || true
+fi
+command -v go >/dev/null 2>&1 || export PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null 2>&1 || { echo "setup: a Go toolchain (1.24+) is needed: https://go.dev/dl" >&2; exit 1; }
+ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "setup: no kernel in /boot after install" >&2; exit 1; }
+echo "setup: ok ($(qemu-system-x86_64 --version | head -1); kernel $(ls /boot/vmlinuz-* | tail -1))" >&2
