@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"golang.org/x/sys/unix"
 )
 
@@ -214,7 +215,7 @@ func readlinkAt(dfd int, name string) (string, error) {
 // as are mtimes and symlinks; ownership is restored when running as root.
 // Device nodes are skipped: an untrusted archive must not plant them.
 func Untar(r io.Reader, root, dir string) error {
-	fr, err := openRoot(root)
+	fr, err := fsroot.Open(root)
 	if err != nil {
 		return err
 	}
@@ -232,9 +233,9 @@ type dirMeta struct {
 	hdr  *tar.Header
 }
 
-func untar(r io.Reader, fr *fsRoot, dir string, o untarOptions) error {
-	dir = cleanInRoot(dir)
-	if err := fr.mkdirAll(dir, 0o755); err != nil {
+func untar(r io.Reader, fr *fsroot.Root, dir string, o untarOptions) error {
+	dir = fsroot.Clean(dir)
+	if err := fr.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
 	asRoot := os.Geteuid() == 0
@@ -249,15 +250,15 @@ func untar(r io.Reader, fr *fsRoot, dir string, o untarOptions) error {
 			return err
 		}
 		// Cleaning "/"+name keeps ".." and absolute names below dir.
-		rel := cleanInRoot(hdr.Name)
+		rel := fsroot.Clean(hdr.Name)
 		if rel == "/" {
 			continue // the archive's own root ("./"): leave dir as it is
 		}
 		target := path.Join(dir, rel)
-		if err := fr.mkdirAll(path.Dir(target), 0o755); err != nil {
+		if err := fr.MkdirAll(path.Dir(target), 0o755); err != nil {
 			return err
 		}
-		pfd, base, err := fr.parent(target)
+		pfd, base, err := fr.Parent(target)
 		if err != nil {
 			return &os.PathError{Op: "open", Path: path.Dir(target), Err: err}
 		}
@@ -301,7 +302,7 @@ func clearEntry(pfd int, base string) error {
 	return err
 }
 
-func extractEntry(fr *fsRoot, tr io.Reader, hdr *tar.Header, pfd int, base, dir string, asRoot bool, o untarOptions) error {
+func extractEntry(fr *fsroot.Root, tr io.Reader, hdr *tar.Header, pfd int, base, dir string, asRoot bool, o untarOptions) error {
 	mode := entryMode(hdr, asRoot)
 	mtime := []unix.Timespec{unix.NsecToTimespec(hdr.ModTime.UnixNano()), unix.NsecToTimespec(hdr.ModTime.UnixNano())}
 	switch hdr.Typeflag {
@@ -358,7 +359,7 @@ func extractEntry(fr *fsRoot, tr io.Reader, hdr *tar.Header, pfd int, base, dir 
 
 	case tar.TypeLink:
 		// Link names are relative to the archive root, i.e. to dir.
-		tfd, tbase, err := fr.parent(path.Join(dir, cleanInRoot(hdr.Linkname)))
+		tfd, tbase, err := fr.Parent(path.Join(dir, fsroot.Clean(hdr.Linkname)))
 		if err != nil {
 			return &os.PathError{Op: "link", Path: hdr.Linkname, Err: err}
 		}
@@ -415,8 +416,8 @@ func logSkip(log *slog.Logger, hdr *tar.Header) {
 	}
 }
 
-func fixDir(fr *fsRoot, p string, hdr *tar.Header, asRoot bool) error {
-	pfd, base, err := fr.parent(p)
+func fixDir(fr *fsroot.Root, p string, hdr *tar.Header, asRoot bool) error {
+	pfd, base, err := fr.Parent(p)
 	if err != nil {
 		return err
 	}

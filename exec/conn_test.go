@@ -1,7 +1,6 @@
 package exec
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -175,7 +174,7 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 		{"window overrun", func(w io.Writer, id uint32) {
 			chunk := make([]byte, maxDataFrame)
 			for i := 0; i <= window/maxDataFrame; i++ {
-				writeFrame(w, id, frameData, chunk)
+				writeFrame(w, id, frameStdout, chunk)
 			}
 		}},
 		{"oversized frame", func(w io.Writer, id uint32) {
@@ -187,8 +186,9 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 		}},
 		{"request from agent", func(w io.Writer, id uint32) { writeFrame(w, 99, frameRequest, []byte("{}")) }},
 		{"control flood", func(w io.Writer, id uint32) {
+			writeFrame(w, id, frameStdout, []byte("x")) // the pump blocks on it
 			for i := 0; i < 2*maxQueuedControl; i++ {
-				writeFrame(w, id, frameStarted, []byte(`{"pid":1}`))
+				writeFrame(w, id, frameEOF, nil)
 			}
 		}},
 	} {
@@ -197,7 +197,7 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 			c := NewClient(a, testLogger())
 			defer c.Close()
 			go func() {
-				// Skip Sync + request header, learn the channel id.
+				// Skip Sync + request header, learn the channel id, start.
 				br := make([]byte, 4096)
 				n, _ := b.Read(br)
 				sync := len(appendFrame(nil, 0, frameSync, syncMagic))
@@ -205,16 +205,26 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 					return
 				}
 				id := binary.BigEndian.Uint32(br[sync+4:])
+				writeFrame(b, id, frameStarted, []byte(`{"pid":1}`))
 				tc.bad(b, id)
 				io.Copy(io.Discard, b)
 			}()
-			var buf bytes.Buffer
-			err := c.CopyOut(context.Background(), "/x", &buf)
-			if err == nil || !strings.Contains(err.Error(), "protocol error") {
+			p, err := c.Start(context.Background(), Command{Args: []string{"x"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Events are not read, so no credit is returned.
+			select {
+			case <-c.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("connection still up")
+			}
+			if err := c.Err(); err == nil || !strings.Contains(err.Error(), "protocol error") {
 				t.Errorf("got %v", err)
 			}
-			if c.Err() == nil {
-				t.Error("connection still up")
+			r := collect(t, p)
+			if r.exit.Code != -1 || !strings.HasPrefix(r.exit.Error, "connection to agent lost") {
+				t.Errorf("exit %+v", r.exit)
 			}
 		})
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
+	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"golang.org/x/sys/unix"
 )
 
@@ -275,8 +276,8 @@ func snapshot(t *testing.T, dir, skip string) map[string]string {
 func withFallback(t *testing.T, f func(t *testing.T)) {
 	t.Run("openat2", f)
 	t.Run("walk", func(t *testing.T) {
-		noOpenat2.Store(true)
-		defer noOpenat2.Store(false)
+		fsroot.ForceWalk(true)
+		defer fsroot.ForceWalk(false)
 		f(t)
 	})
 }

@@ -359,3 +359,38 @@ func TestPing(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestShutdown(t *testing.T) {
+	halted := make(chan struct{})
+	c := startServer(t, ServerOptions{ShutdownGrace: 200 * time.Millisecond, Halt: func() { close(halted) }})
+	ignoring, err := c.Start(context.Background(), sh(`trap "" TERM; echo ready; sleep 1000 & wait`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-ignoring.Events() // the trap is set
+	polite, err := c.Start(context.Background(), Command{Args: []string{"sleep", "1000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r := collect(t, polite); r.exit.Signal != "SIGTERM" {
+		t.Errorf("polite process: %+v", r.exit)
+	}
+	if r := collect(t, ignoring); r.exit.Signal != "SIGKILL" {
+		t.Errorf("process ignoring SIGTERM: %+v", r.exit)
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Errorf("shutdown took %v", el)
+	}
+	select {
+	case <-halted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Halt not called")
+	}
+	if _, err := c.Start(context.Background(), Command{Args: []string{"true"}}); err == nil || !strings.Contains(err.Error(), "shutting down") {
+		t.Errorf("start after shutdown: %v", err)
+	}
+}

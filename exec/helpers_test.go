@@ -124,3 +124,5 @@ func collect(t testing.TB, p *Process) runResult {
 func sh(script string) Command { return Command{Args: []string{"sh", "-c", script}} }
 
 func trim(s string) string { return strings.TrimSpace(s) }
+
+func writeFileBytes(p string, b []byte) error { return os.WriteFile(p, b, 0o644) }

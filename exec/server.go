@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
+	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"golang.org/x/sys/unix"
 )
 
@@ -54,7 +55,7 @@ type ServerOptions struct {
 type server struct {
 	opts   ServerOptions
 	log    *slog.Logger
-	root   *fsRoot
+	root   *fsroot.Root
 	chroot string // "" when Root is "/"
 	spawn  spawner
 
@@ -79,7 +80,7 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) err
 	if rootPath == "" {
 		rootPath = "/"
 	}
-	root, err := openRoot(rootPath)
+	root, err := fsroot.Open(rootPath)
 	if err != nil {
 		conn.Close()
 		return err
@@ -203,7 +204,7 @@ func (sv *server) hello(req *request) *result {
 }
 
 func (sv *server) stat(req *request) (*result, error) {
-	fd, err := sv.root.open(req.Path, unix.O_PATH)
+	fd, err := sv.root.OpenFile(req.Path, unix.O_PATH)
 	if err == unix.ENOENT || err == unix.ENOTDIR {
 		return &result{Stat: &FileInfo{}}, nil
 	}
@@ -233,8 +234,8 @@ func (sv *server) copyIn(s *stream, req *request) error {
 }
 
 func (sv *server) copyOut(s *stream, req *request) error {
-	p := cleanInRoot(req.Path)
-	pfd, base, err := sv.root.parent(p)
+	p := fsroot.Clean(req.Path)
+	pfd, base, err := sv.root.Parent(p)
 	if err != nil {
 		return fmt.Errorf("copy from %s: %w", req.Path, err)
 	}

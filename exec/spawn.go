@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"github.com/moby/sys/user"
 	"golang.org/x/sys/unix"
 )
@@ -131,7 +132,7 @@ func startError(arg0, format string, args ...any) error {
 
 // resolveCommand turns a request into an execSpec, looking up the user,
 // working directory and executable inside the box root.
-func resolveCommand(root *fsRoot, req *request) (*execSpec, error) {
+func resolveCommand(root *fsroot.Root, req *request) (*execSpec, error) {
 	arg0 := req.Args[0]
 	dir := req.Dir
 	if dir == "" {
@@ -140,7 +141,7 @@ func resolveCommand(root *fsRoot, req *request) (*execSpec, error) {
 	if !path.IsAbs(dir) {
 		return nil, startError(arg0, "working directory %q is not absolute", dir)
 	}
-	fd, err := root.open(dir, unix.O_PATH|unix.O_DIRECTORY)
+	fd, err := root.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY)
 	if err != nil {
 		return nil, startError(arg0, "chdir %s: %v", dir, err)
 	}
@@ -191,13 +192,13 @@ func getenv(env []string, key string) (string, bool) {
 
 // lookupUser resolves an OCI user spec against the box's passwd and group
 // files. A numeric uid need not exist in passwd.
-func lookupUser(root *fsRoot, spec string) (*user.ExecUser, error) {
+func lookupUser(root *fsroot.Root, spec string) (*user.ExecUser, error) {
 	const limit = 16 << 20
 	var passwd, group *bytes.Reader
-	if b, err := root.readFile("/etc/passwd", limit); err == nil {
+	if b, err := root.ReadFile("/etc/passwd", limit); err == nil {
 		passwd = bytes.NewReader(b)
 	}
-	if b, err := root.readFile("/etc/group", limit); err == nil {
+	if b, err := root.ReadFile("/etc/group", limit); err == nil {
 		group = bytes.NewReader(b)
 	}
 	defaults := &user.ExecUser{Home: "/"}
@@ -215,7 +216,7 @@ func lookupUser(root *fsRoot, spec string) (*user.ExecUser, error) {
 
 // lookPath finds the executable for arg0 inside the box root, like
 // exec.LookPath in the box. The returned path is the box's view of it.
-func lookPath(root *fsRoot, arg0, pathEnv, dir string) (string, error) {
+func lookPath(root *fsroot.Root, arg0, pathEnv, dir string) (string, error) {
 	if strings.Contains(arg0, "/") {
 		p := arg0
 		if !path.IsAbs(p) {
@@ -245,8 +246,8 @@ func lookPath(root *fsRoot, arg0, pathEnv, dir string) (string, error) {
 	return "", fmt.Errorf("executable file not found in $PATH")
 }
 
-func checkExecutable(root *fsRoot, p string) error {
-	fd, err := root.open(p, unix.O_PATH)
+func checkExecutable(root *fsroot.Root, p string) error {
+	fd, err := root.OpenFile(p, unix.O_PATH)
 	if err != nil {
 		return err
 	}

@@ -1,7 +1,11 @@
-package exec
+// Package fsroot resolves paths inside a directory tree as if it were the
+// root of the filesystem, the way a chroot would, without leaving it: the
+// box root for the agent, the destination directory for the host's Untar.
+package fsroot
 
 import (
 	"errors"
+	"io"
 	"os"
 	"path"
 	"strings"
@@ -10,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// fsRoot resolves paths inside a directory tree as if it were "/": "..",
+// Root resolves paths inside a directory tree as if it were "/": "..",
 // absolute paths and symlinks (absolute ones included) are interpreted
 // relative to the tree and can never lead out of it, like a chroot.
 //
@@ -21,7 +25,7 @@ import (
 // symlink) cannot make us act outside the tree: callers act on the returned
 // descriptor, or on a single final component relative to it without
 // following symlinks.
-type fsRoot struct {
+type Root struct {
 	path string
 	fd   int // O_PATH|O_DIRECTORY
 }
@@ -30,22 +34,32 @@ type fsRoot struct {
 // and by tests to exercise the fallback.
 var noOpenat2 atomic.Bool
 
+// ForceWalk makes every resolution use the userspace walk instead of
+// openat2 (for tests of the fallback).
+func ForceWalk(on bool) { noOpenat2.Store(on) }
+
 // maxSymlinks matches the kernel's limit on symlinks followed per lookup.
 const maxSymlinks = 40
 
-func openRoot(dir string) (*fsRoot, error) {
+// Open opens the directory dir as a root.
+func Open(dir string) (*Root, error) {
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
 	}
-	return &fsRoot{path: dir, fd: fd}, nil
+	return &Root{path: dir, fd: fd}, nil
 }
 
-func (r *fsRoot) Close() error { return unix.Close(r.fd) }
+// Close releases the root's descriptor.
+func (r *Root) Close() error { return unix.Close(r.fd) }
 
-// open resolves p inside the root, following every symlink (within the
-// root), and opens the result with flags (O_CLOEXEC is implied).
-func (r *fsRoot) open(p string, flags int) (int, error) {
+// Path is the directory the root was opened at.
+func (r *Root) Path() string { return r.path }
+
+// OpenFile resolves p inside the root, following every symlink (within
+// the root), and opens the result with flags (O_CLOEXEC is implied). It
+// returns a raw descriptor and a bare errno, so callers can compare it.
+func (r *Root) OpenFile(p string, flags int) (int, error) {
 	if !noOpenat2.Load() {
 		how := unix.OpenHow{
 			Flags:   uint64(flags | unix.O_CLOEXEC),
@@ -68,7 +82,7 @@ func (r *fsRoot) open(p string, flags int) (int, error) {
 
 // probeOpenat2 tells an EPERM from a seccomp filter that denies openat2 as
 // a whole (true) from a real permission error (false).
-func (r *fsRoot) probeOpenat2() bool {
+func (r *Root) probeOpenat2() bool {
 	fd, err := unix.Openat2(r.fd, ".", &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC})
 	if err == nil {
 		unix.Close(fd)
@@ -176,39 +190,40 @@ func readlinkFd(fd int) (string, error) {
 	}
 }
 
-// cleanInRoot returns p as a clean absolute path ("/" + p when relative).
-func cleanInRoot(p string) string { return path.Clean("/" + p) }
+// Clean returns p as a clean absolute path ("/" + p when relative): ".."
+// cannot climb above "/".
+func Clean(p string) string { return path.Clean("/" + p) }
 
-// parent resolves the directory of p inside the root and returns it (as an
+// Parent resolves the directory of p inside the root and returns it (as an
 // O_PATH descriptor) with the final component of p, which is "" when p is
 // the root itself. The final component is not resolved: callers act on it
 // with *at calls that do not follow symlinks.
-func (r *fsRoot) parent(p string) (int, string, error) {
-	p = cleanInRoot(p)
+func (r *Root) Parent(p string) (int, string, error) {
+	p = Clean(p)
 	if p == "/" {
 		fd, err := unix.Openat(r.fd, ".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		return fd, "", err
 	}
-	fd, err := r.open(path.Dir(p), unix.O_PATH|unix.O_DIRECTORY)
+	fd, err := r.OpenFile(path.Dir(p), unix.O_PATH|unix.O_DIRECTORY)
 	return fd, path.Base(p), err
 }
 
-// mkdirAll creates directory p and its missing parents inside the root.
-func (r *fsRoot) mkdirAll(p string, mode uint32) error {
-	fd, err := r.open(p, unix.O_PATH|unix.O_DIRECTORY)
+// MkdirAll creates directory p and its missing parents inside the root.
+func (r *Root) MkdirAll(p string, mode uint32) error {
+	fd, err := r.OpenFile(p, unix.O_PATH|unix.O_DIRECTORY)
 	if err == nil {
 		unix.Close(fd)
 		return nil
 	}
 	cur := "/"
-	for _, c := range splitPath(cleanInRoot(p)) {
+	for _, c := range splitPath(Clean(p)) {
 		next := path.Join(cur, c)
-		fd, err := r.open(next, unix.O_PATH|unix.O_DIRECTORY)
+		fd, err := r.OpenFile(next, unix.O_PATH|unix.O_DIRECTORY)
 		if err == unix.ENOENT {
 			// Create the component in its resolved parent, then resolve the
 			// whole prefix again: each step stays inside the root even if
 			// the tree changes between the calls.
-			pfd, perr := r.open(cur, unix.O_PATH|unix.O_DIRECTORY)
+			pfd, perr := r.OpenFile(cur, unix.O_PATH|unix.O_DIRECTORY)
 			if perr != nil {
 				return &os.PathError{Op: "mkdir", Path: cur, Err: perr}
 			}
@@ -217,7 +232,7 @@ func (r *fsRoot) mkdirAll(p string, mode uint32) error {
 			if err != nil && err != unix.EEXIST {
 				return &os.PathError{Op: "mkdir", Path: next, Err: err}
 			}
-			fd, err = r.open(next, unix.O_PATH|unix.O_DIRECTORY)
+			fd, err = r.OpenFile(next, unix.O_PATH|unix.O_DIRECTORY)
 		}
 		if err != nil {
 			return &os.PathError{Op: "mkdir", Path: next, Err: err}
@@ -228,9 +243,9 @@ func (r *fsRoot) mkdirAll(p string, mode uint32) error {
 	return nil
 }
 
-// readFile reads a (small) file inside the root.
-func (r *fsRoot) readFile(p string, limit int64) ([]byte, error) {
-	fd, err := r.open(p, unix.O_RDONLY|unix.O_NOCTTY|unix.O_NONBLOCK)
+// ReadFile reads a (small) file inside the root.
+func (r *Root) ReadFile(p string, limit int64) ([]byte, error) {
+	fd, err := r.OpenFile(p, unix.O_RDONLY|unix.O_NOCTTY|unix.O_NONBLOCK)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: p, Err: err}
 	}
@@ -247,38 +262,9 @@ func (r *fsRoot) readFile(p string, limit int64) ([]byte, error) {
 		return nil, &os.PathError{Op: "read", Path: p, Err: errors.New("file too large")}
 	}
 	buf := make([]byte, st.Size)
-	n, err := f.ReadAt(buf, 0)
-	if err != nil && n < len(buf) {
-		return buf[:n], nil // the file shrank while we read
+	n, err := io.ReadFull(f, buf)
+	if err == io.ErrUnexpectedEOF {
+		err = nil // the file shrank while we read it
 	}
-	return buf[:n], nil
-}
-
-// fileMode converts a stat mode to an os.FileMode.
-func fileMode(m uint32) os.FileMode {
-	mode := os.FileMode(m & 0o777)
-	switch m & unix.S_IFMT {
-	case unix.S_IFDIR:
-		mode |= os.ModeDir
-	case unix.S_IFLNK:
-		mode |= os.ModeSymlink
-	case unix.S_IFCHR:
-		mode |= os.ModeDevice | os.ModeCharDevice
-	case unix.S_IFBLK:
-		mode |= os.ModeDevice
-	case unix.S_IFIFO:
-		mode |= os.ModeNamedPipe
-	case unix.S_IFSOCK:
-		mode |= os.ModeSocket
-	}
-	if m&unix.S_ISUID != 0 {
-		mode |= os.ModeSetuid
-	}
-	if m&unix.S_ISGID != 0 {
-		mode |= os.ModeSetgid
-	}
-	if m&unix.S_ISVTX != 0 {
-		mode |= os.ModeSticky
-	}
-	return mode
+	return buf[:n], err
 }

@@ -1,0 +1,295 @@
+//go:build linux
+
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/boxrun/boxrun/exec/internal/fsroot"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	baseDir = "/run/boxrun/base"
+	dataDir = "/run/boxrun/data"
+	rootDir = "/rootfs"
+
+	deviceTimeout = 10 * time.Second
+)
+
+// prefixWriter prefixes every log line, so the agent's lines stand out in
+// the console log among the kernel's.
+type prefixWriter struct{ w io.Writer }
+
+func (p prefixWriter) Write(b []byte) (int, error) {
+	if _, err := p.w.Write(append([]byte("boxrun-agent: "), b...)); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
+// earlyConsole is where logs go before /dev is mounted: the console the
+// kernel opened as our stdio, if the initramfs had a /dev/console.
+func earlyConsole() io.Writer { return prefixWriter{os.Stderr} }
+
+// console opens /dev/console for logging: the host captures the serial
+// console to the box's log file. /dev/kmsg is the fallback (rate limited).
+func console() io.Writer {
+	if f, err := os.OpenFile("/dev/console", os.O_WRONLY|unix.O_NOCTTY, 0); err == nil {
+		return prefixWriter{f}
+	}
+	if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
+		return prefixWriter{f}
+	}
+	return earlyConsole()
+}
+
+// mountEarly mounts /dev, /proc and /sys of the initramfs.
+func mountEarly() error {
+	for _, m := range []struct{ fstype, target string }{
+		{"devtmpfs", "/dev"},
+		{"proc", "/proc"},
+		{"sysfs", "/sys"},
+	} {
+		if err := os.MkdirAll(m.target, 0o755); err != nil {
+			return err
+		}
+		err := unix.Mount(m.fstype, m.target, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, "")
+		if err != nil && err != unix.EBUSY { // EBUSY: the kernel mounted it already
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
+		}
+	}
+	return nil
+}
+
+// loadModules loads the modules listed in /etc/boxrun/modules, in order.
+// A module that fails is logged and skipped: the boot fails later, with a
+// clearer message, if it mattered.
+func loadModules(log *slog.Logger) {
+	list, err := os.ReadFile("/etc/boxrun/modules")
+	if errors.Is(err, os.ErrNotExist) {
+		return // drivers built in
+	}
+	if err != nil {
+		log.Error("reading the module list", "err", err)
+		return
+	}
+	n := 0
+	for _, line := range strings.Split(string(list), "\n") {
+		name := strings.TrimSpace(line)
+		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		if err := loadModule(filepath.Join("/lib/modules", name)); err != nil {
+			log.Warn("loading module", "module", name, "err", err)
+			continue
+		}
+		n++
+	}
+	log.Debug("modules loaded", "count", n)
+}
+
+func loadModule(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags := 0
+	for _, ext := range []string{".xz", ".zst", ".gz"} {
+		if strings.HasSuffix(path, ext) {
+			flags = unix.MODULE_INIT_COMPRESSED_FILE
+		}
+	}
+	err = unix.FinitModule(int(f.Fd()), "", flags)
+	if err == unix.EEXIST {
+		return nil
+	}
+	return err
+}
+
+// waitFor polls until path exists: drivers probe devices asynchronously
+// after their module is loaded.
+func waitFor(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		_, err := os.Stat(path)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not appear within %v: %w", path, timeout, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (a *agent) mount(src, target, fstype string, flags uintptr, data string) error {
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount(src, target, fstype, flags, data); err != nil {
+		return fmt.Errorf("mount %s (%s) on %s: %w", src, fstype, target, err)
+	}
+	a.mounts = append(a.mounts, target)
+	return nil
+}
+
+// mountBox assembles the box root at /rootfs.
+func (a *agent) mountBox() error {
+	if err := waitFor(a.cfg.base, deviceTimeout); err != nil {
+		return fmt.Errorf("base disk: %w", err)
+	}
+	// The base disk is shared and read-only: never replay its journal.
+	err := a.mount(a.cfg.base, baseDir, "ext4", unix.MS_RDONLY, "")
+	if err != nil {
+		err = a.mount(a.cfg.base, baseDir, "ext4", unix.MS_RDONLY, "noload")
+	}
+	if err != nil {
+		return err
+	}
+	if a.cfg.data != "" {
+		if err := waitFor(a.cfg.data, deviceTimeout); err != nil {
+			return fmt.Errorf("data disk: %w", err)
+		}
+		if err := a.mount(a.cfg.data, dataDir, "ext4", unix.MS_NOATIME, ""); err != nil {
+			return err
+		}
+	} else {
+		a.log.Warn("no boxrun.data disk: the box's writes will not persist")
+		if err := a.mount("tmpfs", dataDir, "tmpfs", 0, "mode=0755"); err != nil {
+			return err
+		}
+	}
+	for _, d := range []string{dataDir + "/upper", dataDir + "/work"} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s/upper,workdir=%s/work", baseDir, dataDir, dataDir)
+	if err := a.mount("overlay", rootDir, "overlay", 0, opts); err != nil {
+		return err
+	}
+
+	root, err := fsroot.Open(rootDir)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	const (
+		nosuid = unix.MS_NOSUID
+		nodev  = unix.MS_NODEV
+		noexec = unix.MS_NOEXEC
+	)
+	for _, m := range []struct {
+		target, src, fstype string
+		flags               uintptr
+		data                string
+		file                bool // target is a file (bind mount)
+	}{
+		{"/proc", "proc", "proc", nosuid | nodev | noexec, "", false},
+		{"/sys", "sysfs", "sysfs", nosuid | nodev | noexec, "", false},
+		{"/dev", "devtmpfs", "devtmpfs", nosuid, "mode=0755", false},
+		{"/dev/pts", "devpts", "devpts", nosuid | noexec, "newinstance,ptmxmode=0666,mode=0620,gid=5", false},
+		// Programs open /dev/ptmx: make it the new devpts instance's.
+		{"/dev/ptmx", "/dev/pts/ptmx", "", unix.MS_BIND, "", true},
+		{"/dev/shm", "shm", "tmpfs", nosuid | nodev, "mode=1777", false},
+		{"/run", "tmpfs", "tmpfs", nosuid | nodev, "mode=0755", false},
+	} {
+		src := m.src
+		if m.flags&unix.MS_BIND != 0 {
+			src = rootDir + m.src
+		}
+		if err := a.mountIn(root, m.target, src, m.fstype, m.flags, m.data, m.file); err != nil {
+			return err
+		}
+	}
+	for name, target := range map[string]string{
+		"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2",
+	} {
+		if err := os.Symlink(target, rootDir+"/dev/"+name); err != nil && !errors.Is(err, os.ErrExist) {
+			a.log.Warn("creating /dev symlink", "name", name, "err", err)
+		}
+	}
+	return nil
+}
+
+// mountIn mounts on target inside the box root. The target is resolved
+// in the root (an image's symlinked /run or /dev/shm must not send the
+// mount elsewhere) and mounted through its descriptor.
+func (a *agent) mountIn(root *fsroot.Root, target, src, fstype string, flags uintptr, data string, file bool) error {
+	oflags := unix.O_PATH | unix.O_DIRECTORY
+	if file {
+		oflags = unix.O_PATH
+	} else if err := root.MkdirAll(target, 0o755); err != nil {
+		return fmt.Errorf("box mount point %s: %w", target, err)
+	}
+	fd, err := root.OpenFile(target, oflags)
+	if err != nil {
+		return fmt.Errorf("box mount point %s: %w", target, err)
+	}
+	defer unix.Close(fd)
+	proc := fmt.Sprintf("/proc/self/fd/%d", fd)
+	real, err := os.Readlink(proc)
+	if err != nil {
+		return err
+	}
+	if err := unix.Mount(src, proc, fstype, flags, data); err != nil {
+		return fmt.Errorf("mount %s (%s) on %s: %w", src, fstype, real, err)
+	}
+	a.mounts = append(a.mounts, real)
+	return nil
+}
+
+// unmountAll unmounts the box filesystems in reverse order, lazily where
+// busy. The data disk, if it cannot be unmounted, is remounted read-only so
+// its file system is consistent when the VM stops.
+func (a *agent) unmountAll() error {
+	var firstErr error
+	for i := len(a.mounts) - 1; i >= 0; i-- {
+		m := a.mounts[i]
+		err := unix.Unmount(m, 0)
+		if err == unix.EBUSY {
+			if m == dataDir {
+				if rerr := unix.Mount("", dataDir, "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); rerr != nil {
+					a.log.Warn("remounting the data disk read-only", "err", rerr)
+				}
+			}
+			err = unix.Unmount(m, unix.MNT_DETACH)
+			a.log.Debug("unmounted lazily", "mount", m)
+		}
+		if err != nil && err != unix.EINVAL { // EINVAL: not mounted (anymore)
+			a.log.Warn("unmounting", "mount", m, "err", err)
+			if firstErr == nil && (m == dataDir || m == rootDir) {
+				firstErr = fmt.Errorf("unmount %s: %w", m, err)
+			}
+		}
+	}
+	a.mounts = nil
+	return firstErr
+}
+
+// loopbackUp brings lo up; the kernel then gives it 127.0.0.1 and ::1.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP | unix.IFF_RUNNING)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}

@@ -1,0 +1,281 @@
+//go:build linux
+
+// Command agent is boxrun's guest agent: /init of a box's initramfs. As
+// PID 1 it mounts the box's filesystems, then serves the host's requests
+// (exec, stat, copy, shutdown) over a virtio-serial port or vsock until
+// the host shuts the box down.
+//
+// Boot conventions (shared with the runtime that builds the initramfs and
+// the kernel command line):
+//
+//   - /etc/boxrun/modules lists kernel modules to load, paths relative to
+//     /lib/modules/, one per line, in dependency order (.ko, or .ko.xz /
+//     .ko.zst / .ko.gz for kernels that decompress in-kernel).
+//   - boxrun.base=/dev/vda: read-only ext4 image disk (required).
+//   - boxrun.data=/dev/vdb: writable ext4 box disk; without it the box's
+//     writes go to a tmpfs and are lost at shutdown.
+//   - boxrun.port=NAME: virtio-serial port name (default boxrun.agent).
+//   - boxrun.vsock=PORT: serve on AF_VSOCK port PORT instead.
+//   - boxrun.halt=reboot|poweroff: how the VM ends (default reboot, for
+//     QEMU with -no-reboot).
+//   - boxrun.debug=1: debug logging on the console.
+//
+// The box root is an overlay at /rootfs: lower /run/boxrun/base (the base
+// disk), upper and work dirs on the data disk at /run/boxrun/data.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/boxrun/boxrun/exec"
+	"golang.org/x/sys/unix"
+)
+
+// version may be set with -ldflags=-X main.version=...
+var version = ""
+
+func agentVersion() string {
+	v := version
+	if v == "" {
+		if info, ok := debug.ReadBuildInfo(); ok {
+			v = info.Main.Version
+		}
+	}
+	return strings.TrimSpace(v + " " + runtime.Version())
+}
+
+type config struct {
+	base, data string
+	port       string
+	vsock      uint32
+	useVsock   bool
+	halt       int // LINUX_REBOOT_CMD_*
+	debug      bool
+}
+
+func parseCmdline(s string) (config, error) {
+	c := config{port: "boxrun.agent", halt: unix.LINUX_REBOOT_CMD_RESTART}
+	for _, f := range strings.Fields(s) {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "boxrun.base":
+			c.base = v
+		case "boxrun.data":
+			c.data = v
+		case "boxrun.port":
+			c.port = v
+		case "boxrun.vsock":
+			n, err := strconv.ParseUint(v, 10, 32)
+			if err != nil {
+				return c, fmt.Errorf("boxrun.vsock=%q: %v", v, err)
+			}
+			c.vsock, c.useVsock = uint32(n), true
+		case "boxrun.halt":
+			switch v {
+			case "reboot":
+				c.halt = unix.LINUX_REBOOT_CMD_RESTART
+			case "poweroff":
+				c.halt = unix.LINUX_REBOOT_CMD_POWER_OFF
+			default:
+				return c, fmt.Errorf("boxrun.halt=%q: want reboot or poweroff", v)
+			}
+		case "boxrun.debug":
+			c.debug = v == "1" || v == "true"
+		}
+	}
+	if c.base == "" {
+		return c, fmt.Errorf("no boxrun.base= on the kernel command line")
+	}
+	return c, nil
+}
+
+type agent struct {
+	cfg    config
+	log    *slog.Logger
+	level  slog.LevelVar
+	mounts []string // mount points in mount order, unmounted in reverse
+}
+
+func main() {
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "boxrun agent: this is the /init of a boxrun VM; it only runs as PID 1")
+		os.Exit(2)
+	}
+	a := &agent{cfg: config{halt: unix.LINUX_REBOOT_CMD_RESTART}}
+	a.log = slog.New(slog.NewTextHandler(earlyConsole(), &slog.HandlerOptions{Level: &a.level}))
+	defer func() {
+		if r := recover(); r != nil {
+			a.fatal(fmt.Errorf("panic: %v\n%s", r, debug.Stack()))
+		}
+	}()
+	// Reap from the start: anything orphaned during boot is ours.
+	reaper := exec.NewReaper(a.log)
+	if err := a.boot(); err != nil {
+		a.fatal(err)
+	}
+	a.serve(reaper)
+}
+
+func (a *agent) boot() error {
+	start := time.Now()
+	if err := mountEarly(); err != nil {
+		return err
+	}
+	a.log = slog.New(slog.NewTextHandler(console(), &slog.HandlerOptions{Level: &a.level}))
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return err
+	}
+	a.cfg, err = parseCmdline(string(cmdline))
+	if err != nil {
+		return err
+	}
+	if a.cfg.debug {
+		a.level.Set(slog.LevelDebug)
+	}
+	a.log.Info("booting", "version", agentVersion(), "kernel", kernelRelease())
+	loadModules(a.log)
+	if err := a.mountBox(); err != nil {
+		return err
+	}
+	if err := unix.Sethostname([]byte("box")); err != nil {
+		a.log.Warn("setting hostname", "err", err)
+	}
+	if err := loopbackUp(); err != nil {
+		a.log.Warn("bringing up lo", "err", err)
+	}
+	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+func (a *agent) serve(reaper *exec.Reaper) {
+	opts := exec.ServerOptions{
+		Root:    "/rootfs",
+		Logger:  a.log,
+		Version: agentVersion(),
+		Reaper:  reaper,
+		SetClock: func(t time.Time) error {
+			tv := unix.NsecToTimeval(t.UnixNano())
+			return unix.Settimeofday(&tv)
+		},
+		Shutdown: a.shutdown,
+		Halt:     a.halt,
+	}
+	if a.cfg.useVsock {
+		a.serveVsock(opts)
+	} else {
+		a.servePort(opts)
+	}
+}
+
+// halt ends the VM. It never returns.
+func (a *agent) halt() {
+	// Give the port a moment to carry the acknowledgement out.
+	time.Sleep(50 * time.Millisecond)
+	unix.Sync()
+	err := unix.Reboot(a.cfg.halt)
+	a.log.Error("halt failed", "err", err)
+	for {
+		time.Sleep(time.Hour)
+	}
+}
+
+// fatal reports a boot failure where the host sees it (the serial console
+// goes to the box's log file) and halts instead of hanging.
+func (a *agent) fatal(err error) {
+	msg := "boxrun-agent: FATAL: " + err.Error() + "\n"
+	if f, ferr := os.OpenFile("/dev/console", os.O_WRONLY|unix.O_NOCTTY, 0); ferr == nil {
+		f.WriteString(msg)
+		f.Close()
+	} else {
+		os.Stderr.WriteString(msg)
+	}
+	if f, ferr := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); ferr == nil {
+		f.WriteString("<2>" + msg)
+		f.Close()
+	}
+	a.halt()
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// shutdown stops every process in the VM, then syncs and unmounts the box
+// filesystems. The server acknowledges after it returns, then calls halt.
+func (a *agent) shutdown(ctx context.Context) error {
+	a.log.Info("shutting down")
+	if err := unix.Kill(-1, unix.SIGTERM); err == nil {
+		if !waitNoProcesses(ctx, 3*time.Second) {
+			a.log.Info("processes left after SIGTERM, sending SIGKILL")
+			unix.Kill(-1, unix.SIGKILL)
+			waitNoProcesses(ctx, 2*time.Second)
+		}
+	}
+	unix.Sync()
+	err := a.unmountAll()
+	unix.Sync()
+	return err
+}
+
+// waitNoProcesses waits until no process but us and kernel threads is left
+// (zombies count as gone: the reaper collects them).
+func waitNoProcesses(ctx context.Context, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if countProcesses() == 0 {
+			return true
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+const pfKthread = 0x00200000
+
+func countProcesses() int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == 1 {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		// Fields after the command: state ppid pgrp session tty tpgid flags
+		f := strings.Fields(s[i+1:])
+		if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+			continue
+		}
+		if flags, _ := strconv.ParseUint(f[6], 10, 64); flags&pfKthread != 0 {
+			continue
+		}
+		n++
+	}
+	return n
+}

@@ -1,0 +1,277 @@
+package exec
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	osexec "os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"sync"
+
+	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/sync/singleflight"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	modulePath = "github.com/boxrun/boxrun"
+	agentPkg   = modulePath + "/exec/agent"
+)
+
+// agentLDFlags strip the symbol table and DWARF: the agent travels in
+// every initramfs.
+var agentBuildFlags = []string{"-trimpath", "-ldflags=-s -w"}
+
+var (
+	agentBuilds singleflight.Group
+	agentMu     sync.Mutex
+	agentPaths  = map[string]string{} // cacheDir → binary, once built in this process
+)
+
+// AgentPath returns the agent binary to put in a box's initramfs as /init.
+//
+// $BOXRUN_AGENT, when set, names a prebuilt agent. Otherwise the agent is
+// built from source (CGO_ENABLED=0 go build -trimpath -ldflags="-s -w")
+// into cacheDir/agent-<hash>, where the hash covers the agent's source
+// files (every package of this module it imports), go.mod, go.sum, the Go
+// version and the target, so a changed agent is rebuilt. Without the source
+// (boxrun used as a dependency, built with -trimpath) it falls back to
+// `go install github.com/boxrun/boxrun/exec/agent@<version>` of the module
+// version recorded in the build info.
+//
+// Builds are done once: concurrent calls in one process share one build,
+// processes sharing cacheDir serialise on a file lock, and the binary
+// appears atomically (rename). The result is remembered for the life of
+// the process.
+func AgentPath(ctx context.Context, cacheDir string) (string, error) {
+	if p := os.Getenv("BOXRUN_AGENT"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", errdefs.Wrap(errdefs.RuntimeError, err, "BOXRUN_AGENT")
+		}
+		return p, nil
+	}
+	if cacheDir == "" {
+		return "", errdefs.New(errdefs.ValidationError, "agent: no cache directory")
+	}
+	agentMu.Lock()
+	p, ok := agentPaths[cacheDir]
+	agentMu.Unlock()
+	if ok {
+		return p, nil
+	}
+	// The build outlives a cancelled caller: others may share it.
+	ch := agentBuilds.DoChan(cacheDir, func() (any, error) {
+		p, err := buildAgent(context.WithoutCancel(ctx), cacheDir)
+		if err == nil {
+			agentMu.Lock()
+			agentPaths[cacheDir] = p
+			agentMu.Unlock()
+		}
+		return p, err
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return "", r.Err
+		}
+		return r.Val.(string), nil
+	case <-ctx.Done():
+		return "", ctxError(ctx.Err(), "building the agent")
+	}
+}
+
+// findGo locates the go command.
+func findGo() (string, error) {
+	return lookupGo(osexec.LookPath, os.Getenv("GOROOT"), runtime.GOROOT())
+}
+
+func lookupGo(lookPath func(string) (string, error), goroots ...string) (string, error) {
+	if p, err := lookPath("go"); err == nil {
+		return p, nil
+	}
+	for _, root := range goroots {
+		if root == "" {
+			continue
+		}
+		p := filepath.Join(root, "bin", "go")
+		if fi, err := os.Stat(p); err == nil && fi.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", errdefs.New(errdefs.RuntimeError,
+		"building the boxrun agent needs a Go toolchain, and none was found in $PATH or $GOROOT: "+
+			"install Go, or set BOXRUN_AGENT to a prebuilt agent (CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' %s)", agentPkg)
+}
+
+// moduleDir returns the root of this module's source tree, if this binary
+// was built from one that is still there.
+func moduleDir() (string, bool) {
+	_, file, _, ok := runtime.Caller(0)
+	if !ok || !filepath.IsAbs(file) {
+		return "", false // built with -trimpath
+	}
+	dir := filepath.Dir(filepath.Dir(file)) // .../exec/build.go → module root
+	gomod, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+	if err != nil || !bytes.Contains(gomod, []byte("module "+modulePath+"\n")) {
+		return "", false
+	}
+	if _, err := os.Stat(filepath.Join(dir, "exec", "agent")); err != nil {
+		return "", false
+	}
+	return dir, true
+}
+
+func buildAgent(ctx context.Context, cacheDir string) (string, error) {
+	goBin, err := findGo()
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent cache")
+	}
+	env := append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
+	goVersion, err := goOutput(ctx, goBin, "", env, "env", "GOVERSION")
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\n%s/%s\n%q\n", strings.TrimSpace(goVersion), "linux", runtime.GOARCH, agentBuildFlags)
+
+	dir, fromSource := moduleDir()
+	var version string
+	if fromSource {
+		if err := hashAgentSource(ctx, h, goBin, dir, env); err != nil {
+			return "", err
+		}
+	} else {
+		version = moduleVersion()
+		if version == "" {
+			return "", errdefs.New(errdefs.RuntimeError,
+				"cannot build the boxrun agent: its source is not available and the build info has no version of %s; set BOXRUN_AGENT", modulePath)
+		}
+		fmt.Fprintf(h, "%s@%s\n", agentPkg, version)
+	}
+	target := filepath.Join(cacheDir, "agent-"+hex.EncodeToString(h.Sum(nil))[:20])
+	if _, err := os.Stat(target); err == nil {
+		return target, nil
+	}
+
+	// Other processes may build into the same cache.
+	unlock, err := lockFile(filepath.Join(cacheDir, ".agent.lock"))
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent cache lock")
+	}
+	defer unlock()
+	if _, err := os.Stat(target); err == nil {
+		return target, nil
+	}
+	tmp, err := os.MkdirTemp(cacheDir, ".agent-build-")
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent build dir")
+	}
+	defer os.RemoveAll(tmp)
+	out := filepath.Join(tmp, "agent")
+	if fromSource {
+		args := append(append([]string{"build"}, agentBuildFlags...), "-o", out, "./exec/agent")
+		_, err = goOutput(ctx, goBin, dir, env, args...)
+	} else {
+		args := append(append([]string{"install"}, agentBuildFlags...), agentPkg+"@"+version)
+		_, err = goOutput(ctx, goBin, tmp, append(env, "GOBIN="+tmp, "GOFLAGS="), args...)
+	}
+	if err != nil {
+		return "", err
+	}
+	if err := os.Rename(out, target); err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "installing the agent")
+	}
+	return target, nil
+}
+
+// hashAgentSource hashes the files of every package of this module the
+// agent imports (as listed by go list, so a new import is covered), with
+// go.mod and go.sum for the dependencies.
+func hashAgentSource(ctx context.Context, h io.Writer, goBin, dir string, env []string) error {
+	list, err := goOutput(ctx, goBin, dir, env, "list", "-deps",
+		"-f", `{{if not .Standard}}{{$d := .Dir}}{{range .GoFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{range .EmbedFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{end}}`,
+		"./exec/agent")
+	if err != nil {
+		return err
+	}
+	files := []string{filepath.Join(dir, "go.mod"), filepath.Join(dir, "go.sum")}
+	for _, f := range strings.Split(list, "\n") {
+		if f != "" && strings.HasPrefix(f, dir+string(filepath.Separator)) {
+			files = append(files, f)
+		}
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil && !(errors.Is(err, os.ErrNotExist) && strings.HasSuffix(f, "go.sum")) {
+			return errdefs.Wrap(errdefs.RuntimeError, err, "hashing the agent source")
+		}
+		rel, _ := filepath.Rel(dir, f)
+		fmt.Fprintf(h, "%s %d\n", rel, len(b))
+		h.Write(b)
+	}
+	return nil
+}
+
+// moduleVersion is the version of this module in the running binary's
+// build info ("" when unknown or a development build).
+func moduleVersion() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return ""
+	}
+	mods := append([]*debug.Module{&info.Main}, info.Deps...)
+	for _, m := range mods {
+		if m.Path == modulePath && m.Version != "" && m.Version != "(devel)" {
+			if m.Replace != nil {
+				return "" // a replaced module cannot be fetched by version
+			}
+			return m.Version
+		}
+	}
+	return ""
+}
+
+func goOutput(ctx context.Context, goBin, dir string, env []string, args ...string) (string, error) {
+	cmd := osexec.CommandContext(ctx, goBin, args...)
+	cmd.Dir = dir
+	cmd.Env = env
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "building the agent: go %s: %s",
+			strings.Join(args, " "), strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+func lockFile(p string) (func(), error) {
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() {
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		f.Close()
+	}, nil
+}
