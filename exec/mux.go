@@ -61,6 +61,7 @@ type mux struct {
 	streams map[uint32]*stream // nil once closed
 	nextID  uint32
 	err     error // why the mux closed (errdefs error), set under mu before done closes
+	cause   error // the underlying reason (io.EOF for a clean end)
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -237,7 +238,7 @@ func (m *mux) close(cause error) {
 	m.closeOnce.Do(func() {
 		err := connError(cause)
 		m.mu.Lock()
-		m.err = err
+		m.err, m.cause = err, cause
 		streams := m.streams
 		m.streams = nil
 		m.mu.Unlock()

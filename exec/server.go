@@ -59,7 +59,8 @@ type server struct {
 	chroot string // "" when Root is "/"
 	spawn  spawner
 
-	wg sync.WaitGroup
+	wg    sync.WaitGroup // request handlers
+	execs sync.WaitGroup // exec handlers, until their Result is sent
 
 	mu       sync.Mutex
 	pgids    map[int]struct{} // process groups of running execs
@@ -119,7 +120,7 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) err
 	m.readLoop()
 	sv.wg.Wait()
 	m.mu.Lock()
-	err = m.err
+	err = m.cause
 	m.mu.Unlock()
 	if errors.Is(err, io.EOF) {
 		return nil
@@ -148,6 +149,8 @@ func (sv *server) handle(s *stream, p []byte) {
 		res = sv.hello(&req)
 	case "ping":
 	case "exec":
+		sv.execs.Add(1)
+		defer sv.execs.Done()
 		sv.exec(s, &req) // sends its own results
 		return
 	case "stat":
@@ -265,6 +268,18 @@ func (sv *server) shutdown(s *stream) {
 	} else {
 		sv.stopProcesses()
 	}
+	// Let the exec handlers report the exits before the acknowledgement,
+	// so the host has them before the VM goes away.
+	waited := make(chan struct{})
+	go func() {
+		sv.execs.Wait()
+		close(waited)
+	}()
+	select {
+	case <-waited:
+	case <-time.After(sv.opts.OutputGrace + time.Second):
+		sv.log.Warn("execs still running at shutdown")
+	}
 	sv.finish(s, nil, err)
 	if sv.opts.Halt != nil {
 		sv.opts.Halt()
@@ -308,6 +323,10 @@ func (sv *server) exec(s *stream, req *request) {
 	spec, err := resolveCommand(sv.root, req)
 	if err != nil {
 		sv.finish(s, nil, err)
+		return
+	}
+	if err := s.ctx.Err(); err != nil {
+		sv.finish(s, nil, errdefs.Wrap(errdefs.Canceled, err, "start %q", req.Args[0]))
 		return
 	}
 	pr, err := sv.startProcess(spec, req.Stdin)

@@ -128,6 +128,19 @@ func TestVM(t *testing.T) {
 	}
 	t.Logf("exec true round trip: %v", time.Since(start)/n)
 
+	// A new host connection gets a new session; the old session's
+	// processes are killed.
+	orphan, err := c.Start(ctx, Command{Args: []string{"sleep", "1000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c = vm.reconnect(t)
+	if _, err := c.Hello(ctx, time.Now()); err != nil {
+		t.Fatalf("hello after reconnect: %v\n%s", err, vm.console())
+	}
+	expect(sh(fmt.Sprintf("sleep 0.3; test -d /proc/%d && echo alive || echo gone", orphan.Pid())), "gone\n")
+
 	p, err := c.Start(ctx, Command{Args: []string{"sleep", "1000"}})
 	if err != nil {
 		t.Fatal(err)
@@ -166,6 +179,7 @@ func TestVM(t *testing.T) {
 
 type testVM struct {
 	cmd     *osexec.Cmd
+	sock    string
 	client  *Client
 	log     string
 	started time.Time
@@ -229,22 +243,30 @@ func bootVM(t *testing.T, dir, kernel, initrd, base, data string) *testVM {
 		v.exited <- err
 	}()
 	t.Cleanup(func() { v.cmd.Process.Kill() })
+	v.sock = sock
+	v.reconnect(t)
+	return v
+}
+
+func (v *testVM) reconnect(t *testing.T) *Client {
+	t.Helper()
 	var conn net.Conn
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var err error
-		conn, err = net.Dial("unix", sock)
+		conn, err = net.Dial("unix", v.sock)
 		if err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("qemu socket: %v\n%s", err, stderr.String())
+			t.Fatalf("qemu socket: %v", err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	v.client = NewClient(conn, testLogger())
-	t.Cleanup(func() { v.client.Close() })
-	return v
+	c := NewClient(conn, testLogger())
+	t.Cleanup(func() { c.Close() })
+	v.client = c
+	return c
 }
 
 func mustRun(t *testing.T, name string, args ...string) {

@@ -119,6 +119,7 @@ func Open(opts Options) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	routeLogrus(log)
 
 	store, err := openStorage(opts, log)
 	if err != nil {

@@ -66,7 +66,8 @@ func TestQEMUBootsAndEchoes(t *testing.T) {
 	select {
 	case err := <-done:
 		if err != nil || string(buf) != "ping" {
-			b, _ := os.ReadFile(filepath.Join(dir(vm), "qemu.log")); t.Fatalf("echo: %q %v\nconsole:\n%s\nqemu.log: %s", buf, err, vm.Console(), b)
+			b, _ := os.ReadFile(filepath.Join(dir(vm), "qemu.log"))
+			t.Fatalf("echo: %q %v\nconsole:\n%s\nqemu.log: %s", buf, err, vm.Console(), b)
 		}
 	case <-ctx.Done():
 		t.Fatalf("no echo from guest\nconsole:\n%s", vm.Console())
@@ -80,6 +81,5 @@ func TestQEMUBootsAndEchoes(t *testing.T) {
 		t.Fatalf("qemu pid %d still exists after Kill", pid)
 	}
 }
-
 
 func dir(vm VM) string { return vm.(*qemuVM).dir }
