@@ -46,6 +46,13 @@ type Config struct {
 	StorageDriver string
 	// BootTimeout bounds the wait for a new box's agent; default 2 minutes.
 	BootTimeout time.Duration
+	// StopTimeout bounds a graceful Stop before the VM is killed; default 10s.
+	StopTimeout time.Duration
+	// MaxCPU and MaxMemoryMB cap the totals over running boxes (Create and
+	// Start fail with RESOURCE_EXCEEDED past them); default the host's CPUs
+	// and memory.
+	MaxCPU      int
+	MaxMemoryMB int
 	// PullProgress, if set, receives image pull progress.
 	PullProgress func(image.Progress)
 	// Logger receives the engine's logs; default discards them.

@@ -3,6 +3,7 @@ package boxrun
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -32,8 +33,10 @@ type Engine struct {
 	assetsMu sync.Mutex // guards assets: kernel and initramfs, prepared on first use
 	assets   *bootAssets
 
-	mu   sync.Mutex
-	live map[string]*liveBox // running boxes by id
+	mu      sync.Mutex
+	live    map[string]*liveBox // running boxes by id
+	usedCPU int                 // totals over running boxes
+	usedMem int
 }
 
 // liveBox is what the engine holds for a running box.
@@ -62,6 +65,16 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	if cfg.BootTimeout <= 0 {
 		cfg.BootTimeout = 2 * time.Minute
+	}
+	if cfg.StopTimeout <= 0 {
+		cfg.StopTimeout = 10 * time.Second
+	}
+	hostCPU, hostMem := hostLimits()
+	if cfg.MaxCPU <= 0 {
+		cfg.MaxCPU = hostCPU
+	}
+	if cfg.MaxMemoryMB <= 0 {
+		cfg.MaxMemoryMB = hostMem
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -123,23 +136,20 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err := e.store.PutBox(rec); err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(e.cfg.DataDir, "boxes", id)
-	lb, err := e.create(ctx, &rec, dir)
+	dir := e.boxDir(id)
+	if err := e.reserve(rec.CPU, rec.MemoryMB); err != nil {
+		e.store.DeleteBox(id)
+		return nil, err
+	}
+	lb, err := e.bootBox(ctx, &rec, true)
 	if err != nil {
+		e.release(rec.CPU, rec.MemoryMB)
 		os.RemoveAll(dir)
 		e.store.DeleteBox(id)
 		return nil, err
 	}
-	started := time.Now().UTC()
-	rec.Status, rec.StartedAt = state.Running, &started
-	rec.RuntimeID = fmt.Sprintf("%s:%d", e.hv.Name(), lb.vm.PID())
-	e.mu.Lock()
-	e.live[id] = lb
-	e.mu.Unlock()
-	if err := e.store.PutBox(rec); err != nil {
-		e.mu.Lock()
-		delete(e.live, id)
-		e.mu.Unlock()
+	if err := e.markRunning(&rec, lb); err != nil {
+		e.release(rec.CPU, rec.MemoryMB)
 		e.destroy(lb, dir)
 		e.store.DeleteBox(id)
 		return nil, err
@@ -148,7 +158,30 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	return boxOf(rec), nil
 }
 
-func (e *Engine) create(ctx context.Context, rec *state.Box, dir string) (*liveBox, error) {
+// markRunning records a booted box as running and makes it live.
+func (e *Engine) markRunning(rec *state.Box, lb *liveBox) error {
+	started := time.Now().UTC()
+	rec.Status, rec.StartedAt, rec.StoppedAt = state.Running, &started, nil
+	rec.RuntimeID = fmt.Sprintf("%s:%d", e.hv.Name(), lb.vm.PID())
+	e.mu.Lock()
+	e.live[rec.ID] = lb
+	e.mu.Unlock()
+	if err := e.store.PutBox(*rec); err != nil {
+		e.mu.Lock()
+		delete(e.live, rec.ID)
+		e.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+func (e *Engine) boxDir(id string) string { return filepath.Join(e.cfg.DataDir, "boxes", id) }
+
+// bootBox boots a box's VM: the image (pulled if needed; offline when
+// present), its base disk, the box disk (made when fresh, else reused with
+// everything the box wrote) and the boot assets.
+func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
+	dir := e.boxDir(rec.ID)
 	img, err := e.images.Pull(ctx, rec.Image)
 	if err != nil {
 		return nil, err
@@ -172,8 +205,12 @@ func (e *Engine) create(ctx context.Context, rec *state.Box, dir string) (*liveB
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box dir")
 	}
 	data := filepath.Join(dir, "disk.ext4")
-	if err := disk.CreateBoxDisk(ctx, data, rec.DiskSizeGB); err != nil {
-		return nil, err
+	if fresh {
+		if err := disk.CreateBoxDisk(ctx, data, rec.DiskSizeGB); err != nil {
+			return nil, err
+		}
+	} else if _, err := os.Stat(data); err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box disk")
 	}
 	lb, err := e.boot(ctx, rec, dir, base, data, boot)
 	if err != nil {
@@ -256,15 +293,21 @@ func (e *Engine) Get(ctx context.Context, idOrName string) (*Box, error) {
 	return boxOf(rec), nil
 }
 
-// List returns every box, newest first.
-func (e *Engine) List(ctx context.Context) ([]*Box, error) {
+// List returns the boxes, newest first, filtered by opts.
+func (e *Engine) List(ctx context.Context, opts ...ListOptions) ([]*Box, error) {
 	recs, err := e.store.ListBoxes()
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*Box, 0, len(recs))
 	for _, r := range recs {
-		out = append(out, boxOf(r))
+		keep := true
+		for _, o := range opts {
+			keep = keep && (o.Status == "" || o.Status == "all" || o.Status == r.Status)
+		}
+		if keep {
+			out = append(out, boxOf(r))
+		}
 	}
 	return out, nil
 }
@@ -402,7 +445,10 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	}
 	delete(e.live, rec.ID)
 	e.mu.Unlock()
-	if err := e.destroy(lb, filepath.Join(e.cfg.DataDir, "boxes", rec.ID)); err != nil {
+	if lb != nil {
+		e.release(rec.CPU, rec.MemoryMB)
+	}
+	if err := e.destroy(lb, e.boxDir(rec.ID)); err != nil {
 		return err
 	}
 	e.log.Info("box removed", "box", rec.ID)
@@ -411,11 +457,8 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 
 // destroy kills a box's VM (if lb is non-nil) and deletes its directory.
 func (e *Engine) destroy(lb *liveBox, dir string) error {
-	if lb != nil {
-		lb.agent.Close()
-		if err := lb.vm.Kill(); err != nil {
-			return errdefs.Wrap(errdefs.RuntimeError, err, "kill vm")
-		}
+	if err := e.destroyVM(lb); err != nil {
+		return err
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "remove box files")
@@ -423,23 +466,39 @@ func (e *Engine) destroy(lb *liveBox, dir string) error {
 	return nil
 }
 
-// Close stops every box this engine runs and releases the engine.
+// destroyVM kills a box's VM, if lb is non-nil.
+func (e *Engine) destroyVM(lb *liveBox) error {
+	if lb == nil {
+		return nil
+	}
+	lb.agent.Close()
+	if err := lb.vm.Kill(); err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "kill vm")
+	}
+	return nil
+}
+
+// Close stops every running box gracefully (their disks are kept: a later
+// Engine on the same DataDir can Start them) and releases the engine.
 func (e *Engine) Close() error {
 	e.mu.Lock()
-	live := e.live
-	e.live = map[string]*liveBox{}
+	ids := make([]string, 0, len(e.live))
+	for id := range e.live {
+		ids = append(ids, id)
+	}
 	e.mu.Unlock()
 	var wg sync.WaitGroup
-	for id, lb := range live {
+	for _, id := range ids {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			e.destroy(lb, filepath.Join(e.cfg.DataDir, "boxes", id))
-			e.store.DeleteBox(id)
+			if _, err := e.Stop(context.Background(), id); err != nil {
+				e.log.Error("stop box on close", "box", id, "err", err)
+			}
 		}()
 	}
 	wg.Wait()
-	return e.images.Close()
+	return errors.Join(e.images.Close(), e.store.Close())
 }
 
 func (s *BoxSpec) normalize() error {

@@ -1,12 +1,14 @@
 package exec
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"path"
 	"syscall"
 	"time"
@@ -33,7 +35,13 @@ func NewClient(conn io.ReadWriteCloser, logger *slog.Logger) *Client {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	m := newMux(conn, logger, true)
+	m := newMux(bufio.NewReaderSize(conn, 64<<10), &frameWriter{w: conn}, logger, true)
+	m.closer = conn
+	// A random session id lets the agent tell us from an earlier host, and
+	// random channel ids make a stray frame of that host's session land on
+	// no channel of ours.
+	m.session = rand.Uint64()
+	m.nextID = rand.Uint32()
 	go m.readLoop()
 	return &Client{m: m, log: logger}
 }

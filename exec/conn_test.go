@@ -200,7 +200,7 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 				// Skip Sync + request header, learn the channel id, start.
 				br := make([]byte, 4096)
 				n, _ := b.Read(br)
-				sync := len(appendFrame(nil, 0, frameSync, syncMagic))
+				sync := len(syncFrame(0))
 				if n < sync+headerSize {
 					return
 				}
@@ -326,5 +326,68 @@ func TestReaperKeepsExitStatuses(t *testing.T) {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A virtio-serial port does not always show the agent that the host
+// reconnected. A Sync with a new session id ends the old session: its
+// processes are killed, and the new host is served.
+func TestSessionTakeover(t *testing.T) {
+	agentEnd, port := socketPair(t)
+	served := make(chan error, 1)
+	go func() { served <- Serve(context.Background(), agentEnd, ServerOptions{Logger: testLogger()}) }()
+	defer func() {
+		port.Close()
+		<-served
+	}()
+	// The "port": forwards to whichever host is connected and drops what
+	// the agent writes while none is, like QEMU's socket chardev.
+	var mu sync.Mutex
+	var host net.Conn
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := port.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if host != nil {
+				host.Write(buf[:n])
+			}
+			mu.Unlock()
+		}
+	}()
+	connect := func() *Client {
+		a, b := socketPair(t)
+		mu.Lock()
+		host = b
+		mu.Unlock()
+		go io.Copy(port, b)
+		c := NewClient(a, testLogger())
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := c.Hello(ctx, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c1 := connect()
+	p, err := c1.Start(context.Background(), sh("echo started; exec sleep 1000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.Events()
+	// The old host goes away while its process streams output.
+	mu.Lock()
+	host = nil
+	mu.Unlock()
+	c1.Close()
+
+	c2 := connect()
+	defer c2.Close()
+	waitGone(t, p.Pid())
+	if r := run(t, c2, Command{Args: []string{"echo", "new session"}}); r.stdout != "new session\n" {
+		t.Errorf("new session: %q", r.stdout)
 	}
 }

@@ -12,8 +12,8 @@
 // Every operation (exec, stat, copy, ...) gets its own channel, opened by the
 // host with a Request frame and closed by the agent's Result frame, so many
 // execs, output streams and copies share the connection at once. Control
-// payloads (Request, Started, Result, Signal) are JSON; Data, Stdout and
-// Stderr frames carry raw bytes, at most 32 KiB each.
+// payloads (Request, Started, Result) are JSON; Data, Stdout and Stderr
+// frames carry raw bytes, at most 32 KiB per frame with its header.
 //
 // Data is flow controlled per channel and direction with credits, as in
 // HTTP/2: a sender may have at most 256 KiB in flight that the receiver has
@@ -22,9 +22,12 @@
 // output stalls only that process, and the single demultiplexing goroutine on
 // each side never blocks on a consumer.
 //
-// The host speaks first. A fresh agent discards bytes until it sees the Sync
-// frame (a fixed 25-byte pattern), because virtio-serial drops what the host
-// sent before the guest opened the port: the host therefore repeats
-// Sync+Hello until the agent answers (see [Client.Hello]). The agent only
-// ever writes in answer to a request.
+// The host speaks first. A fresh agent discards bytes until it sees a Sync
+// frame (fixed magic plus the host's random session id), because
+// virtio-serial drops what the host sent before the guest opened the port:
+// the host therefore repeats Sync+Hello until the agent answers (see
+// [Client.Hello]). The agent only ever writes in answer to a request. A
+// Sync with a new session id tells the agent that a new host connection
+// replaced the old one (a virtio-serial port does not always show the
+// guest a disconnect): the old session's processes are killed.
 package exec

@@ -37,22 +37,34 @@ func appendFrame(b []byte, id uint32, typ byte, p []byte) []byte {
 	return append(b, p...)
 }
 
+// frameWriter serialises whole frames onto the connection. On the agent it
+// is shared by successive sessions on one port, so a frame of a dying
+// session is never interleaved with one of the next.
+type frameWriter struct {
+	mu  sync.Mutex
+	w   io.Writer
+	buf []byte
+}
+
 // mux multiplexes channels over one connection. One goroutine (readLoop)
 // parses frames and queues them on their channel; it never writes and never
 // waits for a consumer, which is what keeps the two ends from deadlocking
-// each other. Writers share the connection under wmu.
+// each other. Writers share the connection through w.
 type mux struct {
-	conn   io.ReadWriteCloser
+	r      *bufio.Reader
+	w      *frameWriter
+	closer io.Closer // closed with the mux (host end); nil on the agent
 	log    *slog.Logger
 	client bool // host end: sends Sync before its first frame, accepts agent frames
+
+	// session identifies the host connection (agent end: the one being
+	// served; host end: ours, sent in Sync frames).
+	session uint64
+	synced  bool // host end: Sync sent (under w.mu)
 
 	// onRequest is called (agent end) from the read loop for a channel the
 	// host just opened; it must not block.
 	onRequest func(s *stream, payload []byte)
-
-	wmu    sync.Mutex
-	wbuf   []byte
-	synced bool
 
 	ctx    context.Context // cancelled when the mux closes
 	cancel context.CancelFunc
@@ -67,10 +79,11 @@ type mux struct {
 	closeOnce sync.Once
 }
 
-func newMux(conn io.ReadWriteCloser, log *slog.Logger, client bool) *mux {
+func newMux(r *bufio.Reader, w *frameWriter, log *slog.Logger, client bool) *mux {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &mux{
-		conn:    conn,
+		r:       r,
+		w:       w,
 		log:     log,
 		client:  client,
 		ctx:     ctx,
@@ -82,6 +95,9 @@ func newMux(conn io.ReadWriteCloser, log *slog.Logger, client bool) *mux {
 
 // errLocalClose is the cause recorded when our own side closes the mux.
 var errLocalClose = errors.New("closed")
+
+// errTakenOver ends an agent session whose host was replaced by another.
+var errTakenOver = errors.New("a new host connection took over")
 
 // connError turns the cause of a closed mux into the error callers see.
 func connError(cause error) error {
@@ -100,69 +116,98 @@ func connErrorMessage(err error) string {
 	return err.Error()
 }
 
+// readLoop reads until the connection fails (host end).
 func (m *mux) readLoop() {
-	err := m.read()
+	_, err := m.read()
 	if err == nil || errors.Is(err, io.EOF) {
 		err = io.EOF
 	}
 	m.close(err)
 }
 
-func (m *mux) read() error {
-	br := bufio.NewReaderSize(m.conn, 64<<10)
-	if !m.client {
-		if err := awaitSync(br, m.log); err != nil {
-			return err
-		}
-	}
+// read dispatches frames until the connection fails or, on the agent, a
+// Sync frame announces a different host session (returned as next).
+func (m *mux) read() (next uint64, err error) {
 	var hdr [headerSize]byte
 	for {
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			return err
+		if _, err := io.ReadFull(m.r, hdr[:]); err != nil {
+			return 0, err
 		}
 		n := binary.BigEndian.Uint32(hdr[0:4])
 		id := binary.BigEndian.Uint32(hdr[4:8])
 		typ := hdr[8]
 		if err := m.checkHeader(typ, n); err != nil {
-			return err
+			return 0, err
 		}
 		p := make([]byte, n)
-		if _, err := io.ReadFull(br, p); err != nil {
+		if _, err := io.ReadFull(m.r, p); err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
-			return err
+			return 0, err
+		}
+		if typ == frameSync {
+			sid, ok := parseSync(p)
+			if !ok {
+				return 0, errors.New("protocol error: bad sync frame")
+			}
+			if sid != m.session {
+				return sid, nil
+			}
+			continue
 		}
 		if err := m.dispatch(id, typ, p); err != nil {
-			return err
+			return 0, err
 		}
 	}
 }
 
-// awaitSync discards input up to and including the Sync frame: bytes before
-// it are leftovers of a previous session or the tail of frames the port
-// dropped before we opened it.
-func awaitSync(br *bufio.Reader, log *slog.Logger) error {
-	want := appendFrame(nil, 0, frameSync, syncMagic)
-	win := make([]byte, 0, len(want))
+// syncPrefix is what a Sync frame starts with: header and magic; the
+// host's session id follows.
+var syncPrefix = appendFrame(nil, 0, frameSync, make([]byte, syncSize))[:headerSize+len(syncMagic)]
+
+func init() { copy(syncPrefix[headerSize:], syncMagic) }
+
+func syncFrame(session uint64) []byte {
+	return appendFrame(nil, 0, frameSync, binary.BigEndian.AppendUint64(append([]byte(nil), syncMagic...), session))
+}
+
+func parseSync(p []byte) (uint64, bool) {
+	if len(p) != syncSize || !bytes.Equal(p[:len(syncMagic)], syncMagic) {
+		return 0, false
+	}
+	return binary.BigEndian.Uint64(p[len(syncMagic):]), true
+}
+
+// awaitSync discards input up to and including a Sync frame and returns
+// the host session it announces: bytes before it are leftovers of an
+// earlier session or the tail of frames the port dropped before the guest
+// opened it.
+func awaitSync(br *bufio.Reader, log *slog.Logger) (uint64, error) {
+	win := make([]byte, 0, len(syncPrefix))
 	skipped := 0
 	for {
 		b, err := br.ReadByte()
 		if err != nil {
-			return err
+			return 0, err
 		}
-		if len(win) == len(want) {
+		if len(win) == len(syncPrefix) {
 			copy(win, win[1:])
-			win = win[:len(want)-1]
+			win = win[:len(win)-1]
 			skipped++
 		}
 		win = append(win, b)
-		if bytes.Equal(win, want) {
-			if skipped > 0 {
-				log.Debug("discarded bytes before sync", "bytes", skipped)
-			}
-			return nil
+		if !bytes.Equal(win, syncPrefix) {
+			continue
 		}
+		var sid [8]byte
+		if _, err := io.ReadFull(br, sid[:]); err != nil {
+			return 0, err
+		}
+		if skipped > 0 {
+			log.Debug("discarded bytes before sync", "bytes", skipped)
+		}
+		return binary.BigEndian.Uint64(sid[:]), nil
 	}
 }
 
@@ -191,8 +236,6 @@ func (m *mux) checkHeader(typ byte, n uint32) error {
 
 func (m *mux) dispatch(id uint32, typ byte, p []byte) error {
 	switch typ {
-	case frameSync:
-		return nil
 	case frameRequest:
 		m.mu.Lock()
 		if _, dup := m.streams[id]; dup || id == 0 {
@@ -244,8 +287,10 @@ func (m *mux) close(cause error) {
 		m.mu.Unlock()
 		close(m.done)
 		m.cancel()
-		if cerr := m.conn.Close(); cerr != nil {
-			m.log.Debug("closing connection", "err", cerr)
+		if m.closer != nil {
+			if cerr := m.closer.Close(); cerr != nil {
+				m.log.Debug("closing connection", "err", cerr)
+			}
 		}
 		for _, s := range streams {
 			s.close(err)
@@ -302,26 +347,27 @@ func (m *mux) forget(s *stream) {
 	s.close(errChannelDone)
 }
 
-// write sends one frame. Frames are written whole, under wmu, so frames of
-// different channels never interleave.
+// write sends one frame. Frames are written whole, with one Write, under
+// the writer's lock, so frames of different channels never interleave.
 func (m *mux) write(id uint32, typ byte, p []byte) error {
-	m.wmu.Lock()
-	defer m.wmu.Unlock()
+	m.w.mu.Lock()
 	select {
 	case <-m.done:
+		m.w.mu.Unlock()
 		return m.closedErr()
 	default:
 	}
-	buf := m.wbuf[:0]
+	buf := m.w.buf[:0]
 	if m.client && !m.synced {
-		buf = appendFrame(buf, 0, frameSync, syncMagic)
+		buf = append(buf, syncFrame(m.session)...)
 		m.synced = true
 	}
 	buf = appendFrame(buf, id, typ, p)
-	_, err := m.conn.Write(buf)
+	_, err := m.w.w.Write(buf)
 	if cap(buf) <= 2*maxDataFrame {
-		m.wbuf = buf
+		m.w.buf = buf
 	}
+	m.w.mu.Unlock()
 	if err != nil {
 		m.close(err)
 		return m.closedErr()
@@ -331,7 +377,9 @@ func (m *mux) write(id uint32, typ byte, p []byte) error {
 
 // writeSync sends a Sync frame (host end), so that an agent which lost the
 // beginning of the stream finds the frame boundaries again.
-func (m *mux) writeSync() error { return m.write(0, frameSync, syncMagic) }
+func (m *mux) writeSync() error {
+	return m.write(0, frameSync, syncFrame(m.session)[headerSize:])
+}
 
 func (m *mux) writeJSON(id uint32, typ byte, v any) error {
 	p, err := json.Marshal(v)
@@ -397,8 +445,15 @@ func (s *stream) deliver(typ byte, p []byte) (final bool, err error) {
 		}
 	}
 	s.q = append(s.q, frame{typ, p})
+	if typ == frameResult {
+		// Closed before the Result can be received, so whoever sees it
+		// also sees the channel finished.
+		s.err = errChannelDone
+		close(s.gone)
+		final = true
+	}
 	poke(s.readable)
-	return typ == frameResult, nil
+	return final, nil
 }
 
 func (s *stream) addCredit(n int) {

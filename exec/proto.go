@@ -28,8 +28,11 @@ const (
 
 const (
 	headerSize = 9
-	// maxDataFrame bounds Data/Stdout/Stderr payloads.
-	maxDataFrame = 32 << 10
+	// maxDataFrame bounds Data/Stdout/Stderr payloads so that a whole frame
+	// is 32 KiB: the guest's virtio-console driver cuts writes at 32 KiB,
+	// and whole-frame writes keep a host that reconnects from receiving
+	// half a frame.
+	maxDataFrame = 32<<10 - headerSize
 	// maxControlFrame bounds JSON payloads (a request carries argv and env).
 	maxControlFrame = 1 << 20
 	// window is the initial (and maximal outstanding) credit per channel and
@@ -37,9 +40,13 @@ const (
 	window = 256 << 10
 )
 
-// syncMagic is the payload of the Sync frame. A fresh agent scans the input
-// for the whole Sync frame before it parses anything.
+// A Sync frame's payload is syncMagic and the host's session id (u64). A
+// fresh agent scans its input for a Sync frame before it parses anything;
+// a Sync with a new session id tells it that a new host connection
+// replaced the one it was serving.
 var syncMagic = []byte("boxrun-sync\x00\x01\xfe\x5a\xa5")
+
+const syncSize = 16 + 8
 
 func isData(t byte) bool { return t == frameData || t == frameStdout || t == frameStderr }
 

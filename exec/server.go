@@ -59,20 +59,70 @@ type server struct {
 	chroot string // "" when Root is "/"
 	spawn  spawner
 
-	wg    sync.WaitGroup // request handlers
-	execs sync.WaitGroup // exec handlers, until their Result is sent
+	wg sync.WaitGroup // request handlers
 
 	mu       sync.Mutex
 	pgids    map[int]struct{} // process groups of running execs
+	execs    int              // exec handlers that have not sent their Result
 	stopping bool
 }
 
 // Serve answers requests from a [Client] on conn until the connection ends
-// or ctx is cancelled. It discards input up to the host's Sync frame, so
-// garbage left on the line by an earlier session is harmless. When it
-// returns, every exec of the session has been killed and reaped. A clean
-// end of the connection returns nil.
+// or ctx is cancelled, then closes conn. It discards input up to the
+// host's first Sync frame, so garbage left on the line is harmless.
+//
+// Each host connection is a session, identified by the id in its Sync
+// frames. When a Sync with a new id arrives (a virtio-serial port does not
+// always show the agent that the host reconnected), the old session ends
+// as if its connection had: its execs are killed and its copies aborted.
+// When Serve returns, every exec it started has been killed and reaped. A
+// clean end of the connection returns nil.
 func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) error {
+	defer conn.Close()
+	sv, err := newServer(opts)
+	if err != nil {
+		return err
+	}
+	defer sv.root.Close()
+	br := bufio.NewReaderSize(conn, 64<<10)
+	w := &frameWriter{w: conn}
+	stop := context.AfterFunc(ctx, func() { conn.Close() }) // unblocks the read
+	defer stop()
+
+	session, err := awaitSync(br, sv.log)
+	for err == nil {
+		sv.log.Debug("session", "id", session)
+		m := newMux(br, w, sv.log, false)
+		m.session = session
+		m.onRequest = func(s *stream, p []byte) {
+			sv.wg.Add(1)
+			go func() {
+				defer sv.wg.Done()
+				sv.handle(s, p)
+			}()
+		}
+		var next uint64
+		next, err = m.read()
+		if err == nil {
+			err = errTakenOver
+		}
+		m.close(err)
+		sv.wg.Wait()
+		if next != 0 {
+			sv.log.Info("new host connection, previous session ended")
+			session, err = next, nil
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+func newServer(opts ServerOptions) (*server, error) {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -83,10 +133,8 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) err
 	}
 	root, err := fsroot.Open(rootPath)
 	if err != nil {
-		conn.Close()
-		return err
+		return nil, err
 	}
-	defer root.Close()
 	sv := &server{
 		opts:  opts,
 		log:   log,
@@ -106,26 +154,7 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) err
 	if sv.opts.ShutdownGrace <= 0 {
 		sv.opts.ShutdownGrace = 2 * time.Second
 	}
-
-	m := newMux(conn, log, false)
-	m.onRequest = func(s *stream, p []byte) {
-		sv.wg.Add(1)
-		go func() {
-			defer sv.wg.Done()
-			sv.handle(s, p)
-		}()
-	}
-	stop := context.AfterFunc(ctx, func() { m.close(ctx.Err()) })
-	defer stop()
-	m.readLoop()
-	sv.wg.Wait()
-	m.mu.Lock()
-	err = m.cause
-	m.mu.Unlock()
-	if errors.Is(err, io.EOF) {
-		return nil
-	}
-	return err
+	return sv, nil
 }
 
 func (sv *server) handle(s *stream, p []byte) {
@@ -137,6 +166,14 @@ func (sv *server) handle(s *stream, p []byte) {
 	sv.log.Debug("request", "channel", s.id, "op", req.Op)
 	sv.mu.Lock()
 	stopping := sv.stopping
+	if !stopping && req.Op == "exec" {
+		sv.execs++
+		defer func() {
+			sv.mu.Lock()
+			sv.execs--
+			sv.mu.Unlock()
+		}()
+	}
 	sv.mu.Unlock()
 	if stopping && req.Op != "ping" && req.Op != "hello" {
 		sv.finish(s, nil, errdefs.New(errdefs.RuntimeError, "%s: agent is shutting down", req.Op))
@@ -149,8 +186,6 @@ func (sv *server) handle(s *stream, p []byte) {
 		res = sv.hello(&req)
 	case "ping":
 	case "exec":
-		sv.execs.Add(1)
-		defer sv.execs.Done()
 		sv.exec(s, &req) // sends its own results
 		return
 	case "stat":
@@ -270,15 +305,18 @@ func (sv *server) shutdown(s *stream) {
 	}
 	// Let the exec handlers report the exits before the acknowledgement,
 	// so the host has them before the VM goes away.
-	waited := make(chan struct{})
-	go func() {
-		sv.execs.Wait()
-		close(waited)
-	}()
-	select {
-	case <-waited:
-	case <-time.After(sv.opts.OutputGrace + time.Second):
-		sv.log.Warn("execs still running at shutdown")
+	for deadline := time.Now().Add(sv.opts.OutputGrace + time.Second); ; {
+		sv.mu.Lock()
+		n := sv.execs
+		sv.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			sv.log.Warn("execs still running at shutdown", "count", n)
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	sv.finish(s, nil, err)
 	if sv.opts.Halt != nil {
@@ -346,12 +384,12 @@ func (sv *server) exec(s *stream, req *request) {
 	s.onSignal.Store(&onSignal)
 	exited := make(chan struct{})
 	var timedOut atomic.Bool
+	var timer *time.Timer
 	if req.TimeoutMS > 0 {
-		t := time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
+		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
 			timedOut.Store(true)
 			_ = unix.Kill(-pid, unix.SIGKILL)
 		})
-		defer t.Stop()
 	}
 	// Cancel (or the end of the session) kills the group.
 	go func() {
@@ -383,6 +421,9 @@ func (sv *server) exec(s *stream, req *request) {
 	}
 
 	ws := <-pr.wait
+	if timer != nil {
+		timer.Stop()
+	}
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe open gets OutputGrace of silence.
 	done.Store(true)
@@ -400,10 +441,11 @@ func (sv *server) exec(s *stream, req *request) {
 	delete(sv.pgids, pid)
 	sv.mu.Unlock()
 
-	st := &ExitStatus{Code: ws.ExitStatus(), TimedOut: timedOut.Load()}
+	st := &ExitStatus{Code: ws.ExitStatus()}
 	if ws.Signaled() {
 		st.Code = -1
 		st.Signal = unix.SignalName(ws.Signal())
+		st.TimedOut = timedOut.Load() && ws.Signal() == unix.SIGKILL
 	}
 	sv.log.Debug("exited", "channel", s.id, "pid", pid, "code", st.Code, "signal", st.Signal)
 	sv.finish(s, &result{Exit: st}, nil)

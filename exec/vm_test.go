@@ -76,6 +76,7 @@ func TestVM(t *testing.T) {
 		}
 	}
 	expect(sh("cat /etc/base-marker"), "base\n")
+	expect(sh("kill -TERM 1; kill -QUIT 1; sleep 0.1; echo survived"), "survived\n")
 	expect(sh("hostname"), "box\n")
 	expect(sh("date -u +%Y"), "2033\n")
 	expect(Command{Args: []string{"id", "-u"}, User: "nobody"}, "65534\n")
@@ -175,6 +176,13 @@ func TestVM(t *testing.T) {
 	if cons := vm.console(); !strings.Contains(cons, "boxrun-agent:") {
 		t.Errorf("no agent logs on the console:\n%s", cons)
 	}
+
+	// A boot that cannot complete reports why and halts the VM.
+	vm = bootVM(t, dir, kernel, initrd, base, data, "boxrun.base=/dev/vdz")
+	vm.wait(t)
+	if cons := vm.console(); !strings.Contains(cons, "boxrun-agent: FATAL: base disk: /dev/vdz did not appear") {
+		t.Errorf("no fatal message on the console:\n%s", cons)
+	}
 }
 
 type testVM struct {
@@ -198,7 +206,7 @@ func (v *testVM) wait(t *testing.T) {
 		if err != nil {
 			t.Errorf("qemu: %v", err)
 		}
-	case <-time.After(20 * time.Second):
+	case <-time.After(60 * time.Second):
 		v.cmd.Process.Kill()
 		t.Fatalf("VM did not halt\n%s", v.console())
 	}
@@ -209,7 +217,7 @@ func (v *testVM) wait(t *testing.T) {
 	}
 }
 
-func bootVM(t *testing.T, dir, kernel, initrd, base, data string) *testVM {
+func bootVM(t *testing.T, dir, kernel, initrd, base, data string, cmdline ...string) *testVM {
 	t.Helper()
 	sock := filepath.Join(dir, "agent.sock")
 	os.Remove(sock)
@@ -222,7 +230,7 @@ func bootVM(t *testing.T, dir, kernel, initrd, base, data string) *testVM {
 		"-accel", accel, "-m", "512", "-smp", "2",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 acpi=off boxrun.base=/dev/vda boxrun.data=/dev/vdb boxrun.port=boxrun.agent boxrun.halt=reboot",
+		"-append", "console=ttyS0 quiet panic=-1 acpi=off boxrun.base=/dev/vda boxrun.data=/dev/vdb boxrun.port=boxrun.agent boxrun.halt=reboot "+strings.Join(cmdline, " "),
 		"-drive", "file="+base+",if=virtio,format=raw,readonly=on",
 		"-drive", "file="+data+",if=virtio,format=raw",
 		"-device", "virtio-serial-pci",

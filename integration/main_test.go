@@ -24,11 +24,12 @@ import (
 // long-lived box for the tests that only run commands, because each boot
 // costs seconds under TCG.
 var fx struct {
-	dataDir  string
-	registry *testenv.Registry
-	regRef   string // busybox in the registry, pulled over docker://
-	ociRef   string // busybox with User "app" as an oci: layout
-	eng      *boxrun.Engine
+	dataDir        string
+	registry       *testenv.Registry
+	registriesConf string
+	regRef         string // busybox in the registry, pulled over docker://
+	ociRef         string // busybox with User "app" as an oci: layout
+	eng            *boxrun.Engine
 
 	once   sync.Once
 	box    *boxrun.Box
@@ -78,9 +79,12 @@ func run(m *testing.M) int {
 
 	conf := filepath.Join(tmp, "registries.conf")
 	os.WriteFile(conf, []byte(fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n", reg.Addr)), 0o644)
+	fx.registriesConf = conf
 	fx.eng, err = boxrun.New(ctx, boxrun.Config{
 		DataDir:        fx.dataDir,
 		RegistriesConf: conf,
+		MaxCPU:         64, // TCG vCPUs are threads: overcommit this 2-core host in tests
+		MaxMemoryMB:    64 << 10,
 		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {

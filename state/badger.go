@@ -24,7 +24,7 @@ import (
 //	b/<boxid>              Box JSON
 //	n/<name>               box id owning the name
 //	x/<execid>             Exec JSON (retention counters zeroed)
-//	m/<execid>             evMeta JSON: next/first seq, stored log totals, drop counters
+//	m/<execid>             stream bookkeeping (binary, see encodeMeta): next/first seq, stored log totals, drop counters
 //	i/<boxid>\0<execid>    "" (index of a box's execs)
 //	e/<execid>\0<seq:8 BE> event (binary, see encodeEvent)
 //	gb/<boxid>             "" box deleted, its execs not yet purged
@@ -282,6 +282,57 @@ func exists(txn *badger.Txn, key []byte) (bool, error) {
 	return err == nil, err
 }
 
+// The per-exec stream bookkeeping is read and written on every append, so it
+// is binary: version(1) then varints next, first, log bytes, log count,
+// dropped events, dropped bytes, exited.
+const metaFormat = 1
+
+func encodeMeta(m evMeta) []byte {
+	v := make([]byte, 1, 1+7*binary.MaxVarintLen64)
+	v[0] = metaFormat
+	exited := int64(0)
+	if m.Exited {
+		exited = 1
+	}
+	for _, n := range []int64{int64(m.Next), int64(m.First), m.LogBytes, int64(m.LogCount), int64(m.DroppedEvents), m.DroppedBytes, exited} {
+		v = binary.AppendVarint(v, n)
+	}
+	return v
+}
+
+func decodeMeta(v []byte, m *evMeta) error {
+	if len(v) < 1 || v[0] != metaFormat {
+		return errors.New("corrupt exec stream record")
+	}
+	v = v[1:]
+	var f [7]int64
+	for i := range f {
+		n, k := binary.Varint(v)
+		if k <= 0 {
+			return errors.New("corrupt exec stream record")
+		}
+		f[i], v = n, v[k:]
+	}
+	*m = evMeta{Next: int(f[0]), First: int(f[1]), LogBytes: f[2], LogCount: int(f[3]),
+		DroppedEvents: int(f[4]), DroppedBytes: f[5], Exited: f[6] != 0}
+	return nil
+}
+
+func getMeta(txn *badger.Txn, execID string, m *evMeta) (bool, error) {
+	it, err := txn.Get(metaKey(execID))
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return true, it.Value(func(v []byte) error { return decodeMeta(v, m) })
+}
+
+func setMeta(txn *badger.Txn, execID string, m evMeta) error {
+	return txn.Set(metaKey(execID), encodeMeta(m))
+}
+
 // ---- boxes ----
 
 func (b *Badger) PutBox(box Box) error {
@@ -500,7 +551,7 @@ func (b *Badger) purgeBox(boxID string) error {
 // of its events.
 func (b *Badger) deleteExecTxn(txn *badger.Txn, boxID, xid string) error {
 	var m evMeta
-	if _, err := getJSON(txn, metaKey(xid), &m); err != nil {
+	if _, err := getMeta(txn, xid, &m); err != nil {
 		return err
 	}
 	for _, k := range [][]byte{execKey(xid), metaKey(xid), boxExecKey(boxID, xid)} {
@@ -638,7 +689,7 @@ func (b *Badger) PutExec(x Exec) error {
 			}
 		}
 		if !found {
-			if err := setJSON(txn, metaKey(x.ID), evMeta{}); err != nil {
+			if err := setMeta(txn, x.ID, evMeta{}); err != nil {
 				return err
 			}
 			if err := txn.Set(boxExecKey(x.BoxID, x.ID), nil); err != nil {
@@ -665,7 +716,7 @@ func readExec(txn *badger.Txn, id string) (Exec, bool, error) {
 		return x, found, err
 	}
 	var m evMeta
-	if _, err := getJSON(txn, metaKey(id), &m); err != nil {
+	if _, err := getMeta(txn, id, &m); err != nil {
 		return x, true, err
 	}
 	x.DroppedEvents, x.DroppedBytes = m.DroppedEvents, m.DroppedBytes
@@ -807,7 +858,7 @@ func (b *Badger) AppendEvent(execID string, ev Event) error {
 	more := false
 	err := b.update(func(txn *badger.Txn) error {
 		var m evMeta
-		found, err := getJSON(txn, metaKey(execID), &m)
+		found, err := getMeta(txn, execID, &m)
 		if err != nil {
 			return err
 		}
@@ -828,14 +879,14 @@ func (b *Badger) AppendEvent(execID string, ev Event) error {
 		if more, err = b.dropOldest(txn, execID, &m); err != nil {
 			return err
 		}
-		return setJSON(txn, metaKey(execID), m)
+		return setMeta(txn, execID, m)
 	})
 	// An event that evicted more than one transaction may hold: finish in
 	// follow-up transactions (the caps are briefly exceeded meanwhile).
 	for err == nil && more {
 		err = b.update(func(txn *badger.Txn) error {
 			var m evMeta
-			found, err := getJSON(txn, metaKey(execID), &m)
+			found, err := getMeta(txn, execID, &m)
 			if err != nil || !found {
 				more = false
 				return err
@@ -843,7 +894,7 @@ func (b *Badger) AppendEvent(execID string, ev Event) error {
 			if more, err = b.dropOldest(txn, execID, &m); err != nil {
 				return err
 			}
-			return setJSON(txn, metaKey(execID), m)
+			return setMeta(txn, execID, m)
 		})
 	}
 	if err != nil {
@@ -912,7 +963,7 @@ func (b *Badger) Events(execID string, fromSeq int) ([]Event, error) {
 	out := []Event{}
 	err := b.db.View(func(txn *badger.Txn) error {
 		var m evMeta
-		found, err := getJSON(txn, metaKey(execID), &m)
+		found, err := getMeta(txn, execID, &m)
 		if err != nil {
 			return err
 		}

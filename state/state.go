@@ -193,13 +193,13 @@ func newPolicy(o Options) policy {
 
 // evMeta is the per-exec bookkeeping of the event stream.
 type evMeta struct {
-	Next          int   `json:"next"`  // every new event's seq must be >= Next
-	First         int   `json:"first"` // no stored event has a seq below First
-	LogBytes      int64 `json:"log_bytes"`
-	LogCount      int   `json:"log_count"`
-	DroppedEvents int   `json:"dropped_events"`
-	DroppedBytes  int64 `json:"dropped_bytes"`
-	Exited        bool  `json:"exited"`
+	Next          int // every new event's seq must be >= Next
+	First         int // no stored event has a seq below First
+	LogBytes      int64
+	LogCount      int
+	DroppedEvents int
+	DroppedBytes  int64
+	Exited        bool
 }
 
 // over reports whether the stored log events exceed the caps.

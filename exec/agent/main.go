@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -118,6 +119,15 @@ func main() {
 	}()
 	// Reap from the start: anything orphaned during boot is ours.
 	reaper := exec.NewReaper(a.log)
+	// Go's default for these signals is to exit, and PID 1 must not exit.
+	// Handled (not ignored) so that children start with the defaults.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGPWR)
+	go func() {
+		for sig := range sigs {
+			a.log.Info("ignoring signal", "signal", sig)
+		}
+	}()
 	if err := a.boot(); err != nil {
 		a.fatal(err)
 	}
