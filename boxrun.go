@@ -116,6 +116,7 @@ type ExecResult struct {
 // end ("exit", always last and exactly once). Seq counts from 0 across both
 // output streams, in the order the guest produced them.
 type Event struct {
+	ExecID   string
 	Type     string // "log" or "exit"
 	Stream   string // "stdout" or "stderr" for log events
 	Data     string

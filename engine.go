@@ -34,7 +34,8 @@ type Engine struct {
 	assets   *bootAssets
 
 	mu      sync.Mutex
-	live    map[string]*liveBox // running boxes by id
+	live    map[string]*liveBox  // running boxes by id
+	execs   map[string]*liveExec // running execs by id
 	usedCPU int                 // totals over running boxes
 	usedMem int
 }
@@ -89,6 +90,10 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "data dir")
 		}
 	}
+	store, err := state.Open(filepath.Join(cfg.DataDir, "state"), state.Options{Logger: log})
+	if err != nil {
+		return nil, err
+	}
 	images, err := image.Open(image.Options{
 		Root:           filepath.Join(cfg.DataDir, "storage"),
 		RunRoot:        filepath.Join(cfg.DataDir, "run", "storage"),
@@ -98,17 +103,25 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		Logger:         log,
 	})
 	if err != nil {
+		store.Close()
 		return nil, err
 	}
-	return &Engine{
+	e := &Engine{
 		cfg:    cfg,
 		log:    log,
 		images: images,
 		bases:  &disk.Bases{Dir: filepath.Join(cfg.DataDir, "bases")},
 		hv:     hv,
-		store:  state.NewMemory(),
+		store:  store,
 		live:   map[string]*liveBox{},
-	}, nil
+		execs:  map[string]*liveExec{},
+	}
+	if err := e.reconcile(ctx); err != nil {
+		images.Close()
+		store.Close()
+		return nil, err
+	}
+	return e, nil
 }
 
 func pickHypervisor(name string) (runtime.Hypervisor, error) {
@@ -325,49 +338,6 @@ func (e *Engine) running(idOrName string) (state.Box, *liveBox, error) {
 		return rec, nil, errdefs.New(errdefs.BoxNotRunning, "Box '%s' is not running (status: %s)", idOrName, rec.Status)
 	}
 	return rec, lb, nil
-}
-
-// Stream starts a command and returns its events: output chunks in order,
-// then exactly one exit event; the channel is then closed. Cancelling ctx
-// kills the command in the guest. The caller must drain the channel (or
-// cancel ctx).
-func (e *Engine) Stream(ctx context.Context, id string, spec ExecSpec) (<-chan Event, error) {
-	if err := spec.validate(); err != nil {
-		return nil, err
-	}
-	rec, lb, err := e.running(id)
-	if err != nil {
-		return nil, err
-	}
-	p, err := lb.agent.Start(ctx, e.command(rec, lb, spec))
-	if err != nil {
-		return nil, err
-	}
-	out := make(chan Event, 16)
-	go func() {
-		defer close(out)
-		seq := 0
-		for ev := range p.Events() {
-			var e Event
-			if ev.Exit != nil {
-				e = Event{Type: "exit", Seq: seq, ExitCode: ev.Exit.Code, Signal: ev.Exit.Signal,
-					TimedOut: ev.Exit.TimedOut, Error: ev.Exit.Error}
-			} else {
-				e = Event{Type: "log", Stream: ev.Stream, Data: string(ev.Data), Seq: seq}
-			}
-			seq++
-			select {
-			case out <- e:
-			case <-ctx.Done():
-				// Nobody may be reading any more: the process is being
-				// killed; drain the agent's events without delivering them.
-				for range p.Events() {
-				}
-				return
-			}
-		}
-	}()
-	return out, nil
 }
 
 // command builds the guest command for spec: argv, env layered image < box

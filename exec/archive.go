@@ -211,9 +211,10 @@ func readlinkAt(dfd int, name string) (string, error) {
 // "/": entry names are cleaned as absolute paths below dir, and symlinks
 // (from the archive or already on disk) are followed only within root, so
 // nothing can be written outside root. Hardlinks may only point at files
-// inside root. Modes are kept (setuid/setgid only when running as root),
-// as are mtimes and symlinks; ownership is restored when running as root.
-// Device nodes are skipped: an untrusted archive must not plant them.
+// inside root. Permission bits, mtimes and symlinks are kept; ownership
+// and setuid/setgid bits are not (the files belong to the caller): an
+// untrusted archive must not plant setuid-root programs on the host, nor
+// device nodes, which are skipped.
 func Untar(r io.Reader, root, dir string) error {
 	fr, err := fsroot.Open(root)
 	if err != nil {
@@ -225,6 +226,7 @@ func Untar(r io.Reader, root, dir string) error {
 
 type untarOptions struct {
 	devices bool // create device nodes (the agent, inside the VM)
+	owners  bool // restore ownership and setuid/setgid bits when root (the agent)
 	log     *slog.Logger
 }
 
@@ -238,7 +240,10 @@ func untar(r io.Reader, fr *fsroot.Root, dir string, o untarOptions) error {
 	if err := fr.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	asRoot := os.Geteuid() == 0
+	// Ownership and setuid/setgid bits are only restored for the agent
+	// (inside the VM). On the host the archive comes from the untrusted
+	// guest: its files belong to whoever copies them out, never setuid.
+	asRoot := os.Geteuid() == 0 && o.owners
 	var dirs []dirMeta
 	tr := tar.NewReader(r)
 	for {

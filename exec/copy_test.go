@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -444,5 +445,33 @@ func TestServerRootChroot(t *testing.T) {
 	}
 	if _, err := c.Start(context.Background(), Command{Args: []string{"bash"}}); err == nil || !strings.Contains(err.Error(), "executable file not found") {
 		t.Errorf("bash in a busybox box: %v", err)
+	}
+}
+
+// What a guest sends to the host must not plant setuid programs or files
+// owned by someone else, even when the host side runs as root.
+func TestUntarOnHostDropsOwnersAndSetID(t *testing.T) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	body := []byte("#!/bin/sh\n")
+	tw.WriteHeader(&tar.Header{Name: "suid", Mode: 0o4755 | 0o2000, Size: int64(len(body)), Uid: 1234, Gid: 1234, Typeflag: tar.TypeReg})
+	tw.Write(body)
+	tw.WriteHeader(&tar.Header{Name: "dir/", Mode: 0o2775, Uid: 1234, Typeflag: tar.TypeDir})
+	tw.Close()
+	root := t.TempDir()
+	if err := Untar(&buf, root, "/"); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]os.FileMode{"suid": 0o755, "dir": 0o775 | os.ModeDir} {
+		st, err := os.Lstat(filepath.Join(root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode() != want {
+			t.Errorf("%s: mode %v, want %v", name, st.Mode(), want)
+		}
+		if uid := st.Sys().(*syscall.Stat_t).Uid; int(uid) != os.Geteuid() {
+			t.Errorf("%s: owned by %d, want the caller %d", name, uid, os.Geteuid())
+		}
 	}
 }

@@ -260,7 +260,7 @@ func (sv *server) stat(req *request) (*result, error) {
 
 func (sv *server) copyIn(s *stream, req *request) error {
 	r := &streamReader{s: s, ctx: s.ctx}
-	if err := untar(r, sv.root, req.Dir, untarOptions{devices: true, log: sv.log}); err != nil {
+	if err := untar(r, sv.root, req.Dir, untarOptions{devices: true, owners: true, log: sv.log}); err != nil {
 		return fmt.Errorf("copy to %s: %w", req.Dir, err)
 	}
 	// Read up to the host's EOF (tar padding may follow the end marker), so

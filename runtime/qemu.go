@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/boxrun/boxrun/errdefs"
 )
 
@@ -173,7 +175,7 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start qemu")
 	}
 	logf.Close()
-	vm := &qemuVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{})}
+	vm := &qemuVM{pid: cmd.Process.Pid, dir: cfg.Dir, done: make(chan struct{})}
 	go func() {
 		vm.waitErr = cmd.Wait()
 		close(vm.done)
@@ -210,14 +212,14 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 }
 
 type qemuVM struct {
-	cmd     *exec.Cmd
+	pid     int
 	dir     string
 	done    chan struct{}
 	waitErr error
 	once    sync.Once
 }
 
-func (v *qemuVM) PID() int              { return v.cmd.Process.Pid }
+func (v *qemuVM) PID() int              { return v.pid }
 func (v *qemuVM) Done() <-chan struct{} { return v.done }
 func (v *qemuVM) Console() string       { return tail(filepath.Join(v.dir, "console.log"), 4096) }
 
@@ -255,7 +257,7 @@ func (v *qemuVM) DialAgent(ctx context.Context) (io.ReadWriteCloser, error) {
 func (v *qemuVM) Kill() error {
 	v.once.Do(func() {
 		if !v.exited() {
-			v.cmd.Process.Signal(syscall.SIGKILL)
+			syscall.Kill(v.pid, syscall.SIGKILL)
 		}
 	})
 	select {
@@ -281,4 +283,40 @@ func dirRelative(dir, name string) (string, func()) {
 		return p, func() {}
 	}
 	return fmt.Sprintf("/proc/self/fd/%d/%s", f.Fd(), name), func() { f.Close() }
+}
+
+// Attach finds the VM that an earlier process started in dir for box id
+// (QEMU runs in its own session, so it outlives the engine that started
+// it). It fails when no such QEMU process is alive.
+func (q *QEMU) Attach(ctx context.Context, dir, id string) (VM, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "qemu.pid"))
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "no VM for box %s", id)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "bad pid file for box %s", id)
+	}
+	// The pid may have been reused since: check it is this box's QEMU.
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), "\x00boxrun-"+id+"\x00") {
+		return nil, errdefs.New(errdefs.RuntimeError, "VM of box %s (pid %d) is not running", id, pid)
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "watch VM of box %s", id)
+	}
+	vm := &qemuVM{pid: pid, dir: dir, done: make(chan struct{})}
+	go func() {
+		// A pidfd becomes readable when the process exits.
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+				break
+			}
+		}
+		unix.Close(pidfd)
+		close(vm.done)
+	}()
+	return vm, nil
 }

@@ -21,6 +21,9 @@ type Hypervisor interface {
 	// Start boots a VM. When Start returns an error, no process, socket or
 	// file of the VM is left behind.
 	Start(ctx context.Context, cfg VMConfig) (VM, error)
+	// Attach finds a VM started in dir by an earlier engine process for box
+	// id, so that boxes survive a restart of the engine.
+	Attach(ctx context.Context, dir, id string) (VM, error)
 }
 
 // VMConfig describes one VM.

@@ -19,6 +19,16 @@
 // cut bytes count in DroppedBytes). Dropping costs O(dropped events), not a
 // rescan of the stored ones.
 //
+// # Durability (Badger)
+//
+// Box and exec records (PutBox, DeleteBox, PutExec) are fsynced before the
+// call returns. Events are high-rate, so AppendEvent does not fsync; the
+// store syncs in the background at least once a second. A committed event
+// is in the kernel's page cache, so it survives the engine process being
+// killed (SIGKILL, panic, OOM kill); only an OS crash or power loss can
+// lose up to the last second of events. Only one engine may have a data
+// dir open: Open takes a lock and fails fast otherwise.
+//
 // DroppedEvents and DroppedBytes are owned by the store: PutExec ignores the
 // values it is given and GetExec / ListExecs report the store's counters, so
 // an engine that rewrites an exec record (status, exit code) never resets

@@ -1,0 +1,336 @@
+package boxrun
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	agentexec "github.com/boxrun/boxrun/exec"
+	"github.com/boxrun/boxrun/state"
+)
+
+// ExecInfo is the record of one command run in a box.
+type ExecInfo struct {
+	ID           string
+	BoxID        string
+	Status       string // "running", "succeeded", "failed", "canceled"
+	Cmd          []string
+	Env          map[string]string
+	Workdir      string
+	Timeout      time.Duration
+	ExitCode     *int
+	ErrorMessage string
+	CreatedAt    time.Time
+	FinishedAt   *time.Time
+	// DroppedEvents/DroppedBytes count output dropped from the stored log
+	// to respect the retention cap (oldest first).
+	DroppedEvents int
+	DroppedBytes  int64
+}
+
+// liveExec is a running exec: its guest process and the wake-up channel of
+// its followers.
+type liveExec struct {
+	proc     *agentexec.Process
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced whenever an event is stored
+	canceled bool
+}
+
+func (x *liveExec) wait() <-chan struct{} {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.changed
+}
+
+func (x *liveExec) notify() {
+	x.mu.Lock()
+	close(x.changed)
+	x.changed = make(chan struct{})
+	x.mu.Unlock()
+}
+
+// Stream starts a command and returns its events: output chunks in order,
+// then exactly one exit event; the channel is then closed. Every event is
+// also stored, so ExecEvents can replay it later. Cancelling ctx kills the
+// command in the guest. The caller must drain the channel (or cancel ctx):
+// a reader that does not keep up slows the command down, like a pipe.
+func (e *Engine) Stream(ctx context.Context, box string, spec ExecSpec) (<-chan Event, error) {
+	out := make(chan Event, 16)
+	if _, err := e.startExec(ctx, box, spec, out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// StartExec starts a command that runs on its own, independent of ctx once
+// started; follow it with ExecEvents, end it with CancelExec.
+func (e *Engine) StartExec(ctx context.Context, box string, spec ExecSpec) (*ExecInfo, error) {
+	return e.startExec(ctx, box, spec, nil)
+}
+
+func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out chan Event) (*ExecInfo, error) {
+	if err := spec.validate(); err != nil {
+		return nil, err
+	}
+	rec, lb, err := e.running(box)
+	if err != nil {
+		return nil, err
+	}
+	x := state.Exec{
+		ID: newID("exec_"), BoxID: rec.ID, Status: state.ExecRunning, Cmd: spec.Cmd, Env: spec.Env,
+		Workdir: spec.Workdir, TimeoutMS: spec.Timeout.Milliseconds(), CreatedAt: time.Now().UTC(),
+	}
+	if err := e.store.PutExec(x); err != nil {
+		return nil, err
+	}
+	pctx := ctx
+	if out == nil {
+		pctx = context.WithoutCancel(ctx)
+	}
+	p, err := lb.agent.Start(pctx, e.command(rec, lb, spec))
+	if err != nil {
+		e.finishExec(&x, nil, 0, &agentexec.ExitStatus{Code: -1, Error: err.Error()})
+		return nil, err
+	}
+	live := &liveExec{proc: p, changed: make(chan struct{})}
+	e.mu.Lock()
+	e.execs[x.ID] = live
+	e.mu.Unlock()
+	go e.pump(ctx, &x, live, out)
+	return execInfoOf(x), nil
+}
+
+// pump stores the process's events, wakes followers and feeds the owner's
+// channel (if any) until the exit event.
+func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out chan Event) {
+	if out != nil {
+		defer close(out)
+	}
+	seq := 0
+	for ev := range live.proc.Events() {
+		if ev.Exit != nil {
+			e.mu.Lock()
+			delete(e.execs, x.ID)
+			e.mu.Unlock()
+			live.mu.Lock()
+			canceled := live.canceled
+			live.mu.Unlock()
+			if canceled {
+				ev.Exit.Error = "canceled"
+			}
+			final := e.finishExec(x, live, seq, ev.Exit)
+			if out != nil && ctx.Err() == nil {
+				out <- final
+			}
+			return
+		}
+		se := state.Event{Seq: seq, Type: state.EventLog, Stream: ev.Stream, Data: string(ev.Data)}
+		if err := e.store.AppendEvent(x.ID, se); err != nil {
+			e.log.Warn("store exec output", "exec", x.ID, "err", err)
+		}
+		live.notify()
+		seq++
+		if out != nil && ctx.Err() == nil {
+			select {
+			case out <- eventOf(x.ID, se):
+			case <-ctx.Done(): // the owner left; the process is being killed
+			}
+		}
+	}
+}
+
+// exitData is the JSON of a stored exit event, BoxRun's shape plus what a
+// Go caller needs to rebuild the Event.
+type exitData struct {
+	ExitCode int    `json:"exit_code"`
+	Error    string `json:"error,omitempty"`
+	Signal   string `json:"signal,omitempty"`
+	TimedOut bool   `json:"timed_out,omitempty"`
+}
+
+// finishExec stores the exit event and the exec's final status, in that
+// order (a follower that sees the exit may briefly read "running").
+func (e *Engine) finishExec(x *state.Exec, live *liveExec, seq int, st *agentexec.ExitStatus) Event {
+	data, _ := json.Marshal(exitData{ExitCode: st.Code, Error: st.Error, Signal: st.Signal, TimedOut: st.TimedOut})
+	se := state.Event{Seq: seq, Type: state.EventExit, Data: string(data)}
+	if err := e.store.AppendEvent(x.ID, se); err != nil {
+		e.log.Warn("store exec exit", "exec", x.ID, "err", err)
+	}
+	if live != nil {
+		live.notify()
+	}
+	now := time.Now().UTC()
+	code := st.Code
+	x.ExitCode, x.FinishedAt = &code, &now
+	switch {
+	case st.Error == "canceled":
+		x.Status, x.ExitCode = state.ExecCanceled, nil
+	case st.TimedOut:
+		x.Status, x.ErrorMessage = state.ExecFailed, "timed out"
+	case st.Error != "":
+		x.Status, x.ErrorMessage = state.ExecFailed, st.Error
+	case st.Code == 0:
+		x.Status = state.ExecSucceeded
+	default:
+		x.Status = state.ExecFailed
+	}
+	if err := e.store.PutExec(*x); err != nil && !errdefs.Is(err, errdefs.BoxNotFound) {
+		e.log.Warn("store exec status", "exec", x.ID, "err", err)
+	}
+	return eventOf(x.ID, se)
+}
+
+// eventOf turns a stored event into an Event.
+func eventOf(execID string, se state.Event) Event {
+	ev := Event{ExecID: execID, Type: se.Type, Stream: se.Stream, Data: se.Data, Seq: se.Seq}
+	if se.Type == state.EventExit {
+		var d exitData
+		json.Unmarshal([]byte(se.Data), &d)
+		ev.ExitCode, ev.Error, ev.Signal, ev.TimedOut = d.ExitCode, d.Error, d.Signal, d.TimedOut
+	}
+	return ev
+}
+
+// ExecEvents replays an exec's stored events from seq 0, then follows it
+// live until its exit event; the channel is then closed. It works the same
+// for running and finished execs, and after an engine restart.
+func (e *Engine) ExecEvents(ctx context.Context, execID string) (<-chan Event, error) {
+	if _, err := e.store.GetExec(execID); err != nil {
+		return nil, err
+	}
+	out := make(chan Event, 16)
+	go func() {
+		defer close(out)
+		next := 0
+		for {
+			e.mu.Lock()
+			live := e.execs[execID]
+			e.mu.Unlock()
+			var wake <-chan struct{}
+			if live != nil {
+				wake = live.wait() // taken before the read: no event is missed
+			}
+			evs, err := e.store.Events(execID, next)
+			if err != nil {
+				return
+			}
+			for _, se := range evs {
+				select {
+				case out <- eventOf(execID, se):
+				case <-ctx.Done():
+					return
+				}
+				next = se.Seq + 1
+				if se.Type == state.EventExit {
+					return
+				}
+			}
+			if live == nil {
+				// Finished (or its engine died) without a stored exit event.
+				x, err := e.store.GetExec(execID)
+				if err != nil || x.Status == state.ExecRunning {
+					if err != nil {
+						return
+					}
+				} else {
+					ev := Event{ExecID: execID, Type: "exit", Seq: next, ExitCode: -1, Error: x.ErrorMessage}
+					if x.ExitCode != nil {
+						ev.ExitCode = *x.ExitCode
+					}
+					select {
+					case out <- ev:
+					case <-ctx.Done():
+					}
+					return
+				}
+				// Still marked running, not live: it is about to finish.
+				select {
+				case <-time.After(10 * time.Millisecond):
+				case <-ctx.Done():
+					return
+				}
+				continue
+			}
+			select {
+			case <-wake:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out, nil
+}
+
+// GetExec returns an exec's record.
+func (e *Engine) GetExec(ctx context.Context, execID string) (*ExecInfo, error) {
+	x, err := e.store.GetExec(execID)
+	if err != nil {
+		return nil, err
+	}
+	return execInfoOf(x), nil
+}
+
+// ListExecs returns a box's execs, newest first.
+func (e *Engine) ListExecs(ctx context.Context, box string) ([]*ExecInfo, error) {
+	rec, err := e.store.GetBox(box)
+	if err != nil {
+		return nil, err
+	}
+	xs, err := e.store.ListExecs(rec.ID)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*ExecInfo, len(xs))
+	for i, x := range xs {
+		out[i] = execInfoOf(x)
+	}
+	return out, nil
+}
+
+// CancelExec kills a running exec's process group; the exec ends as
+// "canceled" with an exit event.
+func (e *Engine) CancelExec(ctx context.Context, execID string) (*ExecInfo, error) {
+	x, err := e.store.GetExec(execID)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	live := e.execs[execID]
+	e.mu.Unlock()
+	if live == nil || x.Status != state.ExecRunning {
+		return nil, errdefs.New(errdefs.ExecAlreadyFinished, "Exec already finished")
+	}
+	live.mu.Lock()
+	live.canceled = true
+	live.mu.Unlock()
+	if err := live.proc.Signal(9); err != nil && !errdefs.Is(err, errdefs.ExecAlreadyFinished) {
+		return nil, err
+	}
+	// Wait for the pump to record the end, so the caller reads "canceled".
+	for {
+		x, err := e.store.GetExec(execID)
+		if err != nil {
+			return nil, err
+		}
+		if x.Status != state.ExecRunning {
+			return execInfoOf(x), nil
+		}
+		select {
+		case <-live.wait():
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "cancel exec")
+		}
+	}
+}
+
+func execInfoOf(x state.Exec) *ExecInfo {
+	return &ExecInfo{
+		ID: x.ID, BoxID: x.BoxID, Status: x.Status, Cmd: x.Cmd, Env: x.Env, Workdir: x.Workdir,
+		Timeout: time.Duration(x.TimeoutMS) * time.Millisecond, ExitCode: x.ExitCode, ErrorMessage: x.ErrorMessage,
+		CreatedAt: x.CreatedAt, FinishedAt: x.FinishedAt, DroppedEvents: x.DroppedEvents, DroppedBytes: x.DroppedBytes,
+	}
+}

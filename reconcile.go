@@ -1,0 +1,126 @@
+package boxrun
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+	agentexec "github.com/boxrun/boxrun/exec"
+	"github.com/boxrun/boxrun/state"
+)
+
+// reconcile makes the records true again after the engine that wrote them
+// died (kill -9, power loss): boxes whose VMM still runs are re-attached,
+// other "running" boxes are marked stopped, half-created boxes are removed,
+// and execs left "running" are finished as failed.
+func (e *Engine) reconcile(ctx context.Context) error {
+	recs, err := e.store.ListBoxes()
+	if err != nil {
+		return err
+	}
+	for _, rec := range recs {
+		switch rec.Status {
+		case state.Creating:
+			// Create never finished: nothing of it may survive.
+			if vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID); err == nil {
+				vm.Kill()
+			}
+			os.RemoveAll(e.boxDir(rec.ID))
+			e.store.DeleteBox(rec.ID)
+			e.log.Warn("removed a box whose creation was interrupted", "box", rec.ID)
+			continue
+		case state.Running:
+			if err := e.reattach(ctx, rec); err != nil {
+				e.log.Warn("box could not be re-attached; marking it stopped", "box", rec.ID, "err", err)
+				now := time.Now().UTC()
+				rec.Status, rec.StoppedAt, rec.RuntimeID = state.Stopped, &now, ""
+				if err := e.store.PutBox(rec); err != nil {
+					return err
+				}
+			}
+		}
+		if err := e.failOrphanExecs(rec.ID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// reattach adopts a running box's VM left by an earlier engine.
+func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
+	vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID)
+	if err != nil {
+		return err
+	}
+	lb, err := func() (*liveBox, error) {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		img, err := e.images.Pull(actx, rec.Image) // in the store already: no network
+		if err != nil {
+			return nil, err
+		}
+		conn, err := vm.DialAgent(actx)
+		if err != nil {
+			return nil, err
+		}
+		agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
+		if _, err := agent.Hello(actx, time.Now()); err != nil {
+			agent.Close()
+			return nil, err
+		}
+		return &liveBox{vm: vm, agent: agent, img: img}, nil
+	}()
+	if err != nil {
+		vm.Kill()
+		return err
+	}
+	if err := e.reserve(rec.CPU, rec.MemoryMB); err != nil {
+		e.log.Warn("re-attached box exceeds the resource limits", "box", rec.ID, "err", err)
+		e.mu.Lock()
+		e.usedCPU += rec.CPU
+		e.usedMem += rec.MemoryMB
+		e.mu.Unlock()
+	}
+	e.mu.Lock()
+	e.live[rec.ID] = lb
+	e.mu.Unlock()
+	e.log.Info("box re-attached", "box", rec.ID, "pid", vm.PID())
+	return nil
+}
+
+// failOrphanExecs finishes the box's execs still marked running: their
+// process (if any) belonged to a dead engine's session with the agent.
+func (e *Engine) failOrphanExecs(boxID string) error {
+	xs, err := e.store.ListExecs(boxID)
+	if err != nil {
+		return err
+	}
+	for _, x := range xs {
+		if x.Status != state.ExecRunning {
+			continue
+		}
+		evs, err := e.store.Events(x.ID, 0)
+		if err != nil {
+			return err
+		}
+		seq := 0
+		if len(evs) > 0 {
+			seq = evs[len(evs)-1].Seq + 1
+		}
+		msg := "the engine stopped while the command was running; its end was not observed"
+		data, _ := json.Marshal(exitData{ExitCode: -1, Error: msg})
+		if err := e.store.AppendEvent(x.ID, state.Event{Seq: seq, Type: state.EventExit, Data: string(data)}); err != nil &&
+			!errdefs.Is(err, errdefs.ExecAlreadyFinished) {
+			return err
+		}
+		now := time.Now().UTC()
+		code := -1
+		x.Status, x.ExitCode, x.ErrorMessage, x.FinishedAt = state.ExecFailed, &code, msg, &now
+		if err := e.store.PutExec(x); err != nil {
+			return err
+		}
+	}
+	return nil
+}
