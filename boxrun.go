@@ -69,7 +69,16 @@ type BoxSpec struct {
 	DiskSizeGB int               // size of the box's writable disk (sparse)
 	Workdir    string            // default working directory of execs; default the image's, else /
 	Env        map[string]string // added to the image's environment for every exec
-	Network    bool              // false: the VM has no network device at all
+	Network    bool              // false: the VM has no network device at all; true: outbound user-mode networking
+	Volumes    []Volume          // host directories mounted in the box
+}
+
+// Volume mounts a host directory in a box (virtio-9p). ReadOnly is enforced
+// twice: QEMU exports it read-only and the guest mounts it read-only.
+type Volume struct {
+	HostPath  string // absolute; must exist
+	GuestPath string // absolute path inside the box
+	ReadOnly  bool
 }
 
 // Box is a snapshot of a box's record.
@@ -84,6 +93,7 @@ type Box struct {
 	Network    bool
 	Workdir    string
 	Env        map[string]string
+	Volumes    []Volume
 	RuntimeID  string // the VM: driver and VMM process id
 	CreatedAt  time.Time
 	StartedAt  *time.Time

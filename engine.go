@@ -36,7 +36,7 @@ type Engine struct {
 	mu      sync.Mutex
 	live    map[string]*liveBox  // running boxes by id
 	execs   map[string]*liveExec // running execs by id
-	usedCPU int                 // totals over running boxes
+	usedCPU int                  // totals over running boxes
 	usedMem int
 }
 
@@ -145,6 +145,9 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		CPU: spec.CPU, MemoryMB: spec.MemoryMB, DiskSizeGB: spec.DiskSizeGB,
 		Network: spec.Network, Workdir: spec.Workdir, Env: spec.Env, CreatedAt: now,
 	}
+	for _, v := range spec.Volumes {
+		rec.Volumes = append(rec.Volumes, state.Volume{HostPath: v.HostPath, GuestPath: v.GuestPath, ReadOnly: v.ReadOnly})
+	}
 	// The record reserves the name; it is removed again if anything fails.
 	if err := e.store.PutBox(rec); err != nil {
 		return nil, err
@@ -240,6 +243,7 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		Kernel: boot.kernel.Vmlinux, Initramfs: boot.initramfs,
 		Cmdline: "boxrun.base=/dev/vda boxrun.data=/dev/vdb",
 		Disks:   []runtime.Disk{{Path: base, ReadOnly: true}, {Path: data}},
+		Volumes: vmVolumes(rec.Volumes),
 		Network: rec.Network,
 		Logger:  e.log,
 	})
@@ -268,6 +272,15 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
 	return &liveBox{vm: vm, agent: agent}, nil
+}
+
+// vmVolumes names a box's volumes for the VM: tag volN for the Nth.
+func vmVolumes(vols []state.Volume) []runtime.Volume {
+	var out []runtime.Volume
+	for i, v := range vols {
+		out = append(out, runtime.Volume{Tag: fmt.Sprintf("vol%d", i), HostPath: v.HostPath, ReadOnly: v.ReadOnly})
+	}
+	return out
 }
 
 // bootAssets prepares the kernel and the initramfs once per engine. A
@@ -490,6 +503,14 @@ func (s *BoxSpec) normalize() error {
 	if s.Workdir != "" && !strings.HasPrefix(s.Workdir, "/") {
 		return errdefs.New(errdefs.ValidationError, "workdir must be an absolute path (starting with /)")
 	}
+	for _, v := range s.Volumes {
+		if !filepath.IsAbs(v.HostPath) || !strings.HasPrefix(v.GuestPath, "/") {
+			return errdefs.New(errdefs.ValidationError, "volume paths must be absolute: %q:%q", v.HostPath, v.GuestPath)
+		}
+		if st, err := os.Stat(v.HostPath); err != nil || !st.IsDir() {
+			return errdefs.New(errdefs.RuntimeError, "Volume host path does not exist (or is not a directory): %s", v.HostPath)
+		}
+	}
 	return nil
 }
 
@@ -509,7 +530,7 @@ func (s *ExecSpec) validate() error {
 func boxOf(r state.Box) *Box {
 	return &Box{
 		ID: r.ID, Name: r.Name, Status: r.Status, Image: r.Image, CPU: r.CPU, MemoryMB: r.MemoryMB,
-		DiskSizeGB: r.DiskSizeGB, Network: r.Network, Workdir: r.Workdir, Env: r.Env,
+		DiskSizeGB: r.DiskSizeGB, Network: r.Network, Workdir: r.Workdir, Env: r.Env, Volumes: volumesOf(r.Volumes),
 		RuntimeID: r.RuntimeID, CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, StoppedAt: r.StoppedAt,
 	}
 }
@@ -523,4 +544,12 @@ func newID(prefix string) string {
 		b[i] = alphabet[b[i]&63]
 	}
 	return prefix + string(b)
+}
+
+func volumesOf(vs []state.Volume) []Volume {
+	var out []Volume
+	for _, v := range vs {
+		out = append(out, Volume{HostPath: v.HostPath, GuestPath: v.GuestPath, ReadOnly: v.ReadOnly})
+	}
+	return out
 }

@@ -41,6 +41,9 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
+	if dir := os.Getenv("BOXRUN_CRASH_CHILD"); dir != "" {
+		crashChild(dir, os.Getenv("BOXRUN_CRASH_IMAGE"))
+	}
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		fmt.Fprintln(os.Stderr, "integration: qemu-system-x86_64 not found; run scripts/setup.sh")
 		return 1

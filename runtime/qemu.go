@@ -118,11 +118,20 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
 	}
 	for i, d := range cfg.Disks {
-		drive := fmt.Sprintf("file=%s,if=none,id=disk%d,format=raw,cache=none,aio=threads", d.Path, i)
+		drive := fmt.Sprintf("file=%s,if=none,id=disk%d,format=raw,cache=none,aio=threads", qemuEscape(d.Path), i)
 		if d.ReadOnly {
 			drive += ",readonly=on"
 		}
 		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
+	}
+	for _, v := range cfg.Volumes {
+		// passthrough keeps the host's owners and modes visible in the
+		// guest; readonly=on makes QEMU itself refuse writes.
+		fsdev := "local,id=" + v.Tag + ",path=" + qemuEscape(v.HostPath) + ",security_model=passthrough"
+		if v.ReadOnly {
+			fsdev += ",readonly=on"
+		}
+		args = append(args, "-fsdev", fsdev, "-device", "virtio-9p-pci,fsdev="+v.Tag+",mount_tag="+v.Tag)
 	}
 	if cfg.Network {
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0")
@@ -131,6 +140,9 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 	}
 	return args
 }
+
+// qemuEscape doubles commas, QEMU's option-value escape.
+func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 func (q *QEMU) cmdline(cfg VMConfig) string {
 	parts := []string{

@@ -37,14 +37,25 @@ type VMConfig struct {
 	Initramfs string
 	// Cmdline is appended to the driver's own kernel command line.
 	Cmdline string
-	Disks   []Disk // in order: the guest sees them as vda, vdb, ...
-	Network bool   // false: the VM has no network device at all
+	Disks   []Disk   // in order: the guest sees them as vda, vdb, ...
+	Volumes []Volume // host directories shared with the guest (virtio-9p)
+	// Network false: the VM has no network device at all. True: user-mode
+	// networking (outbound only; the guest is 10.0.2.15, the host's
+	// loopback is reachable as 10.0.2.2, DNS at 10.0.2.3).
+	Network bool
 	Logger  *slog.Logger
 }
 
 // Disk is a raw disk image attached to the VM.
 type Disk struct {
 	Path     string
+	ReadOnly bool
+}
+
+// Volume is a host directory shared with the guest under a mount tag.
+type Volume struct {
+	Tag      string
+	HostPath string
 	ReadOnly bool
 }
 

@@ -89,6 +89,7 @@ type Box struct {
 	Network    bool              `json:"network"`
 	Workdir    string            `json:"workdir,omitempty"`
 	Env        map[string]string `json:"env,omitempty"`
+	Volumes    []Volume          `json:"volumes,omitempty"`
 	// RuntimeID names the VM: the hypervisor driver and the VMM's pid.
 	RuntimeID    string     `json:"runtime_id,omitempty"`
 	ErrorCode    string     `json:"error_code,omitempty"`
@@ -134,6 +135,13 @@ type Event struct {
 	// Time is when the event was produced; AppendEvent fills in the
 	// current time when it is zero.
 	Time time.Time `json:"time"`
+}
+
+// Volume is a host directory mounted in a box.
+type Volume struct {
+	HostPath  string `json:"host_path"`
+	GuestPath string `json:"guest_path"`
+	ReadOnly  bool   `json:"readonly"`
 }
 
 // Store holds box and exec records and exec output events.
