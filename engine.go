@@ -261,7 +261,7 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
 	}
 	agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
-	if _, err := agent.Hello(bctx, time.Now()); err != nil {
+	if _, err := agent.Hello(bctx, helloRequest(rec)); err != nil {
 		agent.Close()
 		code := errdefs.RuntimeError
 		if ctx.Err() != nil {
@@ -272,6 +272,20 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
 	return &liveBox{vm: vm, agent: agent}, nil
+}
+
+// helloRequest is the box configuration the agent applies on every
+// (re)connection: clock, volumes, network.
+func helloRequest(rec *state.Box) agentexec.HelloRequest {
+	req := agentexec.HelloRequest{Time: time.Now()}
+	for i, v := range vmVolumes(rec.Volumes) {
+		req.Mounts = append(req.Mounts, agentexec.Mount{Tag: v.Tag, Path: rec.Volumes[i].GuestPath, ReadOnly: v.ReadOnly})
+	}
+	if rec.Network {
+		// QEMU user-mode networking's fixed addresses.
+		req.Network = &agentexec.Network{Address: "10.0.2.15/24", Gateway: "10.0.2.2", DNS: []string{"10.0.2.3"}}
+	}
+	return req
 }
 
 // vmVolumes names a box's volumes for the VM: tag volN for the Nth.

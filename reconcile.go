@@ -66,7 +66,7 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 			return nil, err
 		}
 		agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
-		if _, err := agent.Hello(actx, time.Now()); err != nil {
+		if _, err := agent.Hello(actx, helloRequest(&rec)); err != nil {
 			agent.Close()
 			return nil, err
 		}

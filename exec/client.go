@@ -139,13 +139,49 @@ func (c *Client) call(ctx context.Context, req *request) (*result, error) {
 	return c.await(ctx, s, req.Op)
 }
 
-// Hello performs the handshake and sets the guest clock to now (plus the
-// time Hello has been waiting). Until the agent answers it repeats
-// Sync+Hello with a growing interval (50ms to 1s): a virtio-serial port
-// drops what the host sends before the guest opened it. Call it first;
-// its ctx bounds how long to wait for the agent to come up.
-func (c *Client) Hello(ctx context.Context, now time.Time) (*HelloInfo, error) {
+// Hello performs the handshake, sets the guest clock to req.Time (plus the
+// time Hello has been waiting) and applies the box configuration of req:
+// it mounts req.Mounts and configures req.Network. Call it first on every
+// new connection; its ctx bounds how long to wait for the agent to come up.
+//
+// Until the agent answers, Hello repeats Sync+Hello with a growing interval
+// (50ms to 1s): a virtio-serial port drops what the host sends before the
+// guest opened it. The configuration is then sent once, on the established
+// connection, and applied idempotently: a host that re-attaches to a
+// running box sends the same request again, and volumes already mounted
+// and addresses already set are left as they are.
+//
+// A malformed req fails with a ValidationError before anything is sent.
+// When the handshake succeeds but the configuration fails (say a mount tag
+// the VM has no device for), Hello returns the HelloInfo together with the
+// error, whose message names the volume or the network setting; the
+// connection stays usable.
+func (c *Client) Hello(ctx context.Context, req HelloRequest) (*HelloInfo, error) {
+	if err := validateConfig(req.Mounts, req.Network); err != nil {
+		return nil, err
+	}
+	info, err := c.handshake(ctx, req.Time)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.Mounts) == 0 && req.Network == nil {
+		return info, nil
+	}
+	if _, err := c.call(ctx, &request{Op: "configure", Mounts: req.Mounts, Network: req.Network}); err != nil {
+		return info, err
+	}
+	return info, nil
+}
+
+// handshake repeats Sync+Hello until the agent answers one of them.
+func (c *Client) handshake(ctx context.Context, now time.Time) (*HelloInfo, error) {
 	start := time.Now()
+	clock := func() int64 {
+		if now.IsZero() {
+			return 0 // the agent leaves its clock alone
+		}
+		return now.Add(time.Since(start)).UnixNano()
+	}
 	actx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	type answer struct {
@@ -168,7 +204,7 @@ func (c *Client) Hello(ctx context.Context, now time.Time) (*HelloInfo, error) {
 			if err := c.m.writeSync(); err != nil {
 				return nil, err
 			}
-			s, err := c.request(&request{Op: "hello", Time: now.Add(time.Since(start)).UnixNano()})
+			s, err := c.request(&request{Op: "hello", Time: clock()})
 			if err != nil {
 				return nil, err
 			}

@@ -94,7 +94,7 @@ func TestAgentLossEndsProcesses(t *testing.T) {
 	go func() { served <- Serve(ctx, b, ServerOptions{Logger: testLogger()}) }()
 	c := NewClient(a, testLogger())
 	defer c.Close()
-	if _, err := c.Hello(context.Background(), time.Now()); err != nil {
+	if _, err := c.Hello(context.Background(), HelloRequest{Time: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	p, err := c.Start(context.Background(), Command{Args: []string{"sleep", "1000"}})
@@ -147,7 +147,7 @@ func TestHelloSetsClock(t *testing.T) {
 	a, b := socketPair(t)
 	c := startServerOn(t, a, b, ServerOptions{SetClock: func(t time.Time) error { got <- t; return nil }, Version: "v-test"})
 	want := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	info, err := c.Hello(context.Background(), want)
+	info, err := c.Hello(context.Background(), HelloRequest{Time: want})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,7 +297,7 @@ func TestReaperKeepsExitStatuses(t *testing.T) {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := c.Hello(ctx, time.Now()); err != nil {
+	if _, err := c.Hello(ctx, HelloRequest{Time: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	// Each command orphans children that exit around the time it does, so
@@ -367,7 +367,7 @@ func TestSessionTakeover(t *testing.T) {
 		c := NewClient(a, testLogger())
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if _, err := c.Hello(ctx, time.Now()); err != nil {
+		if _, err := c.Hello(ctx, HelloRequest{Time: time.Now()}); err != nil {
 			t.Fatal(err)
 		}
 		return c

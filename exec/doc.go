@@ -30,4 +30,11 @@
 // Sync with a new session id tells the agent that a new host connection
 // replaced the old one (a virtio-serial port does not always show the
 // guest a disconnect): the old session's processes are killed.
+//
+// Once the agent answered, Hello sends the box's configuration (virtio-9p
+// volumes to mount, the network interface's address, default route and
+// DNS servers) in a single "configure" request on the established
+// connection, so a slow mount is never repeated by the handshake's
+// retries. Every host connection sends it again; the agent applies it
+// idempotently, leaving what is already in place alone.
 package exec

@@ -65,7 +65,7 @@ func startServerOn(t testing.TB, hostEnd, agentEnd net.Conn, opts ServerOptions)
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	info, err := c.Hello(ctx, time.Now())
+	info, err := c.Hello(ctx, HelloRequest{Time: time.Now()})
 	if err != nil {
 		t.Fatalf("hello: %v", err)
 	}

@@ -8,7 +8,10 @@ import (
 
 // ProtocolVersion is bumped on every incompatible change of the wire format.
 // Hello fails when host and agent disagree.
-const ProtocolVersion = 1
+//
+// 2: Hello carries the box configuration (volumes, network), applied with a
+// "configure" request.
+const ProtocolVersion = 2
 
 // Frame types. See the package documentation for the framing.
 const (
@@ -53,9 +56,12 @@ func isData(t byte) bool { return t == frameData || t == frameStdout || t == fra
 // request is the JSON payload of a Request frame. Op selects which of the
 // other fields matter.
 type request struct {
-	Op string `json:"op"` // hello, ping, exec, stat, copyin, copyout, shutdown
+	Op string `json:"op"` // hello, configure, ping, exec, stat, copyin, copyout, shutdown
 
 	Time int64 `json:"time,omitempty"` // hello: host clock, Unix nanoseconds
+
+	Mounts  []Mount  `json:"mounts,omitempty"`  // configure
+	Network *Network `json:"network,omitempty"` // configure
 
 	Args      []string `json:"args,omitempty"` // exec
 	Env       []string `json:"env,omitempty"`
@@ -79,6 +85,55 @@ type result struct {
 	Pid  int         `json:"pid,omitempty"`  // started
 	Exit *ExitStatus `json:"exit,omitempty"` // exec
 	Stat *FileInfo   `json:"stat,omitempty"` // stat
+}
+
+// HelloRequest is what the host tells the agent in [Client.Hello]: the
+// guest clock and the box's configuration. The configuration is applied
+// idempotently: a host that re-attaches to a running box sends the same
+// request again, and what is already in place is left as it is.
+type HelloRequest struct {
+	// Time is the host clock; the guest clock is set to it (plus the time
+	// Hello waited for the agent). The zero Time leaves the clock alone.
+	Time time.Time
+	// Mounts are virtio-9p shares to mount inside the box, in order.
+	Mounts []Mount
+	// Network configures the box's network interface; nil configures none
+	// (the box then has only lo, which is always up).
+	Network *Network
+}
+
+// Mount is a virtio-9p share mounted inside the box.
+type Mount struct {
+	// Tag is the 9p mount tag given to QEMU (-device
+	// virtio-9p-pci,mount_tag=TAG): 1 to 31 letters, digits, '.', '_' or
+	// '-', starting with a letter (QEMU also uses it as the fsdev id).
+	Tag string `json:"tag"`
+	// Path is the absolute mount point inside the box, not "/". It is
+	// resolved inside the box root and created, with its parents, if
+	// missing.
+	Path string `json:"path"`
+	// ReadOnly mounts the share read-only in the guest (the host exports it
+	// read-only too).
+	ReadOnly bool `json:"read_only,omitempty"`
+}
+
+// Network is the configuration of the box's network interface, e.g. for
+// QEMU user networking: Address "10.0.2.15/24", Gateway "10.0.2.2", DNS
+// ["10.0.2.3"].
+type Network struct {
+	// Interface is the interface to configure; "" means the first
+	// non-loopback interface (by index).
+	Interface string `json:"interface,omitempty"`
+	// Address is the interface's address in CIDR form; "" only brings the
+	// interface up.
+	Address string `json:"address,omitempty"`
+	// Gateway, when set, becomes the default route (replacing any other
+	// default route of its address family).
+	Gateway string `json:"gateway,omitempty"`
+	// DNS servers are written to the box's /etc/resolv.conf, which is
+	// replaced by a regular file (an image's symlink is not followed). With
+	// no servers, resolv.conf is left alone.
+	DNS []string `json:"dns,omitempty"`
 }
 
 // HelloInfo describes the agent, as returned by [Client.Hello].

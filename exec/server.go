@@ -35,6 +35,13 @@ type ServerOptions struct {
 	Reaper *Reaper
 	// SetClock, when set, is called by Hello with the host's clock.
 	SetClock func(time.Time) error
+	// Configure, when set, applies the box configuration a host sends with
+	// its Hello (validated already); its error, which should name the
+	// volume or setting that failed, is the host's Hello error. It must be
+	// idempotent: a host that re-attaches sends the same configuration
+	// again. ctx ends when the host gives up on the request. nil fails
+	// every non-empty configuration.
+	Configure func(ctx context.Context, mounts []Mount, network *Network) error
 	// Shutdown, when set, handles a Shutdown request: it stops every
 	// process, syncs and unmounts. It returns before the request is
 	// acknowledged. nil stops the processes this server started (SIGTERM,
@@ -184,6 +191,8 @@ func (sv *server) handle(s *stream, p []byte) {
 	switch req.Op {
 	case "hello":
 		res = sv.hello(&req)
+	case "configure":
+		err = sv.configure(s, &req)
 	case "ping":
 	case "exec":
 		sv.exec(s, &req) // sends its own results
@@ -239,6 +248,19 @@ func (sv *server) hello(req *request) *result {
 		}
 	}
 	return &result{Protocol: ProtocolVersion, Version: sv.opts.Version, Kernel: kernelRelease()}
+}
+
+func (sv *server) configure(s *stream, req *request) error {
+	if err := validateConfig(req.Mounts, req.Network); err != nil {
+		return err
+	}
+	if len(req.Mounts) == 0 && req.Network == nil {
+		return nil
+	}
+	if sv.opts.Configure == nil {
+		return errdefs.New(errdefs.RuntimeError, "this agent cannot mount volumes or configure the network")
+	}
+	return sv.opts.Configure(s.ctx, req.Mounts, req.Network)
 }
 
 func (sv *server) stat(req *request) (*result, error) {

@@ -1,372 +1,391 @@
 package exec
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"fmt"
 	"io"
-	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	osexec "os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/boxrun/boxrun/disk"
+	boxruntime "github.com/boxrun/boxrun/runtime"
 )
 
-// TestVM boots the agent as PID 1 in QEMU/KVM with a host kernel, the way
-// the runtime does, and drives it through a virtio-serial port. It needs
-// BOXRUN_VM_TEST=1, /dev/kvm, qemu-system-x86_64, mkfs.ext4, cpio, a
-// static busybox, a kernel (BOXRUN_VM_KERNEL, default the newest
-// /boot/vmlinuz-*) and its modules in /lib/modules. BOXRUN_VM_ACCEL=tcg
-// runs without KVM (slowly) where nested KVM is broken.
+// TestVM boots the agent as PID 1 the way the engine does: kernel,
+// initramfs and QEMU through package runtime (KVM when usable, TCG
+// otherwise; BOXRUN_ACCEL=tcg|kvm forces one), a busybox base disk and a
+// box disk from package disk. It runs whenever qemu-system-x86_64,
+// mkfs.ext4, a static busybox and a guest kernel with its modules are
+// installed (scripts/setup.sh; BOXRUN_KERNEL picks the kernel), and skips
+// naming what is missing otherwise.
+//
+// Two boots of one box: the first exercises exec, volumes, network, copies,
+// a host reconnecting and the shutdown; the second checks what persisted,
+// a box without network and a volume the VM lacks. A third VM, booted
+// alongside the second, must halt with a fatal boot error.
 func TestVM(t *testing.T) {
-	if os.Getenv("BOXRUN_VM_TEST") != "1" {
-		t.Skip("set BOXRUN_VM_TEST=1 to boot a VM")
-	}
-	kernel := os.Getenv("BOXRUN_VM_KERNEL")
-	if kernel == "" {
-		ks, _ := filepath.Glob("/boot/vmlinuz-*")
-		if len(ks) == 0 {
-			t.Skip("no kernel in /boot")
-		}
-		kernel = ks[len(ks)-1]
-	}
-	kver := strings.TrimPrefix(filepath.Base(kernel), "vmlinuz-")
-	for _, tool := range []string{"qemu-system-x86_64", "mkfs.ext4", "cpio", "busybox"} {
-		if _, err := osexec.LookPath(tool); err != nil {
-			t.Skipf("no %s", tool)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	env := newVMEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
-	start := time.Now()
-	agent, err := AgentPath(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
+	// Host side of the volumes.
+	rwDir, roDir := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(rwDir, "host.txt"), []byte("from host\n"), 0o644)
+	os.WriteFile(filepath.Join(roDir, "ro.txt"), []byte("read only\n"), 0o644)
+	roSum := fileSum(t, filepath.Join(roDir, "ro.txt"))
+	volumes := []boxruntime.Volume{{Tag: "rwvol", HostPath: rwDir}, {Tag: "rovol", HostPath: roDir, ReadOnly: true}}
+	// What the engine sends for a box with volumes and user networking.
+	hello := HelloRequest{
+		Time:    time.Date(2033, 5, 18, 0, 0, 0, 0, time.UTC),
+		Mounts:  []Mount{{Tag: "rwvol", Path: "/mnt/rw"}, {Tag: "rovol", Path: "/mnt/ro", ReadOnly: true}},
+		Network: &Network{Address: "10.0.2.15/24", Gateway: "10.0.2.2", DNS: []string{"10.0.2.3"}},
 	}
-	t.Logf("agent built in %v", time.Since(start))
-	dir := t.TempDir()
-	initrd := buildInitramfs(t, dir, agent, "/lib/modules/"+kver,
-		"virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "overlay")
-	base := buildBase(t, dir)
-	data := filepath.Join(dir, "data.img")
-	mustRun(t, "mkfs.ext4", "-q", "-F", data, "64M")
-	baseSum := fileSum(t, base)
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from the host\n")
+	}))
+	defer web.Close()
 
-	// First boot: run things, write to the box, shut down.
-	vm := bootVM(t, dir, kernel, initrd, base, data)
-	c := vm.client
-	info, err := c.Hello(ctx, time.Date(2033, 5, 18, 0, 0, 0, 0, time.UTC))
+	// First boot.
+	vm := env.boot(t, ctx, "boot1", true, volumes, "")
+	c := vm.connect(t, ctx)
+	info, err := c.Hello(ctx, hello)
 	if err != nil {
-		t.Fatalf("hello: %v\n%s", err, vm.console())
+		t.Fatalf("hello: %v\n%s", err, vm.Console())
 	}
-	t.Logf("hello after %v: %+v", time.Since(vm.started), info)
-	if info.Kernel != kver {
-		t.Errorf("kernel %q, want %q", info.Kernel, kver)
+	t.Logf("hello after %v: %+v", time.Since(vm.started).Round(time.Millisecond), info)
+	if info.Kernel != env.kernel.Version {
+		t.Errorf("kernel %q, want %q", info.Kernel, env.kernel.Version)
 	}
-	expect := func(cmd Command, want string) {
+	expect := func(c *Client, cmd Command, want string) {
 		t.Helper()
 		r := run(t, c, cmd)
 		if r.stdout != want || r.exit.Code != 0 {
 			t.Errorf("%q: got %q (stderr %q, %+v), want %q", cmd.Args, r.stdout, r.stderr, r.exit, want)
 		}
 	}
-	expect(sh("cat /etc/base-marker"), "base\n")
-	expect(sh("kill -TERM 1; kill -QUIT 1; sleep 0.1; echo survived"), "survived\n")
-	expect(sh("hostname"), "box\n")
-	expect(sh("date -u +%Y"), "2033\n")
-	expect(Command{Args: []string{"id", "-u"}, User: "nobody"}, "65534\n")
-	expect(sh("test -c /dev/null && test -d /dev/pts && test -e /dev/ptmx && test -d /proc/self && test -d /sys/kernel && echo ok"), "ok\n")
-	expect(sh("grep -c ' /dev/shm tmpfs' /proc/mounts"), "1\n")
-	expect(sh("echo persisted > /home/file && sync && cat /home/file"), "persisted\n")
-	expect(sh("ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 || ip link show lo | grep -q UP && echo lo"), "lo\n")
-
-	r := run(t, c, Command{Args: []string{"sh", "-c", "sleep 1000 & sleep 1000"}, Timeout: 300 * time.Millisecond})
-	if !r.exit.TimedOut {
-		t.Errorf("timeout: %+v", r.exit)
-	}
-	if _, err := c.Start(ctx, Command{Args: []string{"nope"}}); err == nil || !strings.Contains(err.Error(), "executable file not found") {
-		t.Errorf("nope: %v", err)
+	fails := func(c *Client, cmd Command, stderr string) {
+		t.Helper()
+		r := run(t, c, cmd)
+		if r.exit.Code == 0 || !strings.Contains(r.stderr, stderr) {
+			t.Errorf("%q: got %+v (stdout %q, stderr %q), want a failure saying %q", cmd.Args, r.exit, r.stdout, r.stderr, stderr)
+		}
 	}
 
-	// Copy a tree in and out; symlinks in the box stay inside it.
-	src := filepath.Join(t.TempDir(), "tree")
-	makeTree(t, src)
-	if err := copyIn(c, src, "/srv"); err != nil {
-		t.Fatal(err)
-	}
-	expect(Command{Args: []string{"/srv/tree/run.sh"}}, "hi\n")
-	expect(sh("ln -s / /escape && echo"), "\n")
-	if err := copyIn(c, src, "/escape/escape/srv2"); err != nil {
-		t.Fatal(err)
-	}
-	expect(sh("cat /srv2/tree/sub/data.txt"), "data")
-	out := t.TempDir()
-	if err := copyOut(c, "/srv/tree", out); err != nil {
-		t.Fatal(err)
-	}
-	checkTree(t, out+"/tree")
-	fi, err := c.Stat(ctx, "/srv/tree/run.sh")
-	if err != nil || !fi.Exists || fi.Mode != 0o755 {
-		t.Errorf("stat: %+v %v", fi, err)
-	}
-	// Throughput over virtio-serial.
-	big := filepath.Join(t.TempDir(), "big")
-	os.WriteFile(big, bytes.Repeat([]byte("0123456789abcdef"), 1<<20), 0o644)
-	start = time.Now()
-	if err := copyIn(c, big, "/tmp"); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("16 MiB copy in over virtio-serial: %v", time.Since(start))
-	start = time.Now()
-	const n = 20
-	for i := 0; i < n; i++ {
-		run(t, c, Command{Args: []string{"true"}})
-	}
-	t.Logf("exec true round trip: %v", time.Since(start)/n)
+	t.Run("exec", func(t *testing.T) {
+		expect(c, sh("cat /etc/base-marker"), "base\n")
+		expect(c, sh("kill -TERM 1; kill -QUIT 1; sleep 0.1; echo survived"), "survived\n")
+		expect(c, sh("hostname"), "box\n")
+		expect(c, sh("date -u +%Y"), "2033\n")
+		expect(c, Command{Args: []string{"id", "-u"}, User: "nobody"}, "65534\n")
+		expect(c, sh("test -c /dev/null && test -d /dev/pts && test -e /dev/ptmx && test -d /proc/self && test -d /sys/kernel && echo ok"), "ok\n")
+		expect(c, sh("grep -c ' /dev/shm tmpfs' /proc/mounts"), "1\n")
+		expect(c, sh("echo persisted > /home/file && sync && cat /home/file"), "persisted\n")
+		expect(c, sh("ping -c1 -W1 127.0.0.1 >/dev/null && echo lo"), "lo\n")
+		r := run(t, c, Command{Args: []string{"sh", "-c", "sleep 1000 & sleep 1000"}, Timeout: 300 * time.Millisecond})
+		if !r.exit.TimedOut {
+			t.Errorf("timeout: %+v", r.exit)
+		}
+		if _, err := c.Start(ctx, Command{Args: []string{"nope"}}); err == nil || !strings.Contains(err.Error(), "executable file not found") {
+			t.Errorf("nope: %v", err)
+		}
+	})
 
-	// A new host connection gets a new session; the old session's
-	// processes are killed.
+	t.Run("volumes", func(t *testing.T) {
+		expect(c, sh("grep ' 9p ' /proc/mounts | cut -d' ' -f1,2,4 | cut -d, -f1"), "rwvol /mnt/rw rw\nrovol /mnt/ro ro\n")
+		// Read-write: both sides see each other's writes.
+		expect(c, sh("cat /mnt/rw/host.txt && echo from guest > /mnt/rw/guest.txt"), "from host\n")
+		if b, err := os.ReadFile(filepath.Join(rwDir, "guest.txt")); string(b) != "from guest\n" {
+			t.Errorf("guest's write on the host: %q %v", b, err)
+		}
+		os.WriteFile(filepath.Join(rwDir, "later.txt"), []byte("later\n"), 0o644)
+		expect(c, sh("cat /mnt/rw/later.txt"), "later\n") // cache=none
+		// Read-only: readable, and no write reaches the host.
+		expect(c, sh("cat /mnt/ro/ro.txt"), "read only\n")
+		fails(c, sh("echo changed > /mnt/ro/ro.txt"), "Read-only file system")
+		fails(c, sh("touch /mnt/ro/new"), "Read-only file system")
+		fails(c, sh("rm /mnt/ro/ro.txt"), "Read-only file system")
+		if fileSum(t, filepath.Join(roDir, "ro.txt")) != roSum {
+			t.Error("the read-only volume's file changed on the host")
+		}
+		if ents, _ := os.ReadDir(roDir); len(ents) != 1 {
+			t.Errorf("read-only volume on the host: %v", ents)
+		}
+	})
+
+	t.Run("network", func(t *testing.T) {
+		expect(c, sh("wget -qO- "+strings.Replace(web.URL, "127.0.0.1", "10.0.2.2", 1)+"/"), "hello from the host\n")
+		// The image's symlink was replaced by a regular file.
+		expect(c, sh("test -L /etc/resolv.conf || grep nameserver /etc/resolv.conf"), "nameserver 10.0.2.3\n")
+		expect(c, sh("ls /sys/class/net"), "eth0\nlo\n")
+	})
+
+	t.Run("copy", func(t *testing.T) {
+		src := filepath.Join(t.TempDir(), "tree")
+		makeTree(t, src)
+		if err := copyIn(c, src, "/srv"); err != nil {
+			t.Fatal(err)
+		}
+		expect(c, Command{Args: []string{"/srv/tree/run.sh"}}, "hi\n")
+		expect(c, sh("ln -s / /escape && echo"), "\n")
+		if err := copyIn(c, src, "/escape/escape/srv2"); err != nil {
+			t.Fatal(err)
+		}
+		expect(c, sh("cat /srv2/tree/sub/data.txt"), "data")
+		out := t.TempDir()
+		if err := copyOut(c, "/srv/tree", out); err != nil {
+			t.Fatal(err)
+		}
+		checkTree(t, out+"/tree")
+		fi, err := c.Stat(ctx, "/srv/tree/run.sh")
+		if err != nil || !fi.Exists || fi.Mode != 0o755 {
+			t.Errorf("stat: %+v %v", fi, err)
+		}
+		big := filepath.Join(t.TempDir(), "big")
+		os.WriteFile(big, bytes.Repeat([]byte("0123456789abcdef"), 1<<20), 0o644)
+		start := time.Now()
+		if err := copyIn(c, big, "/tmp"); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("16 MiB copy in over virtio-serial: %v", time.Since(start).Round(time.Millisecond))
+		start = time.Now()
+		const n = 20
+		for i := 0; i < n; i++ {
+			run(t, c, Command{Args: []string{"true"}})
+		}
+		t.Logf("exec true round trip: %v", (time.Since(start) / n).Round(time.Microsecond))
+	})
+
+	// A new host connection (an engine re-attaching) gets a new session:
+	// the old session's processes are killed, and the same Hello again
+	// leaves the volumes and network as they are.
 	orphan, err := c.Start(ctx, Command{Args: []string{"sleep", "1000"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
-	c = vm.reconnect(t)
-	if _, err := c.Hello(ctx, time.Now()); err != nil {
-		t.Fatalf("hello after reconnect: %v\n%s", err, vm.console())
+	c = vm.connect(t, ctx)
+	hello.Time = time.Now()
+	if _, err := c.Hello(ctx, hello); err != nil {
+		t.Fatalf("hello after reconnect: %v\n%s", err, vm.Console())
 	}
-	expect(sh(fmt.Sprintf("sleep 0.3; test -d /proc/%d && echo alive || echo gone", orphan.Pid())), "gone\n")
+	expect(c, sh(fmt.Sprintf("sleep 0.3; test -d /proc/%d && echo alive || echo gone", orphan.Pid())), "gone\n")
+	expect(c, sh("grep -c ' 9p ' /proc/mounts; cat /mnt/rw/guest.txt"), "2\nfrom guest\n")
+	expect(c, sh("wget -qO- "+strings.Replace(web.URL, "127.0.0.1", "10.0.2.2", 1)+"/"), "hello from the host\n")
 
 	p, err := c.Start(ctx, Command{Args: []string{"sleep", "1000"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	start = time.Now()
+	start := time.Now()
 	if err := c.Shutdown(ctx); err != nil {
 		t.Fatalf("shutdown: %v", err)
 	}
 	if r := collect(t, p); r.exit.Signal != "SIGTERM" {
 		t.Errorf("process at shutdown: %+v", r.exit)
 	}
-	vm.wait(t)
-	t.Logf("shutdown took %v", time.Since(start))
+	vm.wait(t, c)
+	t.Logf("shutdown took %v", time.Since(start).Round(time.Millisecond))
 	if testing.Verbose() {
-		t.Logf("console:\n%s", vm.console())
+		t.Logf("console:\n%s", vm.Console())
 	}
 
-	// Second boot: the box's writes persisted, the base disk is unchanged.
-	vm = bootVM(t, dir, kernel, initrd, base, data)
-	if _, err := vm.client.Hello(ctx, time.Now()); err != nil {
-		t.Fatalf("hello: %v\n%s", err, vm.console())
+	// A boot that cannot complete reports why and halts the VM. It has no
+	// disks, and waits for its base disk alongside the second boot.
+	bad := env.boot(t, ctx, "fatal", false, nil, "boxrun.base=/dev/vdz")
+	var fatal sync.WaitGroup
+	fatal.Add(1)
+	go func() {
+		defer fatal.Done()
+		select {
+		case <-bad.Done():
+		case <-time.After(90 * time.Second):
+			t.Errorf("a VM that cannot boot did not halt\n%s", bad.Console())
+			return
+		}
+		if cons := bad.Console(); !strings.Contains(cons, "boxrun-agent: FATAL: base disk: /dev/vdz did not appear") {
+			t.Errorf("no fatal message on the console:\n%s", cons)
+		}
+	}()
+	defer fatal.Wait()
+
+	// Second boot, without network or volumes: the box's writes persisted,
+	// the base disk is unchanged.
+	vm = env.boot(t, ctx, "boot2", false, nil, "")
+	c = vm.connect(t, ctx)
+	if _, err := c.Hello(ctx, HelloRequest{Time: time.Now()}); err != nil {
+		t.Fatalf("hello: %v\n%s", err, vm.Console())
 	}
-	c = vm.client
-	expect(sh("cat /home/file /srv/tree/sub/data.txt"), "persisted\ndata")
+	t.Logf("hello after %v (second boot)", time.Since(vm.started).Round(time.Millisecond))
+	expect(c, sh("cat /home/file /srv/tree/sub/data.txt"), "persisted\ndata")
+	expect(c, sh("ls /sys/class/net"), "lo\n")
+	expect(c, sh("ls -d /mnt/rw && ls /mnt/rw"), "/mnt/rw\n") // the mount point, empty
+	// A volume the VM has no device for fails Hello with a clear message,
+	// and the box stays usable.
+	_, err = c.Hello(ctx, HelloRequest{Mounts: []Mount{{Tag: "novol", Path: "/mnt/no"}}})
+	if err == nil || !strings.Contains(err.Error(), `volume "novol" at /mnt/no: no virtio-9p device with mount tag "novol"`) {
+		t.Errorf("hello with a missing volume: %v", err)
+	}
+	expect(c, sh("echo still here"), "still here\n")
 	if err := c.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	vm.wait(t)
-	if fileSum(t, base) != baseSum {
+	vm.wait(t, c)
+	if fileSum(t, env.base) != env.baseSum {
 		t.Error("the base disk changed")
 	}
-	if cons := vm.console(); !strings.Contains(cons, "boxrun-agent:") {
+	if cons := vm.Console(); !strings.Contains(cons, "boxrun-agent:") {
 		t.Errorf("no agent logs on the console:\n%s", cons)
 	}
+}
 
-	// A boot that cannot complete reports why and halts the VM.
-	vm = bootVM(t, dir, kernel, initrd, base, data, "boxrun.base=/dev/vdz")
-	vm.wait(t)
-	if cons := vm.console(); !strings.Contains(cons, "boxrun-agent: FATAL: base disk: /dev/vdz did not appear") {
-		t.Errorf("no fatal message on the console:\n%s", cons)
+// vmEnv is what every boot of the test box shares: kernel, initramfs and
+// disks.
+type vmEnv struct {
+	kernel    *boxruntime.Kernel
+	initramfs string
+	base      string
+	baseSum   [32]byte
+	data      string
+}
+
+// newVMEnv prepares the boot assets through the runtime and the disks
+// through package disk, or skips the test naming what is missing.
+func newVMEnv(t *testing.T) *vmEnv {
+	t.Helper()
+	var missing []string
+	for _, tool := range []string{"qemu-system-x86_64", "mkfs.ext4", "busybox"} {
+		if _, err := osexec.LookPath(tool); err != nil {
+			missing = append(missing, tool)
+		}
 	}
+	if bb, err := osexec.LookPath("busybox"); err == nil && !isStatic(bb) {
+		missing = append(missing, "a statically linked busybox (busybox-static)")
+	}
+	if _, err := boxruntime.FindKernel(""); err != nil {
+		missing = append(missing, "a guest kernel ("+err.Error()+")")
+	}
+	if len(missing) > 0 {
+		t.Skipf("booting a VM needs %s: run scripts/setup.sh", strings.Join(missing, ", "))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	start := time.Now()
+	cache := t.TempDir()
+	k, err := boxruntime.PrepareKernel("", "", cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent, err := AgentPath(ctx, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	initramfs, err := boxruntime.BuildInitramfs(k, agent, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree := busyboxTree(t)
+	bases := &disk.Bases{Dir: t.TempDir()}
+	base, err := bases.Ensure(ctx, "busybox", func() (string, func(), error) { return tree, func() {}, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(t.TempDir(), "disk.ext4")
+	if err := disk.CreateBoxDisk(ctx, data, 1); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("kernel %s, accel kvm=%v, assets and disks ready in %v", k.Version, boxruntime.KVMAvailable(), time.Since(start).Round(time.Millisecond))
+	return &vmEnv{kernel: k, initramfs: initramfs, base: base, baseSum: fileSum(t, base), data: data}
 }
 
 type testVM struct {
-	cmd     *osexec.Cmd
-	sock    string
-	client  *Client
-	log     string
+	boxruntime.VM
 	started time.Time
-	exited  chan error
 }
 
-func (v *testVM) console() string {
-	b, _ := os.ReadFile(v.log)
-	return string(b)
+// boot starts a VM of the box, stopped at the end of the test whatever
+// happens. cmdline "" boots the box from its disks; anything else boots a
+// VM without disks with that kernel command line.
+func (e *vmEnv) boot(t *testing.T, ctx context.Context, id string, network bool, volumes []boxruntime.Volume, cmdline string) *testVM {
+	t.Helper()
+	var disks []boxruntime.Disk
+	if cmdline == "" {
+		cmdline = "boxrun.base=/dev/vda boxrun.data=/dev/vdb"
+		disks = []boxruntime.Disk{{Path: e.base, ReadOnly: true}, {Path: e.data}}
+	}
+	vm, err := (&boxruntime.QEMU{}).Start(ctx, boxruntime.VMConfig{
+		ID: "vmtest-" + id, Dir: t.TempDir(), CPUs: 1, MemoryMB: 256,
+		Kernel: e.kernel.Vmlinux, Initramfs: e.initramfs, Cmdline: cmdline,
+		Disks:   disks,
+		Volumes: volumes,
+		Network: network,
+		Logger:  testLogger(),
+	})
+	if err != nil {
+		t.Fatalf("start VM %s: %v", id, err)
+	}
+	t.Cleanup(func() {
+		if err := vm.Kill(); err != nil {
+			t.Errorf("stopping VM %s: %v", id, err)
+		}
+	})
+	return &testVM{VM: vm, started: time.Now()}
 }
 
-func (v *testVM) wait(t *testing.T) {
+func (v *testVM) connect(t *testing.T, ctx context.Context) *Client {
+	t.Helper()
+	conn, err := v.DialAgent(ctx)
+	if err != nil {
+		t.Fatalf("connect to the agent: %v\n%s", err, v.Console())
+	}
+	c := NewClient(conn, testLogger())
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// wait waits for the VM to halt after a shutdown, and c to see it.
+func (v *testVM) wait(t *testing.T, c *Client) {
 	t.Helper()
 	select {
-	case err := <-v.exited:
-		if err != nil {
-			t.Errorf("qemu: %v", err)
-		}
+	case <-v.Done():
 	case <-time.After(60 * time.Second):
-		v.cmd.Process.Kill()
-		t.Fatalf("VM did not halt\n%s", v.console())
+		t.Fatalf("VM did not halt\n%s", v.Console())
 	}
 	select {
-	case <-v.client.Done():
+	case <-c.Done():
 	case <-time.After(5 * time.Second):
 		t.Error("client did not see the connection end")
 	}
 }
 
-func bootVM(t *testing.T, dir, kernel, initrd, base, data string, cmdline ...string) *testVM {
-	t.Helper()
-	sock := filepath.Join(dir, "agent.sock")
-	os.Remove(sock)
-	v := &testVM{log: filepath.Join(dir, fmt.Sprintf("console-%d.log", time.Now().UnixNano())), started: time.Now(), exited: make(chan error, 1)}
-	accel := os.Getenv("BOXRUN_VM_ACCEL") // kvm (default) or tcg
-	if accel == "" {
-		accel = "kvm"
-	}
-	v.cmd = osexec.Command("qemu-system-x86_64",
-		"-accel", accel, "-m", "512", "-smp", "2",
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 acpi=off boxrun.base=/dev/vda boxrun.data=/dev/vdb boxrun.port=boxrun.agent boxrun.halt=reboot "+strings.Join(cmdline, " "),
-		"-drive", "file="+base+",if=virtio,format=raw,readonly=on",
-		"-drive", "file="+data+",if=virtio,format=raw",
-		"-device", "virtio-serial-pci",
-		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=boxrun.agent",
-		"-serial", "file:"+v.log,
-	)
-	var stderr bytes.Buffer
-	v.cmd.Stderr = &stderr
-	if err := v.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		err := v.cmd.Wait()
-		if err != nil {
-			err = fmt.Errorf("%v: %s", err, stderr.String())
-		}
-		v.exited <- err
-	}()
-	t.Cleanup(func() { v.cmd.Process.Kill() })
-	v.sock = sock
-	v.reconnect(t)
-	return v
-}
-
-func (v *testVM) reconnect(t *testing.T) *Client {
-	t.Helper()
-	var conn net.Conn
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var err error
-		conn, err = net.Dial("unix", v.sock)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("qemu socket: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	c := NewClient(conn, testLogger())
-	t.Cleanup(func() { c.Close() })
-	v.client = c
-	return c
-}
-
-func mustRun(t *testing.T, name string, args ...string) {
-	t.Helper()
-	out, err := osexec.Command(name, args...).CombinedOutput()
+func isStatic(path string) bool {
+	f, err := elf.Open(path)
 	if err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
-	}
-}
-
-func fileSum(t *testing.T, p string) [32]byte {
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
+		return false
 	}
 	defer f.Close()
-	h := sha256.New()
-	io.Copy(h, f)
-	return [32]byte(h.Sum(nil))
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return false
+		}
+	}
+	return true
 }
 
-// buildInitramfs makes a newc cpio with the agent as /init and the named
-// modules (with their dependencies, in order) listed in /etc/boxrun/modules.
-func buildInitramfs(t *testing.T, dir, agent, modDir string, modules ...string) string {
+// busyboxTree makes the root file system of the test image.
+func busyboxTree(t *testing.T) string {
 	t.Helper()
-	deps := map[string][]string{} // relative path → deps
-	byName := map[string]string{}
-	f, err := os.Open(modDir + "/modules.dep")
-	if err != nil {
-		t.Skipf("no modules: %v", err)
-	}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, _ := strings.Cut(sc.Text(), ":")
-		deps[k] = strings.Fields(v)
-		name := strings.TrimSuffix(filepath.Base(k), ".ko")
-		byName[strings.ReplaceAll(name, "-", "_")] = k
-	}
-	f.Close()
-	var order []string
-	seen := map[string]bool{}
-	var add func(string)
-	add = func(m string) {
-		if seen[m] {
-			return
-		}
-		seen[m] = true
-		for _, d := range deps[m] {
-			add(d)
-		}
-		order = append(order, m)
-	}
-	for _, m := range modules {
-		p, ok := byName[m]
-		if !ok {
-			continue // built in
-		}
-		add(p)
-	}
-	root := filepath.Join(dir, "initramfs")
-	for _, m := range order {
-		dst := filepath.Join(root, "lib/modules", m)
-		os.MkdirAll(filepath.Dir(dst), 0o755)
-		b, err := os.ReadFile(filepath.Join(modDir, m))
-		if err != nil {
-			t.Fatal(err)
-		}
-		os.WriteFile(dst, b, 0o644)
-	}
-	os.MkdirAll(root+"/etc/boxrun", 0o755)
-	os.WriteFile(root+"/etc/boxrun/modules", []byte(strings.Join(order, "\n")+"\n"), 0o644)
-	b, err := os.ReadFile(agent)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.WriteFile(root+"/init", b, 0o755)
-	os.MkdirAll(root+"/dev", 0o755)
-	mustRun(t, "mknod", "-m", "600", root+"/dev/console", "c", "5", "1")
-	out := filepath.Join(dir, "initrd.cpio")
-	cmd := osexec.Command("sh", "-c", "find . | cpio -o -H newc -R 0:0 --quiet > "+out)
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("cpio: %v %s", err, b)
-	}
-	return out
-}
-
-// buildBase makes a busybox root file system image.
-func buildBase(t *testing.T, dir string) string {
-	t.Helper()
-	root := filepath.Join(dir, "base")
-	for _, d := range []string{"bin", "etc", "home", "tmp", "root", "proc", "sys", "dev", "run"} {
+	root := filepath.Join(t.TempDir(), "rootfs")
+	for _, d := range []string{"bin", "etc", "home", "tmp", "root", "proc", "sys", "dev", "run", "mnt"} {
 		os.MkdirAll(filepath.Join(root, d), 0o755)
 	}
 	os.Chmod(root+"/tmp", 0o1777)
@@ -386,7 +405,19 @@ func buildBase(t *testing.T, dir string) string {
 	os.WriteFile(root+"/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644)
 	os.WriteFile(root+"/etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644)
 	os.WriteFile(root+"/etc/base-marker", []byte("base\n"), 0o644)
-	img := filepath.Join(dir, "base.img")
-	mustRun(t, "mkfs.ext4", "-q", "-F", "-d", root, img, "64M")
-	return img
+	// As in many images: resolv.conf is a symlink the agent replaces.
+	os.Symlink("../run/resolv.conf", root+"/etc/resolv.conf")
+	return root
+}
+
+func fileSum(t *testing.T, p string) [32]byte {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	io.Copy(h, f)
+	return [32]byte(h.Sum(nil))
 }

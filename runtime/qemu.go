@@ -134,7 +134,7 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		args = append(args, "-fsdev", fsdev, "-device", "virtio-9p-pci,fsdev="+v.Tag+",mount_tag="+v.Tag)
 	}
 	if cfg.Network {
-		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0")
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=")
 	} else {
 		args = append(args, "-nic", "none")
 	}

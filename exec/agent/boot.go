@@ -225,27 +225,46 @@ func (a *agent) mountBox() error {
 // in the root (an image's symlinked /run or /dev/shm must not send the
 // mount elsewhere) and mounted through its descriptor.
 func (a *agent) mountIn(root *fsroot.Root, target, src, fstype string, flags uintptr, data string, file bool) error {
-	oflags := unix.O_PATH | unix.O_DIRECTORY
-	if file {
-		oflags = unix.O_PATH
-	} else if err := root.MkdirAll(target, 0o755); err != nil {
-		return fmt.Errorf("box mount point %s: %w", target, err)
-	}
-	fd, err := root.OpenFile(target, oflags)
-	if err != nil {
-		return fmt.Errorf("box mount point %s: %w", target, err)
-	}
-	defer unix.Close(fd)
-	proc := fmt.Sprintf("/proc/self/fd/%d", fd)
-	real, err := os.Readlink(proc)
+	fd, real, err := openMountPoint(root, target, file)
 	if err != nil {
 		return err
 	}
-	if err := unix.Mount(src, proc, fstype, flags, data); err != nil {
+	defer unix.Close(fd)
+	if err := a.sysMount(src, fmt.Sprintf("/proc/self/fd/%d", fd), fstype, flags, data); err != nil {
 		return fmt.Errorf("mount %s (%s) on %s: %w", src, fstype, real, err)
 	}
 	a.mounts = append(a.mounts, real)
 	return nil
+}
+
+// openMountPoint resolves target inside root, creating it (a directory,
+// with its parents) unless file is set, and returns an O_PATH descriptor
+// for it with its real path (as /proc/self/mountinfo will show it).
+func openMountPoint(root *fsroot.Root, target string, file bool) (int, string, error) {
+	oflags := unix.O_PATH | unix.O_DIRECTORY
+	if file {
+		oflags = unix.O_PATH
+	} else if err := root.MkdirAll(target, 0o755); err != nil {
+		return -1, "", fmt.Errorf("box mount point %s: %w", target, err)
+	}
+	fd, err := root.OpenFile(target, oflags)
+	if err != nil {
+		return -1, "", fmt.Errorf("box mount point %s: %w", target, err)
+	}
+	real, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	if err != nil {
+		unix.Close(fd)
+		return -1, "", err
+	}
+	return fd, real, nil
+}
+
+// sysMount is mount(2), or the test's stand-in.
+func (a *agent) sysMount(src, target, fstype string, flags uintptr, data string) error {
+	if a.mountFunc != nil {
+		return a.mountFunc(src, target, fstype, flags, data)
+	}
+	return unix.Mount(src, target, fstype, flags, data)
 }
 
 // unmountAll unmounts the box filesystems in reverse order, lazily where
@@ -277,13 +296,16 @@ func (a *agent) unmountAll() error {
 }
 
 // loopbackUp brings lo up; the kernel then gives it 127.0.0.1 and ::1.
-func loopbackUp() error {
+func loopbackUp() error { return linkUp("lo") }
+
+// linkUp sets the IFF_UP flag of the interface name.
+func linkUp(name string) error {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
 	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq("lo")
+	ifr, err := unix.NewIfreq(name)
 	if err != nil {
 		return err
 	}

@@ -21,7 +21,10 @@
 //   - boxrun.debug=1: debug logging on the console.
 //
 // The box root is an overlay at /rootfs: lower /run/boxrun/base (the base
-// disk), upper and work dirs on the data disk at /run/boxrun/data.
+// disk), upper and work dirs on the data disk at /run/boxrun/data. lo is
+// brought up at boot. Volumes (virtio-9p shares, mounted inside the box
+// root) and the network interface are configured later, from the host's
+// Hello (see config.go), idempotently: every host connection sends them.
 package main
 
 import (
@@ -34,6 +37,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/boxrun/boxrun/exec"
@@ -99,10 +103,19 @@ func parseCmdline(s string) (config, error) {
 }
 
 type agent struct {
-	cfg    config
-	log    *slog.Logger
-	level  slog.LevelVar
+	cfg   config
+	log   *slog.Logger
+	level slog.LevelVar
+	root  string // the box root (rootDir; a temporary directory in tests)
+
+	// mountFunc replaces mount(2) in tests.
+	mountFunc func(src, target, fstype string, flags uintptr, data string) error
+
+	// mu serialises the host's configuration requests with each other and
+	// with the shutdown's unmounting.
+	mu     sync.Mutex
 	mounts []string // mount points in mount order, unmounted in reverse
+	down   bool     // shutting down: no more mounts
 }
 
 func main() {
@@ -110,7 +123,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "boxrun agent: this is the /init of a boxrun VM; it only runs as PID 1")
 		os.Exit(2)
 	}
-	a := &agent{cfg: config{halt: unix.LINUX_REBOOT_CMD_RESTART}}
+	a := &agent{cfg: config{halt: unix.LINUX_REBOOT_CMD_RESTART}, root: rootDir}
 	a.log = slog.New(slog.NewTextHandler(earlyConsole(), &slog.HandlerOptions{Level: &a.level}))
 	defer func() {
 		if r := recover(); r != nil {
@@ -176,8 +189,9 @@ func (a *agent) serve(reaper *exec.Reaper) {
 			tv := unix.NsecToTimeval(t.UnixNano())
 			return unix.Settimeofday(&tv)
 		},
-		Shutdown: a.shutdown,
-		Halt:     a.halt,
+		Configure: a.configure,
+		Shutdown:  a.shutdown,
+		Halt:      a.halt,
 	}
 	if a.cfg.useVsock {
 		a.serveVsock(opts)
@@ -227,6 +241,9 @@ func kernelRelease() string {
 // filesystems. The server acknowledges after it returns, then calls halt.
 func (a *agent) shutdown(ctx context.Context) error {
 	a.log.Info("shutting down")
+	a.mu.Lock()
+	a.down = true
+	a.mu.Unlock()
 	if err := unix.Kill(-1, unix.SIGTERM); err == nil {
 		if !waitNoProcesses(ctx, 3*time.Second) {
 			a.log.Info("processes left after SIGTERM, sending SIGKILL")
@@ -235,7 +252,9 @@ func (a *agent) shutdown(ctx context.Context) error {
 		}
 	}
 	unix.Sync()
+	a.mu.Lock()
 	err := a.unmountAll()
+	a.mu.Unlock()
 	unix.Sync()
 	return err
 }

@@ -1,0 +1,92 @@
+package exec
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"path"
+	"strings"
+
+	"github.com/boxrun/boxrun/errdefs"
+)
+
+// maxTagLen is QEMU's limit on a virtio-9p mount tag.
+const maxTagLen = 31
+
+// validateConfig checks the box configuration of a Hello. Both ends check
+// it: the host to fail early with a clear message, the agent because it
+// must not act on a malformed request (it writes addresses into
+// resolv.conf and tags into mount calls).
+func validateConfig(mounts []Mount, n *Network) error {
+	bad := func(format string, args ...any) error {
+		return errdefs.New(errdefs.ValidationError, format, args...)
+	}
+	paths := map[string]string{}
+	tags := map[string]bool{}
+	for _, m := range mounts {
+		if err := validateTag(m.Tag); err != nil {
+			return bad("volume %q: %v", m.Tag, err)
+		}
+		if tags[m.Tag] {
+			return bad("volume %q: tag used twice (a 9p share can be mounted once)", m.Tag)
+		}
+		tags[m.Tag] = true
+		if !path.IsAbs(m.Path) || strings.ContainsRune(m.Path, 0) {
+			return bad("volume %q: mount point %q is not an absolute path", m.Tag, m.Path)
+		}
+		p := path.Clean(m.Path)
+		if p == "/" {
+			return bad("volume %q: cannot mount on the box root", m.Tag)
+		}
+		if other, ok := paths[p]; ok {
+			return bad("volumes %q and %q: both mounted on %s", other, m.Tag, p)
+		}
+		paths[p] = m.Tag
+	}
+	if n == nil {
+		return nil
+	}
+	if n.Interface != "" {
+		if len(n.Interface) > 15 || strings.ContainsAny(n.Interface, "/: \t\n\x00") || n.Interface == "." || n.Interface == ".." {
+			return bad("network: bad interface name %q", n.Interface)
+		}
+	}
+	var family netip.Addr
+	if n.Address != "" {
+		pfx, err := netip.ParsePrefix(n.Address)
+		if err != nil {
+			return bad("network: address %q: want CIDR notation such as 10.0.2.15/24", n.Address)
+		}
+		family = pfx.Addr()
+	}
+	if n.Gateway != "" {
+		gw, err := netip.ParseAddr(n.Gateway)
+		if err != nil || gw.Zone() != "" {
+			return bad("network: gateway %q is not an IP address", n.Gateway)
+		}
+		if family.IsValid() && gw.Is4() != family.Unmap().Is4() {
+			return bad("network: gateway %s and address %s are of different IP versions", n.Gateway, n.Address)
+		}
+	}
+	for _, d := range n.DNS {
+		if _, err := netip.ParseAddr(d); err != nil {
+			return bad("network: DNS server %q is not an IP address", d)
+		}
+	}
+	return nil
+}
+
+func validateTag(tag string) error {
+	if tag == "" || len(tag) > maxTagLen {
+		return fmt.Errorf("mount tag must be 1 to %d bytes", maxTagLen)
+	}
+	for i, c := range tag {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
+		case i > 0 && (c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'):
+		default:
+			return errors.New("mount tag must be letters, digits, '.', '_' or '-', starting with a letter")
+		}
+	}
+	return nil
+}
