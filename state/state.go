@@ -21,9 +21,10 @@
 //
 // # Durability (Badger)
 //
-// Box and exec records (PutBox, DeleteBox, PutExec) are fsynced before the
-// call returns. Events are high-rate, so AppendEvent does not fsync; the
-// store syncs in the background at least once a second. A committed event
+// Box records (PutBox, DeleteBox) are fsynced before the call returns.
+// Exec records change at each command's start and end, and events are
+// high-rate, so PutExec and AppendEvent do not fsync; the store syncs in
+// the background at least once a second. A committed write
 // is in the kernel's page cache, so it survives the engine process being
 // killed (SIGKILL, panic, OOM kill); only an OS crash or power loss can
 // lose up to the last second of events. Only one engine may have a data
