@@ -53,6 +53,10 @@ type Config struct {
 	// and memory.
 	MaxCPU      int
 	MaxMemoryMB int
+	// MaxExecOutputBytes caps the output stored per exec (for replay);
+	// the oldest output is dropped first and counted in ExecInfo. Default
+	// 16 MiB. Live Stream and Exec callers always get all of it.
+	MaxExecOutputBytes int64
 	// PullProgress, if set, receives image pull progress.
 	PullProgress func(image.Progress)
 	// Logger receives the engine's logs; default discards them.

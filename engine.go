@@ -90,7 +90,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "data dir")
 		}
 	}
-	store, err := state.Open(filepath.Join(cfg.DataDir, "state"), state.Options{Logger: log})
+	store, err := state.Open(filepath.Join(cfg.DataDir, "state"), state.Options{MaxOutputBytes: cfg.MaxExecOutputBytes, Logger: log})
 	if err != nil {
 		return nil, err
 	}

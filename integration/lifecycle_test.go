@@ -136,6 +136,7 @@ func TestGCRemovesOnlyOldStoppedBoxes(t *testing.T) {
 func TestRunIsEphemeral(t *testing.T) {
 	ctx := ctxT(t, 3*time.Minute)
 	before, _ := fx.eng.List(ctx)
+	vmmBefore := vmmProcesses(fx.dataDir)
 	res, err := fx.eng.Run(ctx, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1},
 		boxrun.ExecSpec{Cmd: []string{"sh", "-c", "echo out; echo err >&2; exit 7"}})
 	if err != nil {
@@ -149,9 +150,29 @@ func TestRunIsEphemeral(t *testing.T) {
 		boxrun.ExecSpec{Cmd: []string{"no-such-cmd"}}); boxrun.CodeOf(err) != boxrun.RuntimeError {
 		t.Fatalf("run of a missing command: %v", err)
 	}
+	// Canceled while its command runs: the box goes all the same.
+	cctx, cancel := context.WithCancel(ctx)
+	runningBefore, _ := fx.eng.List(ctx, boxrun.ListOptions{Status: "running"})
+	go func() {
+		for {
+			if l, _ := fx.eng.List(ctx, boxrun.ListOptions{Status: "running"}); len(l) > len(runningBefore) {
+				time.Sleep(time.Second)
+				cancel()
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	if _, err := fx.eng.Run(cctx, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1},
+		boxrun.ExecSpec{Cmd: []string{"sleep", "600"}}); boxrun.CodeOf(err) != boxrun.Canceled {
+		t.Fatalf("canceled run: %v", err)
+	}
 	after, _ := fx.eng.List(ctx)
 	if len(after) != len(before) {
 		t.Fatalf("Run left boxes: %d -> %d", len(before), len(after))
+	}
+	if left := vmmProcesses(fx.dataDir); len(left) != len(vmmBefore) {
+		t.Fatalf("Run left VMMs: %v -> %v", vmmBefore, left)
 	}
 }
 
@@ -172,7 +193,8 @@ func TestGuestSeesRequestedResources(t *testing.T) {
 
 func TestResourceLimits(t *testing.T) {
 	ctx := ctxT(t, 3*time.Minute)
-	eng, err := boxrun.New(ctx, boxrun.Config{DataDir: t.TempDir(), MaxCPU: 2, MaxMemoryMB: 600, RegistriesConf: fx.registriesConf})
+	eng, err := boxrun.New(ctx, boxrun.Config{DataDir: t.TempDir(), MaxCPU: 2, MaxMemoryMB: 600,
+		RegistriesConf: fx.registriesConf, MaxExecOutputBytes: 4096})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,6 +207,45 @@ func TestResourceLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { eng.Remove(context.Background(), a.ID, boxrun.Force) })
+
+	// Output retention: the live caller gets everything, the store keeps
+	// the newest 4 KiB and says how much it dropped.
+	events, err := eng.Stream(ctx, a.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "for i in $(seq 1 2000); do echo line-$i; done"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var live strings.Builder
+	var execID string
+	for ev := range events {
+		execID = ev.ExecID
+		if ev.Type == "log" {
+			live.WriteString(ev.Data)
+		}
+	}
+	if !strings.HasPrefix(live.String(), "line-1\n") || !strings.HasSuffix(live.String(), "line-2000\n") {
+		t.Fatalf("live output incomplete: %d bytes", live.Len())
+	}
+	x, err := eng.GetExec(ctx, execID)
+	if err != nil || x.DroppedBytes == 0 || x.DroppedEvents == 0 {
+		t.Fatalf("retention not recorded: %+v %v", x, err)
+	}
+	replay, err := eng.ExecEvents(ctx, execID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kept strings.Builder
+	var last boxrun.Event
+	for ev := range replay {
+		if ev.Type == "log" {
+			kept.WriteString(ev.Data)
+		}
+		last = ev
+	}
+	if kept.Len() > 4096 || !strings.HasSuffix(kept.String(), "line-2000\n") || last.Type != "exit" ||
+		int64(kept.Len())+x.DroppedBytes != int64(live.Len()) {
+		t.Fatalf("stored %d bytes (dropped %d of %d), last %+v", kept.Len(), x.DroppedBytes, live.Len(), last)
+	}
+
 	if _, err := eng.Create(ctx, boxrun.BoxSpec{Image: fx.ociRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1}); boxrun.CodeOf(err) != boxrun.ResourceExceeded {
 		t.Fatalf("memory over the cap: %v", err)
 	}
