@@ -99,8 +99,10 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 	e.mu.Lock()
 	e.execs[x.ID] = live
 	e.mu.Unlock()
-	go e.pump(ctx, &x, live, out)
-	return execInfoOf(x), nil
+	info := execInfoOf(x)
+	xp := x // the pump owns its copy of the record from here on
+	go e.pump(ctx, &xp, live, out)
+	return info, nil
 }
 
 // pump stores the process's events, wakes followers and feeds the owner's
