@@ -203,6 +203,8 @@ func (e *Engine) Exec(ctx context.Context, id string, spec ExecSpec) (*ExecResul
 		return &res, errdefs.New(errdefs.Timeout, "exec %q timed out after %v", spec.Cmd[0], spec.Timeout)
 	case last.Error != "" && ctx.Err() != nil:
 		return &res, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
+	case last.Error == "canceled": // CancelExec from elsewhere
+		return &res, errdefs.New(errdefs.Canceled, "exec %q canceled", spec.Cmd[0])
 	case last.Error != "":
 		return &res, errdefs.New(errdefs.RuntimeError, "exec %q: %s", spec.Cmd[0], last.Error)
 	}

@@ -81,6 +81,9 @@ func (e *Engine) copyOut(ctx context.Context, box, guestPath, hostPath string) e
 	}
 	guestPath = path.Clean(guestPath)
 	hostPath = filepath.Clean(hostPath)
+	if guestPath == "/" {
+		return errdefs.New(errdefs.ValidationError, "copy: cannot copy the box's whole root; name a path below /")
+	}
 	// Extract into a private directory next to the destination, then move
 	// the one top-level entry into place: the box chooses every name in the
 	// archive, the host alone chooses where it ends up.

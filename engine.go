@@ -36,6 +36,8 @@ type Engine struct {
 	mu      sync.Mutex
 	live    map[string]*liveBox  // running boxes by id
 	execs   map[string]*liveExec // running execs by id
+	busy    map[string]bool      // boxes being created, started, stopped or removed
+	pumps   sync.WaitGroup       // exec pumps still recording
 	usedCPU int                  // totals over running boxes
 	usedMem int
 }
@@ -115,6 +117,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		store:  store,
 		live:   map[string]*liveBox{},
 		execs:  map[string]*liveExec{},
+		busy:   map[string]bool{},
 	}
 	if err := e.reconcile(ctx); err != nil {
 		images.Close()
@@ -153,6 +156,8 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		return nil, err
 	}
 	dir := e.boxDir(id)
+	release, _ := e.claim(id) // a new id: never busy
+	defer release()
 	if err := e.reserve(rec.CPU, rec.MemoryMB); err != nil {
 		e.store.DeleteBox(id)
 		return nil, err
@@ -188,10 +193,54 @@ func (e *Engine) markRunning(rec *state.Box, lb *liveBox) error {
 		e.mu.Unlock()
 		return err
 	}
+	go e.watch(rec.ID, lb)
 	return nil
 }
 
 func (e *Engine) boxDir(id string) string { return filepath.Join(e.cfg.DataDir, "boxes", id) }
+
+// claim gives one lifecycle operation (create, start, stop, remove) sole
+// use of a box until the returned release is called: two of them at once
+// on one box could boot two VMs on one disk, or resurrect a removed box.
+func (e *Engine) claim(id string) (release func(), err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.busy[id] {
+		return nil, errdefs.New(errdefs.RuntimeError, "Box '%s' is busy (being created, started, stopped or removed)", id)
+	}
+	e.busy[id] = true
+	return func() {
+		e.mu.Lock()
+		delete(e.busy, id)
+		e.mu.Unlock()
+	}, nil
+}
+
+// watch marks a box stopped when its VM goes away on its own (guest
+// poweroff or panic, VMM killed): it must not stay "running" for ever.
+func (e *Engine) watch(id string, lb *liveBox) {
+	<-lb.vm.Done()
+	e.mu.Lock()
+	mine := e.live[id] == lb
+	if mine {
+		delete(e.live, id)
+	}
+	e.mu.Unlock()
+	if !mine {
+		return // stopped or removed on purpose
+	}
+	lb.agent.Close()
+	lb.vm.Kill() // reaps and removes its sockets
+	rec, err := e.store.GetBox(id)
+	if err != nil {
+		return
+	}
+	e.release(rec.CPU, rec.MemoryMB)
+	now := time.Now().UTC()
+	rec.Status, rec.StoppedAt, rec.RuntimeID = state.Stopped, &now, ""
+	e.store.PutBox(rec)
+	e.log.Warn("box VM exited on its own; box marked stopped", "box", id, "console", lb.vm.Console())
+}
 
 // bootBox boots a box's VM: the image (pulled if needed; offline when
 // present), its base disk, the box disk (made when fresh, else reused with
@@ -434,6 +483,14 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	if err != nil {
 		return err
 	}
+	release, err := e.claim(rec.ID)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if rec, err = e.store.GetBox(rec.ID); err != nil {
+		return err
+	}
 	e.mu.Lock()
 	lb := e.live[rec.ID]
 	if lb != nil && !force {
@@ -495,6 +552,16 @@ func (e *Engine) Close() error {
 		}()
 	}
 	wg.Wait()
+	// The boxes are down, so every exec is ending: let their pumps record
+	// the end before the store closes (bounded: an owner that stopped
+	// reading a Stream without canceling it would hold its pump).
+	pumped := make(chan struct{})
+	go func() { e.pumps.Wait(); close(pumped) }()
+	select {
+	case <-pumped:
+	case <-time.After(5 * time.Second):
+		e.log.Warn("exec streams still undrained at close")
+	}
 	return errors.Join(e.images.Close(), e.store.Close())
 }
 

@@ -53,7 +53,8 @@ func (x *liveExec) notify() {
 }
 
 // Stream starts a command and returns its events: output chunks in order,
-// then exactly one exit event; the channel is then closed. Every event is
+// then exactly one exit event (none if ctx is canceled first); the channel
+// is then closed. Every event is
 // also stored, so ExecEvents can replay it later. Cancelling ctx kills the
 // command in the guest. The caller must drain the channel (or cancel ctx):
 // a reader that does not keep up slows the command down, like a pipe.
@@ -101,7 +102,11 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 	e.mu.Unlock()
 	info := execInfoOf(x)
 	xp := x // the pump owns its copy of the record from here on
-	go e.pump(ctx, &xp, live, out)
+	e.pumps.Add(1)
+	go func() {
+		defer e.pumps.Done()
+		e.pump(ctx, &xp, live, out)
+	}()
 	return info, nil
 }
 
@@ -124,8 +129,11 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 				ev.Exit.Error = "canceled"
 			}
 			final := e.finishExec(x, live, seq, ev.Exit)
-			if out != nil && ctx.Err() == nil {
-				out <- final
+			if out != nil {
+				select {
+				case out <- final:
+				case <-ctx.Done(): // the owner left
+				}
 			}
 			return
 		}

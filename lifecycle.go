@@ -20,6 +20,14 @@ func (e *Engine) Stop(ctx context.Context, idOrName string) (*Box, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := e.claim(rec.ID)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if rec, err = e.store.GetBox(rec.ID); err != nil {
+		return nil, err
+	}
 	e.mu.Lock()
 	lb := e.live[rec.ID]
 	if lb == nil || rec.Status != state.Running {
@@ -63,6 +71,14 @@ func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) {
 func (e *Engine) Start(ctx context.Context, idOrName string) (*Box, error) {
 	rec, err := e.store.GetBox(idOrName)
 	if err != nil {
+		return nil, err
+	}
+	release, err := e.claim(rec.ID)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if rec, err = e.store.GetBox(rec.ID); err != nil {
 		return nil, err
 	}
 	switch rec.Status {
@@ -110,10 +126,15 @@ func (e *Engine) GC(ctx context.Context, olderThan time.Duration) (int, error) {
 		if !old {
 			continue
 		}
-		if err := e.Remove(ctx, r.ID, Force); err != nil && !errdefs.Is(err, errdefs.BoxNotFound) {
+		// Without Force: a box started since the listing is skipped, not killed.
+		err := e.Remove(ctx, r.ID)
+		switch {
+		case err == nil:
+			n++
+		case errdefs.Is(err, errdefs.BoxNotFound), errdefs.Is(err, errdefs.BoxAlreadyRunning):
+		default:
 			return n, err
 		}
-		n++
 	}
 	return n, nil
 }
@@ -139,6 +160,7 @@ func (e *Engine) Run(ctx context.Context, box BoxSpec, cmd ExecSpec) (*ExecResul
 		}
 		cfg := lb.img.Config
 		cmd.Cmd = append(append([]string{}, cfg.Entrypoint...), cfg.Cmd...)
+		cmd.Entrypoint = false // already in Cmd
 		if len(cmd.Cmd) == 0 {
 			return nil, errdefs.New(errdefs.ValidationError, "cmd must be a non-empty list (the image has no default command)")
 		}

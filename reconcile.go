@@ -86,6 +86,7 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 	e.mu.Lock()
 	e.live[rec.ID] = lb
 	e.mu.Unlock()
+	go e.watch(rec.ID, lb)
 	e.log.Info("box re-attached", "box", rec.ID, "pid", vm.PID())
 	return nil
 }

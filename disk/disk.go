@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,7 +76,7 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 		return "", err
 	}
 	defer unmount()
-	size, err := treeSize(rootfs)
+	size, inodes, err := treeSize(rootfs)
 	if err != nil {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "measure image rootfs")
 	}
@@ -85,7 +86,10 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 	tmp := path + ".tmp"
 	os.Remove(tmp)
 	// No journal: the base is never written after this.
-	if err := mkfs(ctx, tmp, size, "-d", rootfs, "-L", "boxbase", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0"); err != nil {
+	// mke2fs sizes its inode table by bytes; images of many small files
+	// (node_modules) need more inodes than that, so say how many.
+	if err := mkfs(ctx, tmp, size, "-d", rootfs, "-N", strconv.FormatInt(inodes+inodes/4+1024, 10),
+		"-L", "boxbase", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0"); err != nil {
 		os.Remove(tmp)
 		return "", err
 	}
@@ -141,13 +145,14 @@ func mkfs(ctx context.Context, path string, size int64, args ...string) error {
 	return nil
 }
 
-// treeSize adds up the apparent size of everything under root.
-func treeSize(root string) (int64, error) {
-	var total int64
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+// treeSize adds up the apparent size of everything under root, and counts
+// its entries.
+func treeSize(root string) (total, entries int64, err error) {
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
+		entries++
 		info, err := d.Info()
 		if err != nil {
 			return err
@@ -160,7 +165,7 @@ func treeSize(root string) (int64, error) {
 		return nil
 	})
 	if err != nil {
-		return 0, fmt.Errorf("walk %s: %w", root, err)
+		return 0, 0, fmt.Errorf("walk %s: %w", root, err)
 	}
-	return total, nil
+	return total, entries, nil
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -263,5 +264,40 @@ func TestResourceLimits(t *testing.T) {
 	t.Cleanup(func() { eng.Remove(context.Background(), b.ID, boxrun.Force) })
 	if _, err := eng.Start(ctx, a.ID); boxrun.CodeOf(err) != boxrun.ResourceExceeded {
 		t.Fatalf("start over the cap: %v", err)
+	}
+}
+
+// A VM that dies on its own (OOM killer, guest panic) leaves a stopped box
+// with its disk, not a "running" box nobody can use.
+func TestVMDeathMarksBoxStopped(t *testing.T) {
+	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
+	sh(t, box, "echo survived > /root/f; sync")
+	pids := vmmProcesses(filepath.Join(fx.dataDir, "boxes", box.ID))
+	if len(pids) != 1 {
+		t.Fatalf("VMM pids %v", pids)
+	}
+	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 2*time.Minute)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, err := fx.eng.Get(ctx, box.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.Status == "stopped" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("box still %q after its VM died", b.Status)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := fx.eng.Start(ctx, box.ID); err != nil {
+		t.Fatal(err)
+	}
+	if res := sh(t, box, "cat /root/f"); res.Stdout != "survived\n" {
+		t.Fatalf("after restart: %q %q", res.Stdout, res.Stderr)
 	}
 }

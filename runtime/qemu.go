@@ -316,6 +316,9 @@ func (q *QEMU) Attach(ctx context.Context, dir, id string) (VM, error) {
 	}
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
+		// It is this box's VM, but it cannot be watched: do not leave it
+		// running behind a box that will be reported stopped.
+		syscall.Kill(pid, syscall.SIGKILL)
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "watch VM of box %s", id)
 	}
 	vm := &qemuVM{pid: pid, dir: dir, done: make(chan struct{})}
