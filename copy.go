@@ -1,7 +1,9 @@
 package boxrun
 
 import (
+	"archive/tar"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path"
@@ -99,7 +101,10 @@ func (e *Engine) copyOut(ctx context.Context, box, guestPath, hostPath string) e
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		err := agentexec.Untar(pr, stage, "")
+		filtered := onlyUnder(pr, path.Base(guestPath))
+		err := agentexec.Untar(filtered, stage, "")
+		// Unblock whichever side still writes: the filter, then the agent.
+		filtered.CloseWithError(io.ErrClosedPipe)
 		pr.CloseWithError(err)
 		done <- err
 	}()
@@ -121,4 +126,39 @@ func (e *Engine) copyOut(ctx context.Context, box, guestPath, hostPath string) e
 		return errdefs.Wrap(errdefs.RuntimeError, err, "copy")
 	}
 	return nil
+}
+
+// onlyUnder passes a tar stream through, failing at the first entry that
+// is not name or below it: the box answers for one path, and anything else
+// it sends must not even be written to the staging directory.
+func onlyUnder(r io.Reader, name string) *io.PipeReader {
+	pr, pw := io.Pipe()
+	go func() {
+		tr, tw := tar.NewReader(r), tar.NewWriter(pw)
+		for {
+			hdr, err := tr.Next()
+			if err == io.EOF {
+				pw.CloseWithError(tw.Close())
+				return
+			}
+			if err != nil {
+				pw.CloseWithError(err)
+				return
+			}
+			n := strings.TrimSuffix(path.Clean("/"+hdr.Name), "/")
+			if n != "/"+name && !strings.HasPrefix(n, "/"+name+"/") {
+				pw.CloseWithError(fmt.Errorf("archive from box has entry %q outside %q", hdr.Name, name))
+				return
+			}
+			if err := tw.WriteHeader(hdr); err != nil {
+				pw.CloseWithError(err)
+				return
+			}
+			if _, err := io.Copy(tw, tr); err != nil {
+				pw.CloseWithError(err)
+				return
+			}
+		}
+	}()
+	return pr
 }

@@ -38,6 +38,7 @@ type Engine struct {
 	execs   map[string]*liveExec // running execs by id
 	busy    map[string]bool      // boxes being created, started, stopped or removed
 	pumps   sync.WaitGroup       // exec pumps still recording
+	closed  bool                 // Close has begun: no new boxes
 	usedCPU int                  // totals over running boxes
 	usedMem int
 }
@@ -141,6 +142,9 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err := spec.normalize(); err != nil {
 		return nil, err
 	}
+	if err := e.open(); err != nil {
+		return nil, err
+	}
 	id := newID("box_")
 	now := time.Now().UTC()
 	rec := state.Box{
@@ -199,6 +203,16 @@ func (e *Engine) markRunning(rec *state.Box, lb *liveBox) error {
 
 func (e *Engine) boxDir(id string) string { return filepath.Join(e.cfg.DataDir, "boxes", id) }
 
+// open fails once Close has begun, so that no box boots behind it.
+func (e *Engine) open() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return errdefs.New(errdefs.RuntimeError, "engine is closed")
+	}
+	return nil
+}
+
 // claim gives one lifecycle operation (create, start, stop, remove) sole
 // use of a box until the returned release is called: two of them at once
 // on one box could boot two VMs on one disk, or resurrect a removed box.
@@ -247,7 +261,15 @@ func (e *Engine) watch(id string, lb *liveBox) {
 // everything the box wrote) and the boot assets.
 func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
 	dir := e.boxDir(rec.ID)
-	img, err := e.images.Pull(ctx, rec.Image)
+	var img *image.Image
+	var err error
+	if fresh || rec.ImageID == "" {
+		img, err = e.images.Pull(ctx, rec.Image)
+	} else {
+		// The box's disk sits on this exact image: never another one its
+		// reference may name by now.
+		img, err = e.images.Get(ctx, rec.ImageID)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -536,6 +558,17 @@ func (e *Engine) destroyVM(lb *liveBox) error {
 // Engine on the same DataDir can Start them) and releases the engine.
 func (e *Engine) Close() error {
 	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	// Wait for creates and starts in flight: their boxes must be stopped too.
+	for len(e.busy) > 0 {
+		e.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+		e.mu.Lock()
+	}
 	ids := make([]string, 0, len(e.live))
 	for id := range e.live {
 		ids = append(ids, id)

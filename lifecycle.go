@@ -36,7 +36,13 @@ func (e *Engine) Stop(ctx context.Context, idOrName string) (*Box, error) {
 	}
 	delete(e.live, rec.ID)
 	e.mu.Unlock()
-	e.shutdown(ctx, rec.ID, lb)
+	if err := e.shutdown(ctx, rec.ID, lb); err != nil {
+		// The VMM outlived SIGKILL (stuck in the kernel): it may still
+		// hold the disk and the memory. Say so; keep its reservation.
+		rec.Status, rec.ErrorCode, rec.ErrorMessage = state.Error, string(errdefs.CodeOf(err)), err.Error()
+		e.store.PutBox(rec)
+		return nil, err
+	}
 	e.release(rec.CPU, rec.MemoryMB)
 	now := time.Now().UTC()
 	rec.Status, rec.StoppedAt, rec.RuntimeID = state.Stopped, &now, ""
@@ -49,7 +55,7 @@ func (e *Engine) Stop(ctx context.Context, idOrName string) (*Box, error) {
 
 // shutdown asks the agent to power the VM off and waits for it, then makes
 // sure the VMM is gone.
-func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) {
+func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) error {
 	sctx, cancel := context.WithTimeout(ctx, e.cfg.StopTimeout)
 	defer cancel()
 	if err := lb.agent.Shutdown(sctx); err != nil {
@@ -63,14 +69,18 @@ func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) {
 	}
 	lb.agent.Close()
 	if err := lb.vm.Kill(); err != nil {
-		e.log.Error("kill VM", "box", id, "err", err)
+		return errdefs.Wrap(errdefs.RuntimeError, err, "stop box %s", id)
 	}
+	return nil
 }
 
 // Start boots a stopped box again, with everything it had written.
 func (e *Engine) Start(ctx context.Context, idOrName string) (*Box, error) {
 	rec, err := e.store.GetBox(idOrName)
 	if err != nil {
+		return nil, err
+	}
+	if err := e.open(); err != nil {
 		return nil, err
 	}
 	release, err := e.claim(rec.ID)

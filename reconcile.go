@@ -31,6 +31,13 @@ func (e *Engine) reconcile(ctx context.Context) error {
 			e.store.DeleteBox(rec.ID)
 			e.log.Warn("removed a box whose creation was interrupted", "box", rec.ID)
 			continue
+		case state.Stopped, state.Error:
+			// A Start interrupted by the crash may have left its VM running
+			// on the box disk; the record says stopped, so make it true.
+			if vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID); err == nil {
+				vm.Kill()
+				e.log.Warn("killed the VM of a stopped box (interrupted start)", "box", rec.ID)
+			}
 		case state.Running:
 			if err := e.reattach(ctx, rec); err != nil {
 				e.log.Warn("box could not be re-attached; marking it stopped", "box", rec.ID, "err", err)
@@ -57,7 +64,7 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 	lb, err := func() (*liveBox, error) {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		img, err := e.images.Pull(actx, rec.Image) // in the store already: no network
+		img, err := e.images.Get(actx, rec.ImageID)
 		if err != nil {
 			return nil, err
 		}

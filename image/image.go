@@ -298,6 +298,21 @@ func (s *Store) Unmount(imageID string) error {
 	return nil
 }
 
+// Get returns an image already in the store by its ID, without any
+// network access: a box restarts on exactly the image it was created from,
+// even if its reference now names another one.
+func (s *Store) Get(ctx context.Context, imageID string) (*Image, error) {
+	if err := s.enter(); err != nil {
+		return nil, err
+	}
+	defer s.busy.Done()
+	img, err := s.describe(ctx, imageID, imageID)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "image %s is not in the store", imageID)
+	}
+	return img, nil
+}
+
 // describe reads the store's record of an image into an Image.
 func (s *Store) describe(ctx context.Context, id, ref string) (*Image, error) {
 	rec, err := s.store.Image(id)
