@@ -197,12 +197,12 @@ func (e *Engine) Exec(ctx context.Context, id string, spec ExecSpec) (*ExecResul
 	res.ExitCode, res.Signal, res.TimedOut = last.ExitCode, last.Signal, last.TimedOut
 	res.Duration = time.Since(start)
 	switch {
-	case last.Type != "exit" && ctx.Err() != nil:
+	// Canceled unless the command finished on its own before ctx ended (the
+	// exit event may still arrive after the cancel killed the command).
+	case ctx.Err() != nil && (last.Type != "exit" || last.Signal != "" || last.Error != ""):
 		return &res, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
 	case last.TimedOut:
 		return &res, errdefs.New(errdefs.Timeout, "exec %q timed out after %v", spec.Cmd[0], spec.Timeout)
-	case last.Error != "" && ctx.Err() != nil:
-		return &res, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
 	case last.Error == "canceled": // CancelExec from elsewhere
 		return &res, errdefs.New(errdefs.Canceled, "exec %q canceled", spec.Cmd[0])
 	case last.Error != "":
