@@ -230,6 +230,24 @@ func (e *Engine) claim(id string) (release func(), err error) {
 	}, nil
 }
 
+// claimBox looks a box up by id or name and claims it (see claim),
+// returning its record as it is once claimed.
+func (e *Engine) claimBox(idOrName string) (state.Box, func(), error) {
+	rec, err := e.store.GetBox(idOrName)
+	if err != nil {
+		return rec, nil, err
+	}
+	release, err := e.claim(rec.ID)
+	if err != nil {
+		return rec, nil, err
+	}
+	if rec, err = e.store.GetBox(rec.ID); err != nil {
+		release()
+		return rec, nil, err
+	}
+	return rec, release, nil
+}
+
 // watch marks a box stopped when its VM goes away on its own (guest
 // poweroff or panic, VMM killed): it must not stay "running" for ever.
 func (e *Engine) watch(id string, lb *liveBox) {
@@ -501,18 +519,11 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	for _, o := range opts {
 		force = force || o == Force
 	}
-	rec, err := e.store.GetBox(idOrName)
-	if err != nil {
-		return err
-	}
-	release, err := e.claim(rec.ID)
+	rec, release, err := e.claimBox(idOrName)
 	if err != nil {
 		return err
 	}
 	defer release()
-	if rec, err = e.store.GetBox(rec.ID); err != nil {
-		return err
-	}
 	e.mu.Lock()
 	lb := e.live[rec.ID]
 	if lb != nil && !force {

@@ -16,18 +16,11 @@ import (
 // syncs and unmounts, then the VM powers off), killing the VM if it has not
 // gone within Config.StopTimeout. The box disk is kept for Start.
 func (e *Engine) Stop(ctx context.Context, idOrName string) (*Box, error) {
-	rec, err := e.store.GetBox(idOrName)
-	if err != nil {
-		return nil, err
-	}
-	release, err := e.claim(rec.ID)
+	rec, release, err := e.claimBox(idOrName)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	if rec, err = e.store.GetBox(rec.ID); err != nil {
-		return nil, err
-	}
 	e.mu.Lock()
 	lb := e.live[rec.ID]
 	if lb == nil || rec.Status != state.Running {
@@ -76,21 +69,14 @@ func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) error {
 
 // Start boots a stopped box again, with everything it had written.
 func (e *Engine) Start(ctx context.Context, idOrName string) (*Box, error) {
-	rec, err := e.store.GetBox(idOrName)
-	if err != nil {
-		return nil, err
-	}
 	if err := e.open(); err != nil {
 		return nil, err
 	}
-	release, err := e.claim(rec.ID)
+	rec, release, err := e.claimBox(idOrName)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	if rec, err = e.store.GetBox(rec.ID); err != nil {
-		return nil, err
-	}
 	switch rec.Status {
 	case state.Running:
 		return nil, errdefs.New(errdefs.BoxAlreadyRunning, "Box '%s' is already running", idOrName)
