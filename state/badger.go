@@ -1092,7 +1092,4 @@ func (b *Badger) keyCount(prefix string) int {
 	return n
 }
 
-var (
-	_ Store = (*Badger)(nil)
-	_ Store = (*Memory)(nil)
-)
+var _ Store = (*Badger)(nil)

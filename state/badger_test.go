@@ -455,7 +455,6 @@ func BenchmarkAppendEvent(b *testing.B) {
 			b.Cleanup(func() { s.Close() })
 			return s
 		}},
-		{"memory", func(b *testing.B) Store { return NewMemoryWithOptions(Options{MaxOutputBytes: 1 << 20}) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			s := c.open(b)

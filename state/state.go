@@ -1,11 +1,8 @@
 // Package state keeps the engine's records of boxes, execs and exec output.
 //
 // The records are the truth the engine reports (List, Get, exec events) and
-// what it needs to find a box's VM and disks again. Two implementations of
-// Store exist with the same semantics:
-//
-//   - Badger (Open): durable, on disk, in github.com/dgraph-io/badger/v4.
-//   - Memory (NewMemory): in process, for unit tests of other packages.
+// what it needs to find a box's VM and disks again. Badger (Open) is the
+// Store: durable, on disk, in github.com/dgraph-io/badger/v4.
 //
 // # Output retention
 //

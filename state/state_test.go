@@ -15,7 +15,7 @@ import (
 	"github.com/boxrun/boxrun/errdefs"
 )
 
-// inspector is what both stores expose to these tests.
+// inspector is what the store exposes to these tests.
 type inspector interface {
 	Store
 	storedEvents(execID string) int
@@ -46,10 +46,10 @@ func openBadger(t *testing.T, dir string, o Options) *Badger {
 
 var ctors = []ctor{
 	{"badger", func(t *testing.T, o Options) inspector { return openBadger(t, t.TempDir(), o) }},
-	{"memory", func(t *testing.T, o Options) inspector { return NewMemoryWithOptions(o) }},
 }
 
-// both runs a behavioural test against every implementation.
+// both runs a behavioural test against every implementation (now Badger
+// alone; kept as a table so another Store gets the same tests).
 func both(t *testing.T, o Options, fn func(t *testing.T, s inspector)) {
 	for _, c := range ctors {
 		t.Run(c.name, func(t *testing.T) { fn(t, c.open(t, o)) })
@@ -652,10 +652,9 @@ func median(ds []time.Duration) time.Duration {
 	return c[len(c)/2]
 }
 
-func TestMemoryDefaults(t *testing.T) {
-	m := NewMemory()
-	if m.pol.maxBytes != 16<<20 || m.pol.maxEvents != DefaultMaxOutputEvents {
-		t.Fatalf("default policy %+v", m.pol)
+func TestDefaults(t *testing.T) {
+	b := openBadger(t, t.TempDir(), Options{})
+	if b.pol.maxBytes != 16<<20 || b.pol.maxEvents != DefaultMaxOutputEvents {
+		t.Fatalf("default policy %+v", b.pol)
 	}
-	must(t, m.Close())
 }
