@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
+	agentexec "github.com/boxrun/boxrun/exec"
 	"github.com/boxrun/boxrun/image"
 )
 
@@ -99,10 +100,27 @@ type Box struct {
 	Env        map[string]string
 	Volumes    []Volume
 	RuntimeID  string // the VM: driver and VMM process id
-	CreatedAt  time.Time
-	StartedAt  *time.Time
-	StoppedAt  *time.Time
+	// ErrorCode and ErrorMessage say why a box is in status "error".
+	ErrorCode    string
+	ErrorMessage string
+	CreatedAt    time.Time
+	StartedAt    *time.Time
+	StoppedAt    *time.Time
 }
+
+// Info describes the engine: its limits, what running boxes use of them, and
+// the hypervisor that runs them.
+type Info struct {
+	MaxCPU       int    // Config.MaxCPU: the cap on CPUs over running boxes
+	MaxMemoryMB  int    // Config.MaxMemoryMB
+	UsedCPU      int    // CPUs of the running boxes
+	UsedMemoryMB int    // memory of the running boxes
+	Hypervisor   string // the driver: "qemu"
+	Boxes        int    // running boxes
+}
+
+// FileInfo describes a path in a box (symlinks followed inside the box).
+type FileInfo = agentexec.FileInfo
 
 // ExecSpec describes a command to run in a box.
 type ExecSpec struct {

@@ -3,6 +3,7 @@ package boxrun
 import (
 	"archive/tar"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -161,4 +162,135 @@ func onlyUnder(r io.Reader, name string) *io.PipeReader {
 		}
 	}()
 	return pr
+}
+
+// Stat describes path p in a running box, following symlinks inside the
+// box. A missing path is Exists == false, not an error.
+func (e *Engine) Stat(ctx context.Context, box, p string) (FileInfo, error) {
+	if !path.IsAbs(p) {
+		return FileInfo{}, errdefs.New(errdefs.ValidationError, "path %q must be absolute", p)
+	}
+	_, lb, err := e.running(box)
+	if err != nil {
+		return FileInfo{}, err
+	}
+	return lb.agent.Stat(ctx, path.Clean(p))
+}
+
+// WriteFile streams r into a regular file at p in a running box, creating
+// its parent directories. The data is written aside and renamed into place
+// once complete, so a failed write leaves p as it was. r may be of any
+// length: nothing is buffered whole, on the host or in the guest. The file
+// is owned by root with mode's permission bits (0644 when zero).
+func (e *Engine) WriteFile(ctx context.Context, box, p string, r io.Reader, mode os.FileMode) error {
+	if !path.IsAbs(p) || path.Clean(p) == "/" {
+		return errdefs.New(errdefs.ValidationError, "write file: %q must be an absolute path to a file", p)
+	}
+	_, lb, err := e.running(box)
+	if err != nil {
+		return err
+	}
+	if err := lb.agent.WriteFile(ctx, path.Clean(p), mode.Perm(), r); err != nil {
+		return errdefs.Wrap(errdefs.CodeOf(err), err, "write %s:%s", box, p)
+	}
+	return nil
+}
+
+// FileReader streams a regular file out of a box; see [Engine.OpenFile].
+type FileReader struct {
+	Size int64       // bytes the reader will yield
+	Mode os.FileMode // permission bits in the box
+	r    io.Reader
+	stop func() error
+}
+
+func (f *FileReader) Read(p []byte) (int, error) { return f.r.Read(p) }
+
+// Close ends the transfer (early, if not everything was read).
+func (f *FileReader) Close() error { return f.stop() }
+
+// OpenFile opens the regular file at p in a running box for reading. Its
+// size is known before the first byte is read, so a server can announce
+// it. The caller must Close the reader. A missing file is a RUNTIME_ERROR
+// "File 'p' not found in box"; a directory is a VALIDATION_ERROR (use
+// [Engine.ReadTar]).
+func (e *Engine) OpenFile(ctx context.Context, box, p string) (*FileReader, error) {
+	if !path.IsAbs(p) || path.Clean(p) == "/" {
+		return nil, errdefs.New(errdefs.ValidationError, "read file: %q must be an absolute path to a file", p)
+	}
+	_, lb, err := e.running(box)
+	if err != nil {
+		return nil, err
+	}
+	p = path.Clean(p)
+	ctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := lb.agent.CopyOut(ctx, p, pw)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	stop := func() error {
+		cancel()
+		pr.CloseWithError(io.ErrClosedPipe) // unblocks the agent's writer
+		if err := <-done; err != nil && !errdefs.Is(err, errdefs.Canceled) && !errors.Is(err, io.ErrClosedPipe) {
+			return err
+		}
+		return nil
+	}
+	fail := func(err error) (*FileReader, error) {
+		stop()
+		return nil, err
+	}
+	tr := tar.NewReader(pr)
+	hdr, err := tr.Next()
+	if err != nil {
+		if st, serr := lb.agent.Stat(ctx, p); serr == nil && !st.Exists {
+			return fail(errdefs.New(errdefs.RuntimeError, "File '%s' not found in box", p))
+		}
+		return fail(errdefs.Wrap(errdefs.CodeOf(err), err, "read %s:%s", box, p))
+	}
+	// The archive comes from the guest: it must be exactly the asked file.
+	switch {
+	case hdr.Typeflag == tar.TypeDir:
+		return fail(errdefs.New(errdefs.ValidationError, "'%s' in box is a directory", p))
+	case hdr.Typeflag != tar.TypeReg && hdr.Typeflag != tar.TypeRegA:
+		return fail(errdefs.New(errdefs.ValidationError, "'%s' in box is not a regular file", p))
+	case strings.TrimSuffix(hdr.Name, "/") != path.Base(p) || hdr.Size < 0:
+		return fail(errdefs.New(errdefs.RuntimeError, "read %s:%s: archive from box names %q", box, p, hdr.Name))
+	}
+	return &FileReader{Size: hdr.Size, Mode: os.FileMode(hdr.Mode).Perm(), r: tr, stop: stop}, nil
+}
+
+// ReadTar writes a tar stream of p in a running box (a file or a directory
+// tree; entries named relative to p's parent, symlinks not followed) to w.
+// Entries outside p that a hostile guest might add are refused.
+func (e *Engine) ReadTar(ctx context.Context, box, p string, w io.Writer) error {
+	if !path.IsAbs(p) || path.Clean(p) == "/" {
+		return errdefs.New(errdefs.ValidationError, "read tar: %q must be an absolute path below /", p)
+	}
+	_, lb, err := e.running(box)
+	if err != nil {
+		return err
+	}
+	p = path.Clean(p)
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := lb.agent.CopyOut(ctx, p, pw)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	filtered := onlyUnder(pr, path.Base(p))
+	_, err = io.Copy(w, filtered)
+	filtered.CloseWithError(io.ErrClosedPipe)
+	pr.CloseWithError(io.ErrClosedPipe)
+	if aerr := <-done; aerr != nil && (err == nil || errors.Is(err, aerr)) {
+		err = aerr
+	}
+	if err != nil {
+		return errdefs.Wrap(errdefs.CodeOf(err), err, "read %s:%s", box, p)
+	}
+	return nil
 }

@@ -413,6 +413,17 @@ func (e *Engine) bootAssets(ctx context.Context) (*bootAssets, error) {
 	return e.assets, nil
 }
 
+// Info reports the engine's limits and what running boxes use of them.
+func (e *Engine) Info() Info {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return Info{
+		MaxCPU: e.cfg.MaxCPU, MaxMemoryMB: e.cfg.MaxMemoryMB,
+		UsedCPU: e.usedCPU, UsedMemoryMB: e.usedMem,
+		Hypervisor: e.hv.Name(), Boxes: len(e.live),
+	}
+}
+
 // Get returns a box by id or name.
 func (e *Engine) Get(ctx context.Context, idOrName string) (*Box, error) {
 	rec, err := e.store.GetBox(idOrName)
@@ -656,7 +667,7 @@ func boxOf(r state.Box) *Box {
 	return &Box{
 		ID: r.ID, Name: r.Name, Status: r.Status, Image: r.Image, CPU: r.CPU, MemoryMB: r.MemoryMB,
 		DiskSizeGB: r.DiskSizeGB, Network: r.Network, Workdir: r.Workdir, Env: r.Env, Volumes: volumesOf(r.Volumes),
-		RuntimeID: r.RuntimeID, CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, StoppedAt: r.StoppedAt,
+		RuntimeID: r.RuntimeID, ErrorCode: r.ErrorCode, ErrorMessage: r.ErrorMessage, CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, StoppedAt: r.StoppedAt,
 	}
 }
 

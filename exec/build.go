@@ -30,6 +30,14 @@ const (
 // every initramfs.
 var agentBuildFlags = []string{"-trimpath", "-ldflags=-s -w"}
 
+// embeddedAgent is the agent binary built into this program (see
+// agent_embed.go, build tag boxrun_embed_agent); nil without one.
+var embeddedAgent []byte
+
+// EmbeddedAgent reports whether this program carries an agent binary, so
+// that [AgentPath] needs no Go toolchain.
+func EmbeddedAgent() bool { return len(embeddedAgent) > 0 }
+
 var (
 	agentBuilds singleflight.Group
 	agentMu     sync.Mutex
@@ -38,8 +46,13 @@ var (
 
 // AgentPath returns the agent binary to put in a box's initramfs as /init.
 //
-// $BOXRUN_AGENT, when set, names a prebuilt agent. Otherwise the agent is
-// built from source (CGO_ENABLED=0 go build -trimpath -ldflags="-s -w")
+// $BOXRUN_AGENT, when set, names a prebuilt agent. Otherwise, when this
+// program embeds an agent (release binaries built by scripts/build.sh with
+// the boxrun_embed_agent tag; see [EmbeddedAgent]), it is written once to
+// cacheDir/agent-embedded-<hash>, where the hash is the first 16 hex
+// digits of its SHA-256, atomically and with mode 0755, and reused from
+// there when a file of the right size is already in place: no Go
+// toolchain is needed. Otherwise the agent is built from source (CGO_ENABLED=0 go build -trimpath -ldflags="-s -w")
 // into cacheDir/agent-<hash>, where the hash covers the agent's source
 // files (every package of this module it imports), go.mod, go.sum, the Go
 // version and the target, so a changed agent is rebuilt. Without the source
@@ -49,8 +62,8 @@ var (
 //
 // Builds are done once: concurrent calls in one process share one build,
 // processes sharing cacheDir serialise on a file lock, and the binary
-// appears atomically (rename). The result is remembered for the life of
-// the process.
+// appears atomically (rename). The result (built or embedded) is
+// remembered for the life of the process.
 func AgentPath(ctx context.Context, cacheDir string) (string, error) {
 	if p := os.Getenv("BOXRUN_AGENT"); p != "" {
 		if _, err := os.Stat(p); err != nil {
@@ -69,7 +82,13 @@ func AgentPath(ctx context.Context, cacheDir string) (string, error) {
 	}
 	// The build outlives a cancelled caller: others may share it.
 	ch := agentBuilds.DoChan(cacheDir, func() (any, error) {
-		p, err := buildAgent(context.WithoutCancel(ctx), cacheDir)
+		var p string
+		var err error
+		if EmbeddedAgent() {
+			p, err = installEmbedded(cacheDir, embeddedAgent)
+		} else {
+			p, err = buildAgent(context.WithoutCancel(ctx), cacheDir)
+		}
 		if err == nil {
 			agentMu.Lock()
 			agentPaths[cacheDir] = p
@@ -86,6 +105,45 @@ func AgentPath(ctx context.Context, cacheDir string) (string, error) {
 	case <-ctx.Done():
 		return "", ctxError(ctx.Err(), "building the agent")
 	}
+}
+
+// installEmbedded writes the agent binary agent to
+// cacheDir/agent-embedded-<first 16 hex digits of its SHA-256> unless a
+// regular, executable file of its size is there already, and returns that
+// path. The file appears atomically (a temporary file renamed into place),
+// so processes sharing cacheDir need no lock: they write the same bytes.
+func installEmbedded(cacheDir string, agent []byte) (string, error) {
+	sum := sha256.Sum256(agent)
+	target := filepath.Join(cacheDir, "agent-embedded-"+hex.EncodeToString(sum[:])[:16])
+	if fi, err := os.Stat(target); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 && fi.Size() == int64(len(agent)) {
+		return target, nil
+	}
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent cache")
+	}
+	f, err := os.CreateTemp(cacheDir, ".agent-embedded-")
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "installing the embedded agent")
+	}
+	tmp := f.Name()
+	_, err = f.Write(agent)
+	if err == nil {
+		err = f.Chmod(0o755)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, target)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "installing the embedded agent")
+	}
+	return target, nil
 }
 
 // findGo locates the go command.

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
 	"path"
 	"syscall"
 	"time"
@@ -285,16 +286,69 @@ func (c *Client) CopyIn(ctx context.Context, destDir string, tarStream io.Reader
 	if !path.IsAbs(destDir) {
 		return errdefs.New(errdefs.ValidationError, "copy to %q: path is not absolute", destDir)
 	}
-	if err := ctx.Err(); err != nil {
-		return ctxError(err, "copy in")
+	return c.upload(ctx, &request{Op: "copyin", Dir: destDir}, "copy in", tarStream,
+		func(err error) error {
+			return errdefs.Wrap(errdefs.RuntimeError, err, "copy to %s: reading archive", destDir)
+		})
+}
+
+// WriteFile streams r into the regular file p (an absolute path) in the
+// box, creating p's missing parent directories (0755). Paths are resolved
+// inside the box root, as for [Client.CopyIn]: neither p nor symlinks in
+// the box can make the agent write outside it; a symlink at p itself is
+// replaced, not followed.
+//
+// r may be of any length; it is streamed, never held in memory. The agent
+// writes it to a temporary file next to p and renames that over p only
+// once all of r has arrived and been written, so p changes atomically or
+// not at all: if r fails, ctx ends, the disk fills up or p is a directory,
+// the temporary file is removed and p is left as it was. When r fails,
+// WriteFile returns after the agent has cleaned up. When ctx ends, the
+// agent stops and cleans up on its own; WriteFile returns without waiting
+// for it, but only once a Read of r in progress returns.
+//
+// The file gets mode's permission bits (0644 when mode is 0; setuid,
+// setgid and sticky bits are dropped) and belongs to the agent's user
+// (root in a box).
+func (c *Client) WriteFile(ctx context.Context, p string, mode os.FileMode, r io.Reader) error {
+	if !path.IsAbs(p) {
+		return errdefs.New(errdefs.ValidationError, "write %q: path is not absolute", p)
 	}
-	s, err := c.request(&request{Op: "copyin", Dir: destDir})
+	if path.Clean(p) == "/" {
+		return errdefs.New(errdefs.ValidationError, "write %q: path is the root directory", p)
+	}
+	if mode == 0 {
+		mode = 0o644
+	}
+	return c.upload(ctx, &request{Op: "writefile", Path: p, Mode: mode.Perm()}, "write file", r,
+		func(err error) error {
+			return errdefs.Wrap(errdefs.RuntimeError, err, "write %s: reading data", p)
+		})
+}
+
+// upload sends req, streams r as its Data up to an EOF frame and returns
+// the agent's Result. op names the operation in context errors; readErr
+// makes the error for a failure of r.
+//
+// When r fails, the agent is told to abandon the operation and its Result
+// is awaited, so whatever it cleans up is gone when upload returns. When
+// ctx ends, the agent is told at once, but a Read of r in progress is not
+// interrupted: upload returns once it does. When the agent finishes early
+// (it failed), the rest of r is left unread and its error is returned.
+func (c *Client) upload(ctx context.Context, req *request, op string, r io.Reader, readErr func(error) error) error {
+	if err := ctx.Err(); err != nil {
+		return ctxError(err, op)
+	}
+	s, err := c.request(req)
 	if err != nil {
 		return err
 	}
+	// The agent stops at once when ctx ends, even while a Read of r blocks.
+	stop := context.AfterFunc(ctx, func() { _ = c.m.write(s.id, frameCancel, nil) })
+	defer stop()
 	buf := make([]byte, maxDataFrame)
 	for {
-		n, rerr := tarStream.Read(buf)
+		n, rerr := r.Read(buf)
 		if n > 0 {
 			if err := s.send(ctx, frameData, buf[:n]); err != nil {
 				break // cancelled, or the agent finished early: its Result says why
@@ -305,11 +359,16 @@ func (c *Client) CopyIn(ctx context.Context, destDir string, tarStream io.Reader
 			break
 		}
 		if rerr != nil {
-			c.abandon(s)
-			return errdefs.Wrap(errdefs.RuntimeError, rerr, "copy to %s: reading archive", destDir)
+			if err := ctx.Err(); err != nil {
+				c.abandon(s)
+				return ctxError(err, op)
+			}
+			_ = c.m.write(s.id, frameCancel, nil)
+			_, _ = c.await(ctx, s, op) // the agent's "cancelled"
+			return readErr(rerr)
 		}
 	}
-	_, err = c.await(ctx, s, "copy in")
+	_, err = c.await(ctx, s, op)
 	return err
 }
 

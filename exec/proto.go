@@ -56,7 +56,7 @@ func isData(t byte) bool { return t == frameData || t == frameStdout || t == fra
 // request is the JSON payload of a Request frame. Op selects which of the
 // other fields matter.
 type request struct {
-	Op string `json:"op"` // hello, configure, ping, exec, stat, copyin, copyout, shutdown
+	Op string `json:"op"` // hello, configure, ping, exec, stat, copyin, copyout, writefile, shutdown
 
 	Time int64 `json:"time,omitempty"` // hello: host clock, Unix nanoseconds
 
@@ -70,7 +70,8 @@ type request struct {
 	TimeoutMS int64    `json:"timeout_ms,omitempty"`
 	Stdin     bool     `json:"stdin,omitempty"`
 
-	Path string `json:"path,omitempty"` // stat, copyout
+	Path string      `json:"path,omitempty"` // stat, copyout, writefile
+	Mode os.FileMode `json:"mode,omitempty"` // writefile: permission bits; 0 is 0644
 }
 
 // result is the JSON payload of a Result frame (and of Started).

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"os"
+	"path"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,8 +25,8 @@ import (
 // ServerOptions configures [Serve], the agent end of the protocol.
 type ServerOptions struct {
 	// Root is the box root: commands run chrooted into it and every path
-	// of Stat, CopyIn and CopyOut is resolved inside it. "" or "/" means
-	// the real root, without chroot.
+	// of Stat, CopyIn, CopyOut and WriteFile is resolved inside it. "" or
+	// "/" means the real root, without chroot.
 	Root string
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
@@ -203,6 +205,8 @@ func (sv *server) handle(s *stream, p []byte) {
 		err = sv.copyIn(s, &req)
 	case "copyout":
 		err = sv.copyOut(s, &req)
+	case "writefile":
+		err = sv.writeFile(s, &req)
 	case "shutdown":
 		sv.shutdown(s)
 		return
@@ -291,6 +295,83 @@ func (sv *server) copyIn(s *stream, req *request) error {
 		return fmt.Errorf("copy to %s: %w", req.Dir, err)
 	}
 	return nil
+}
+
+// writeFile streams the host's Data into a temporary file next to
+// req.Path and renames it over req.Path once the host's EOF arrived and
+// everything was written. On failure the temporary file is removed and
+// req.Path is left alone.
+func (sv *server) writeFile(s *stream, req *request) error {
+	if !strings.HasPrefix(req.Path, "/") || fsroot.Clean(req.Path) == "/" {
+		return errdefs.New(errdefs.ValidationError, "write %q: not an absolute path below /", req.Path)
+	}
+	p := fsroot.Clean(req.Path)
+	mode := uint32(req.Mode.Perm())
+	if req.Mode == 0 {
+		mode = 0o644
+	}
+	if err := sv.root.MkdirAll(path.Dir(p), 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", req.Path, err)
+	}
+	pfd, base, err := sv.root.Parent(p)
+	if err != nil {
+		return &os.PathError{Op: "write", Path: req.Path, Err: err}
+	}
+	defer unix.Close(pfd)
+	// Fail before the data is sent when a directory is in the way; the
+	// rename below fails anyway should one appear meanwhile.
+	var st unix.Stat_t
+	if err := unix.Fstatat(pfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return &os.PathError{Op: "write", Path: req.Path, Err: unix.EISDIR}
+	}
+	tmp, f, err := createTemp(pfd, base)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", req.Path, err)
+	}
+	err = func() error {
+		defer f.Close()
+		if _, err := io.Copy(f, &streamReader{s: s, ctx: s.ctx}); err != nil {
+			return err
+		}
+		// Before the rename, so p never has a mode other than the asked one.
+		if err := unix.Fchmod(int(f.Fd()), mode); err != nil {
+			return err
+		}
+		if err := f.Sync(); err != nil {
+			return err
+		}
+		return f.Close()
+	}()
+	if err == nil {
+		err = unix.Renameat(pfd, tmp, pfd, base)
+	}
+	if err != nil {
+		if uerr := unix.Unlinkat(pfd, tmp, 0); uerr != nil && uerr != unix.ENOENT {
+			sv.log.Warn("removing temporary file", "path", path.Join(path.Dir(p), tmp), "err", uerr)
+		}
+		return fmt.Errorf("write %s: %w", req.Path, err)
+	}
+	return nil
+}
+
+// createTemp creates a new, empty file (0600) next to base in directory
+// pfd, without following symlinks, and returns its name.
+func createTemp(pfd int, base string) (string, *os.File, error) {
+	prefix := base
+	if len(prefix) > 100 {
+		prefix = prefix[:100] // the name must stay below NAME_MAX
+	}
+	for i := 0; ; i++ {
+		name := fmt.Sprintf(".%s.%016x.boxrun-tmp", prefix, rand.Uint64())
+		fd, err := unix.Openat(pfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if err == unix.EEXIST && i < 10 {
+			continue
+		}
+		if err != nil {
+			return "", nil, &os.PathError{Op: "create", Path: name, Err: err}
+		}
+		return name, os.NewFile(uintptr(fd), name), nil
+	}
 }
 
 func (sv *server) copyOut(s *stream, req *request) error {

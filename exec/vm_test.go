@@ -157,6 +157,10 @@ func TestVM(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("16 MiB copy in over virtio-serial: %v", time.Since(start).Round(time.Millisecond))
+		if err := c.WriteFile(ctx, "/escape/etc/boxrun/written", 0o600, strings.NewReader("written\n")); err != nil {
+			t.Fatal(err)
+		}
+		expect(c, sh("stat -c '%a %u' /etc/boxrun/written && cat /etc/boxrun/written"), "600 0\nwritten\n")
 		start = time.Now()
 		const n = 20
 		for i := 0; i < n; i++ {
