@@ -21,6 +21,7 @@ import (
 	"github.com/boxrun/boxrun/errdefs"
 	agentexec "github.com/boxrun/boxrun/exec"
 	"github.com/boxrun/boxrun/image"
+	"github.com/boxrun/boxrun/network"
 )
 
 // Config configures an Engine. The zero value works on a host set up with
@@ -74,9 +75,21 @@ type BoxSpec struct {
 	DiskSizeGB int               // size of the box's writable disk (sparse)
 	Workdir    string            // default working directory of execs; default the image's, else /
 	Env        map[string]string // added to the image's environment for every exec
-	Network    bool              // false: the VM has no network device at all; true: outbound user-mode networking
+	Network    bool              // false: the VM has no network device at all; true: see NetworkPolicy
 	Volumes    []Volume          // host directories mounted in the box
+	// NetworkPolicy (with Network) says what the box may reach; the zero
+	// value is the public internet only: no host, no private range.
+	NetworkPolicy NetworkPolicy
+	Ports         []Port // box ports published on the host (with Network)
 }
+
+// NetworkPolicy is what a box may reach: Allow, Deny (CIDRs, host:port,
+// domains) and AllowHostPorts (the host's loopback ports it may reach at
+// its gateway, 10.0.2.2). See package network.
+type NetworkPolicy = network.Policy
+
+// Port publishes a box's TCP port on the host (HostIP default 127.0.0.1).
+type Port = network.Port
 
 // Volume mounts a host directory in a box (virtio-9p). ReadOnly is enforced
 // twice: QEMU exports it read-only and the guest mounts it read-only.
@@ -88,18 +101,20 @@ type Volume struct {
 
 // Box is a snapshot of a box's record.
 type Box struct {
-	ID         string
-	Name       string
-	Status     string // "creating", "running", "stopped", "error"
-	Image      string
-	CPU        int
-	MemoryMB   int
-	DiskSizeGB int
-	Network    bool
-	Workdir    string
-	Env        map[string]string
-	Volumes    []Volume
-	RuntimeID  string // the VM: driver and VMM process id
+	ID            string
+	Name          string
+	Status        string // "creating", "running", "stopped", "error"
+	Image         string
+	CPU           int
+	MemoryMB      int
+	DiskSizeGB    int
+	Network       bool
+	Workdir       string
+	Env           map[string]string
+	Volumes       []Volume
+	NetworkPolicy NetworkPolicy
+	Ports         []Port
+	RuntimeID     string // the VM: driver and VMM process id
 	// ErrorCode and ErrorMessage say why a box is in status "error".
 	ErrorCode    string
 	ErrorMessage string

@@ -3,9 +3,12 @@ package boxrun
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -17,6 +20,7 @@ import (
 	"github.com/boxrun/boxrun/errdefs"
 	agentexec "github.com/boxrun/boxrun/exec"
 	"github.com/boxrun/boxrun/image"
+	"github.com/boxrun/boxrun/network"
 	"github.com/boxrun/boxrun/runtime"
 	"github.com/boxrun/boxrun/state"
 )
@@ -48,6 +52,16 @@ type liveBox struct {
 	vm    runtime.VM
 	agent *agentexec.Client
 	img   *image.Image
+	net   *network.Network // nil without Network
+}
+
+// close releases what the engine holds for the box: the agent connection
+// and the network (published ports, connections). The VM is the caller's.
+func (lb *liveBox) close() {
+	lb.agent.Close()
+	if lb.net != nil {
+		lb.net.Close()
+	}
 }
 
 type bootAssets struct {
@@ -151,6 +165,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		ID: id, Name: spec.Name, Status: state.Creating, Image: spec.Image,
 		CPU: spec.CPU, MemoryMB: spec.MemoryMB, DiskSizeGB: spec.DiskSizeGB,
 		Network: spec.Network, Workdir: spec.Workdir, Env: spec.Env, CreatedAt: now,
+		NetworkPolicy: spec.NetworkPolicy, Ports: spec.Ports,
 	}
 	for _, v := range spec.Volumes {
 		rec.Volumes = append(rec.Volumes, state.Volume{HostPath: v.HostPath, GuestPath: v.GuestPath, ReadOnly: v.ReadOnly})
@@ -261,7 +276,7 @@ func (e *Engine) watch(id string, lb *liveBox) {
 	if !mine {
 		return // stopped or removed on purpose
 	}
-	lb.agent.Close()
+	lb.close()
 	lb.vm.Kill() // reaps and removes its sockets
 	rec, err := e.store.GetBox(id)
 	if err != nil {
@@ -327,6 +342,20 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 
 // boot starts the VM and waits for its agent's hello.
 func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
+	// The network first: a published port already in use fails the box
+	// before any VM starts.
+	var nw *network.Network
+	if rec.Network {
+		var err error
+		if nw, err = e.newNetwork(rec); err != nil {
+			return nil, err
+		}
+	}
+	closeNet := func() {
+		if nw != nil {
+			nw.Close()
+		}
+	}
 	vm, err := e.hv.Start(ctx, runtime.VMConfig{
 		ID: rec.ID, Dir: dir, CPUs: rec.CPU, MemoryMB: rec.MemoryMB,
 		Kernel: boot.kernel.Vmlinux, Initramfs: boot.initramfs,
@@ -334,17 +363,27 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		Disks:   []runtime.Disk{{Path: base, ReadOnly: true}, {Path: data}},
 		Volumes: vmVolumes(rec.Volumes),
 		Network: rec.Network,
+		MAC:     macOf(rec.ID),
 		Logger:  e.log,
 	})
 	if err != nil {
+		closeNet()
 		return nil, err
 	}
 	fail := func(err error) (*liveBox, error) {
 		vm.Kill()
+		closeNet()
 		return nil, err
 	}
 	bctx, cancel := context.WithTimeout(ctx, e.cfg.BootTimeout)
 	defer cancel()
+	if nw != nil {
+		conn, err := vm.DialNetwork(bctx)
+		if err != nil {
+			return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect the box's network"))
+		}
+		nw.Attach(conn)
+	}
 	conn, err := vm.DialAgent(bctx)
 	if err != nil {
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
@@ -360,7 +399,23 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		}
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
-	return &liveBox{vm: vm, agent: agent}, nil
+	return &liveBox{vm: vm, agent: agent, net: nw}, nil
+}
+
+// newNetwork builds a box's network from its record: policy and
+// published ports.
+func (e *Engine) newNetwork(rec *state.Box) (*network.Network, error) {
+	f, err := network.NewFilter(rec.NetworkPolicy)
+	if err != nil {
+		return nil, err
+	}
+	return network.New(network.Config{Filter: f, Ports: rec.Ports, Logger: e.log.With("box", rec.ID)})
+}
+
+// macOf is a box's own MAC address: locally administered, from its id.
+func macOf(id string) string {
+	h := sha256.Sum256([]byte(id))
+	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", h[0], h[1], h[2])
 }
 
 // helloRequest is the box configuration the agent applies on every
@@ -371,8 +426,10 @@ func helloRequest(rec *state.Box) agentexec.HelloRequest {
 		req.Mounts = append(req.Mounts, agentexec.Mount{Tag: v.Tag, Path: rec.Volumes[i].GuestPath, ReadOnly: v.ReadOnly})
 	}
 	if rec.Network {
-		// QEMU user-mode networking's fixed addresses.
-		req.Network = &agentexec.Network{Address: "10.0.2.15/24", Gateway: "10.0.2.2", DNS: []string{"10.0.2.3"}}
+		req.Network = &agentexec.Network{
+			Address: netip.PrefixFrom(network.Guest, network.Subnet.Bits()).String(),
+			Gateway: network.Gateway.String(), DNS: []string{network.DNS.String()}, MTU: network.MTU,
+		}
 	}
 	return req
 }
@@ -569,7 +626,7 @@ func (e *Engine) destroyVM(lb *liveBox) error {
 	if lb == nil {
 		return nil
 	}
-	lb.agent.Close()
+	lb.close()
 	if err := lb.vm.Kill(); err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "kill vm")
 	}
@@ -639,6 +696,29 @@ func (s *BoxSpec) normalize() error {
 	if s.Workdir != "" && !strings.HasPrefix(s.Workdir, "/") {
 		return errdefs.New(errdefs.ValidationError, "workdir must be an absolute path (starting with /)")
 	}
+	if !s.Network && (len(s.Ports) > 0 || len(s.NetworkPolicy.Allow) > 0 || len(s.NetworkPolicy.Deny) > 0 || len(s.NetworkPolicy.AllowHostPorts) > 0) {
+		return errdefs.New(errdefs.ValidationError, "ports and a network policy need network: true")
+	}
+	if _, err := network.NewFilter(s.NetworkPolicy); err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for _, p := range s.Ports {
+		if p.HostPort < 1 || p.HostPort > 65535 || p.GuestPort < 1 || p.GuestPort > 65535 {
+			return errdefs.New(errdefs.ValidationError, "port %d:%d: ports are 1-65535", p.HostPort, p.GuestPort)
+		}
+		if p.Protocol != "" && p.Protocol != "tcp" {
+			return errdefs.New(errdefs.ValidationError, "port %d: protocol %q (only tcp)", p.HostPort, p.Protocol)
+		}
+		if p.HostIP != "" && net.ParseIP(p.HostIP) == nil {
+			return errdefs.New(errdefs.ValidationError, "port %d: host_ip %q is not an address", p.HostPort, p.HostIP)
+		}
+		k := fmt.Sprintf("%s:%d", p.HostIP, p.HostPort)
+		if seen[k] {
+			return errdefs.New(errdefs.ValidationError, "host port %d published twice", p.HostPort)
+		}
+		seen[k] = true
+	}
 	for _, v := range s.Volumes {
 		if !filepath.IsAbs(v.HostPath) || !strings.HasPrefix(v.GuestPath, "/") {
 			return errdefs.New(errdefs.ValidationError, "volume paths must be absolute: %q:%q", v.HostPath, v.GuestPath)
@@ -667,6 +747,7 @@ func boxOf(r state.Box) *Box {
 	return &Box{
 		ID: r.ID, Name: r.Name, Status: r.Status, Image: r.Image, CPU: r.CPU, MemoryMB: r.MemoryMB,
 		DiskSizeGB: r.DiskSizeGB, Network: r.Network, Workdir: r.Workdir, Env: r.Env, Volumes: volumesOf(r.Volumes),
+		NetworkPolicy: r.NetworkPolicy, Ports: r.Ports,
 		RuntimeID: r.RuntimeID, ErrorCode: r.ErrorCode, ErrorMessage: r.ErrorMessage, CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, StoppedAt: r.StoppedAt,
 	}
 }

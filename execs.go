@@ -3,8 +3,10 @@ package boxrun
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/boxrun/boxrun/errdefs"
 	agentexec "github.com/boxrun/boxrun/exec"
@@ -112,13 +114,42 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 
 // pump stores the process's events, wakes followers and feeds the owner's
 // channel (if any) until the exit event.
+//
+// Output is cut where the guest's pipe reads end, which may be inside a
+// multi-byte UTF-8 character; event data travels as JSON strings, where a
+// half character becomes U+FFFD. So per stream an incomplete character at
+// the end of a chunk (at most 3 bytes) is held back and put in front of
+// that stream's next chunk; what is still held at the exit is stored as it
+// is. Seq numbers stay dense: a chunk that is only a held-back part is not
+// an event.
 func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out chan Event) {
 	if out != nil {
 		defer close(out)
 	}
 	seq := 0
+	var held map[string][]byte
+	var streams []string // the order streams first held something, for the flush
+	emit := func(stream string, data []byte) {
+		se := state.Event{Seq: seq, Type: state.EventLog, Stream: stream, Data: string(data)}
+		if err := e.store.AppendEvent(x.ID, se); err != nil {
+			e.log.Warn("store exec output", "exec", x.ID, "err", err)
+		}
+		live.notify()
+		seq++
+		if out != nil && ctx.Err() == nil {
+			select {
+			case out <- eventOf(x.ID, se):
+			case <-ctx.Done(): // the owner left; the process is being killed
+			}
+		}
+	}
 	for ev := range live.proc.Events() {
 		if ev.Exit != nil {
+			for _, s := range streams {
+				if len(held[s]) > 0 {
+					emit(s, held[s])
+				}
+			}
 			e.mu.Lock()
 			delete(e.execs, x.ID)
 			e.mu.Unlock()
@@ -137,19 +168,41 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 			}
 			return
 		}
-		se := state.Event{Seq: seq, Type: state.EventLog, Stream: ev.Stream, Data: string(ev.Data)}
-		if err := e.store.AppendEvent(x.ID, se); err != nil {
-			e.log.Warn("store exec output", "exec", x.ID, "err", err)
+		data := ev.Data
+		if h := held[ev.Stream]; len(h) > 0 {
+			data = append(h, data...)
+			held[ev.Stream] = nil
 		}
-		live.notify()
-		seq++
-		if out != nil && ctx.Err() == nil {
-			select {
-			case out <- eventOf(x.ID, se):
-			case <-ctx.Done(): // the owner left; the process is being killed
+		if cut := completeUTF8(data); cut < len(data) {
+			if held == nil {
+				held = make(map[string][]byte)
 			}
+			if !slices.Contains(streams, ev.Stream) {
+				streams = append(streams, ev.Stream)
+			}
+			held[ev.Stream] = append([]byte(nil), data[cut:]...)
+			data = data[:cut]
+		}
+		if len(data) > 0 {
+			emit(ev.Stream, data)
 		}
 	}
+}
+
+// completeUTF8 is the length of b without an incomplete UTF-8 character at
+// its end (the start of a valid multi-byte sequence whose last bytes have
+// not come yet). Invalid bytes count as complete: holding them back would
+// not make them valid.
+func completeUTF8(b []byte) int {
+	for i := len(b) - 1; i >= 0 && i >= len(b)-utf8.UTFMax+1; i-- {
+		if utf8.RuneStart(b[i]) {
+			if utf8.FullRune(b[i:]) {
+				return len(b)
+			}
+			return i
+		}
+	}
+	return len(b)
 }
 
 // exitData is the JSON of a stored exit event, BoxRun's shape plus what a
@@ -247,6 +300,9 @@ func (e *Engine) ExecEvents(ctx context.Context, execID string) (<-chan Event, e
 					}
 				} else {
 					ev := Event{ExecID: execID, Type: "exit", Seq: next, ExitCode: -1, Error: x.ErrorMessage}
+					if x.Status == state.ExecCanceled {
+						ev.Error = "canceled" // as the pump's exit event says it
+					}
 					if x.ExitCode != nil {
 						ev.ExitCode = *x.ExitCode
 					}

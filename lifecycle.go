@@ -60,7 +60,7 @@ func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) error {
 			e.log.Warn("VM did not power off in time; killing it", "box", id)
 		}
 	}
-	lb.agent.Close()
+	lb.close()
 	if err := lb.vm.Kill(); err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "stop box %s", id)
 	}
@@ -169,10 +169,12 @@ func (e *Engine) Run(ctx context.Context, box BoxSpec, cmd ExecSpec) (*ExecResul
 func (e *Engine) reserve(cpu, mem int) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.usedCPU+cpu > e.cfg.MaxCPU {
+	// Compared as "more than what is left": a huge request cannot overflow
+	// the sum into a small one.
+	if cpu > e.cfg.MaxCPU-e.usedCPU {
 		return errdefs.New(errdefs.ResourceExceeded, "Total CPU limit (%d) would be exceeded", e.cfg.MaxCPU)
 	}
-	if e.usedMem+mem > e.cfg.MaxMemoryMB {
+	if mem > e.cfg.MaxMemoryMB-e.usedMem {
 		return errdefs.New(errdefs.ResourceExceeded, "Total memory limit (%dMB) would be exceeded", e.cfg.MaxMemoryMB)
 	}
 	e.usedCPU += cpu

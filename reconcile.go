@@ -77,7 +77,22 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 			agent.Close()
 			return nil, err
 		}
-		return &liveBox{vm: vm, agent: agent, img: img}, nil
+		lb := &liveBox{vm: vm, agent: agent, img: img}
+		if rec.Network {
+			// The network lived in the dead engine: a new one, with the
+			// same policy and published ports, on the VM's NIC.
+			if lb.net, err = e.newNetwork(&rec); err != nil {
+				agent.Close()
+				return nil, err
+			}
+			nconn, err := vm.DialNetwork(actx)
+			if err != nil {
+				lb.close()
+				return nil, err
+			}
+			lb.net.Attach(nconn)
+		}
+		return lb, nil
 	}()
 	if err != nil {
 		vm.Kill()

@@ -29,8 +29,12 @@ type Options struct {
 	KeepAlive time.Duration
 	// SpoolDir holds an upload whose file part arrives before its
 	// destination (rare: clients send the destination first); default the
-	// system's temp dir.
+	// system's temp dir. At most 64 MiB is held there.
 	SpoolDir string
+	// UploadIdle bounds the pause between two reads of an upload's body:
+	// a slow upload may take as long as it needs, a stalled one is
+	// dropped; default 60 s.
+	UploadIdle time.Duration
 	// Logger receives one line per request; default discards.
 	Logger *slog.Logger
 }
@@ -48,6 +52,9 @@ type API struct {
 func New(eng *boxrun.Engine, opts Options) *API {
 	if opts.KeepAlive <= 0 {
 		opts.KeepAlive = 15 * time.Second
+	}
+	if opts.UploadIdle <= 0 {
+		opts.UploadIdle = 60 * time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -117,8 +124,19 @@ func (rt route) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // ServeHTTP serves the API: one log line per request, and a handler panic
 // is an error answer, never a dropped server.
-func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.serve(w, r, nil) }
+
+// guarded is the API behind g: a request g refuses is answered (and logged
+// like any other) without reaching a route.
+func (a *API) guarded(g *guard) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { a.serve(w, r, g) })
+}
+
+func (a *API) serve(w http.ResponseWriter, r *http.Request, g *guard) {
 	start := time.Now()
+	// A streamed answer leaves a write deadline on its connection; it must
+	// not cut the next request on that keep-alive connection short.
+	http.NewResponseController(w).SetWriteDeadline(time.Time{})
 	rec := &recorder{ResponseWriter: w}
 	defer func() {
 		if v := recover(); v != nil {
@@ -136,6 +154,12 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		a.log.Info("request", "method", r.Method, "path", r.URL.Path, "status", rec.status, "dur", time.Since(start))
 	}()
+	if g != nil {
+		if err := g.admit(rec, r); err != nil {
+			writeError(rec, err)
+			return
+		}
+	}
 	a.mux.ServeHTTP(rec, r)
 }
 

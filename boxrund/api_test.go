@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -38,6 +39,13 @@ func TestNoVM(t *testing.T) {
 			{`{"image":"x","cpu":"two"}`, "cpu must be an integer"},
 			{`{"image":"x","env":["A=1"]}`, "env must be an object"},
 			{`{"image":"x","volumes":[{"host_path":"rel","guest_path":"/m"}]}`, "volume paths must be absolute"},
+			// Sizes past any machine: 422, not an overflow.
+			{`{"image":"x","cpu":1025}`, "cpu must be at most 1024"},
+			{`{"image":"x","cpu":9223372036854775807}`, "cpu must be at most 1024"},
+			{`{"image":"x","memory_mb":16777217}`, "memory_mb must be at most 16777216"},
+			{`{"image":"x","memory_mb":9223372036854775807}`, "memory_mb must be at most"},
+			{`{"image":"x","disk_size_gb":65537}`, "disk_size_gb must be at most 65536"},
+			{`{"image":"x","disk_size_gb":9223372036854775807}`, "disk_size_gb must be at most"},
 		} {
 			c.do(t, "POST", "/v1/boxes", tc.body).wantError(t, 422, "VALIDATION_ERROR", tc.msg)
 		}
@@ -54,6 +62,11 @@ func TestNoVM(t *testing.T) {
 		c.do(t, "POST", "/v1/boxes/box_1/exec", `{"cmd":[]}`).wantError(t, 422, "VALIDATION_ERROR", "cmd must be a non-empty list")
 		c.do(t, "POST", "/v1/boxes/box_1/exec", `{"cmd":["ls"],"workdir":"rel"}`).wantError(t, 422, "VALIDATION_ERROR", "workdir must be an absolute path")
 		c.do(t, "POST", "/v1/boxes/box_1/exec", `{"cmd":["ls"],"timeout_ms":-1}`).wantError(t, 422, "VALIDATION_ERROR", "timeout_ms must be positive")
+		c.do(t, "POST", "/v1/boxes/box_1/exec", `{"cmd":["ls"],"timeout_ms":9223372036854775807}`).wantError(t, 422, "VALIDATION_ERROR", "timeout_ms must be at most")
+		c.do(t, "POST", "/v1/run", `{"image":"x","cmd":["ls"],"timeout_ms":2592000001}`).wantError(t, 422, "VALIDATION_ERROR", "timeout_ms must be at most")
+		c.do(t, "POST", "/v1/run", `{"image":"x","cmd":["ls"],"cpu":100000}`).wantError(t, 422, "VALIDATION_ERROR", "cpu must be at most")
+		// An upload is checked for multipart before its box is looked up.
+		c.send(t, c.req(t, "POST", "/v1/boxes/nonexistent/files/upload", "application/json", strings.NewReader("{}"))).wantError(t, 400, "VALIDATION_ERROR", "multipart/form-data")
 		c.do(t, "GET", "/v1/boxes/box_1/exec/nonexistent", "").wantError(t, 404, "EXEC_NOT_FOUND", "Exec 'nonexistent' not found")
 		c.do(t, "GET", "/v1/boxes/box_1/exec/nonexistent/events", "").wantError(t, 404, "EXEC_NOT_FOUND", "nonexistent")
 		c.do(t, "POST", "/v1/boxes/box_1/exec/nonexistent:cancel", "").wantError(t, 404, "EXEC_NOT_FOUND", "nonexistent")
@@ -75,13 +88,26 @@ func TestNoVM(t *testing.T) {
 		c.do(t, "POST", "/v1/boxes", boxBody(`"cpu":1,"memory_mb":70000`)).wantError(t, 409, "RESOURCE_EXCEEDED", "Total memory limit")
 		c.do(t, "POST", "/v1/boxes", boxBody(`"volumes":[{"host_path":"/no/such/dir","guest_path":"/m"}]`)).wantError(t, 400, "RUNTIME_ERROR", "Volume host path does not exist")
 		c.do(t, "POST", "/v1/boxes", `{"image":"docker://127.0.0.1:1/none:latest"}`).wantError(t, 400, "IMAGE_PULL_FAILED", "127.0.0.1:1/none")
+		// Network policy and ports (beyond upstream) are validated before any VM work.
+		c.do(t, "POST", "/v1/boxes", boxBody(`"ports":[{"host_port":18080,"guest_port":80}]`)).wantError(t, 422, "VALIDATION_ERROR", "need network: true")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"allow":["127.0.0.1"]}`)).wantError(t, 422, "VALIDATION_ERROR", "AllowHostPorts")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"deny":["not a rule"]}`)).wantError(t, 422, "VALIDATION_ERROR", "not a CIDR")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"ports":[{"host_port":0,"guest_port":80}]`)).wantError(t, 422, "VALIDATION_ERROR", "1-65535")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"ports":[{"host_port":1,"guest_port":80,"protocol":"sctp"}]`)).wantError(t, 422, "VALIDATION_ERROR", "only tcp")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"allow_host_ports":"all"}`)).wantError(t, 422, "VALIDATION_ERROR", "must be")
+		busy, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.do(t, "POST", "/v1/boxes", boxBody(fmt.Sprintf(`"name":"busy-port","network":true,"ports":[{"host_port":%d,"guest_port":80}]`, busy.Addr().(*net.TCPAddr).Port))).wantError(t, 400, "RUNTIME_ERROR", "publish port")
+		busy.Close()
 		c.do(t, "POST", "/v1/gc", `{"older_than":-1}`).wantError(t, 422, "VALIDATION_ERROR", "older_than")
 		gc := c.do(t, "POST", "/v1/gc", `{"older_than":3600}`).want(t, 200).object(t)
 		wantKeys(t, "gc", gc, "removed")
 		c.do(t, "POST", "/v1/gc", "").want(t, 200) // beyond upstream: no body means the default
 		// None of the failed creates left a box behind.
 		for _, b := range c.do(t, "GET", "/v1/boxes", "").array(t) {
-			if b["name"] == "too-big" || b["status"] == "creating" {
+			if b["name"] == "too-big" || b["name"] == "busy-port" || b["status"] == "creating" {
 				t.Errorf("failed create left %v", b)
 			}
 		}
@@ -203,6 +229,15 @@ func TestBoxLifecycle(t *testing.T) {
 			t.Errorf("stopped box %v", st)
 		}
 		c.do(t, "POST", "/v1/boxes/"+id+":stop", "").wantError(t, 400, "BOX_NOT_RUNNING", "is not running (status: stopped)")
+		// An older_than past what a duration holds removes nothing (it
+		// used to overflow into "everything stopped").
+		for _, older := range []string{"9223372036854775807", "9223372036854775", "315360000000"} {
+			gc := c.do(t, "POST", "/v1/gc", `{"older_than":`+older+`}`).want(t, 200).object(t)
+			if gc["removed"] != float64(0) {
+				t.Errorf("gc older_than %s removed %v", older, gc["removed"])
+			}
+		}
+		c.do(t, "GET", "/v1/boxes/"+id, "").want(t, 200)
 		c.do(t, "POST", "/v1/boxes/"+id+"/exec", `{"cmd":["true"]}`).wantError(t, 400, "BOX_NOT_RUNNING", "is not running")
 		c.do(t, "POST", "/v1/boxes/"+id+"/files/download", `{"path":"/etc/passwd"}`).wantError(t, 400, "BOX_NOT_RUNNING", "Box is not running")
 		up := c.upload(t, id, "dest", "/root/x", []byte("x"), false)

@@ -1,13 +1,19 @@
 package boxrund
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -116,10 +122,11 @@ func TestBadInput(t *testing.T) {
 }
 
 // TestIdleConnections: connections that send nothing are dropped at the
-// header timeout, and the connection cap makes the rest wait rather than
-// exhaust the server.
+// header timeout, and the hard connection cap makes the rest wait rather
+// than exhaust the server. Idle keep-alive connections past MaxIdle are
+// closed, longest idle first, so they never hold the slots.
 func TestIdleConnections(t *testing.T) {
-	srv, err := Listen(New(fx.eng, Options{}), ListenConfig{Port: freePort(), MaxConns: 4, HeaderTimeout: time.Second})
+	srv, err := Listen(New(fx.eng, Options{}), ListenConfig{Port: freePort(), MaxConns: 4, MaxIdle: 2, HeaderTimeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,6 +156,48 @@ func TestIdleConnections(t *testing.T) {
 			t.Errorf("idle connection: read %v, want EOF (closed by the server)", err)
 		}
 	}
+	c.http.Transport.(*http.Transport).CloseIdleConnections()
+
+	// Four keep-alive connections, each idle after one request: the two
+	// longest idle are closed, the newest two stay open; a fifth client
+	// is answered at once although four connections were opened.
+	var kept []net.Conn
+	for i := range 4 {
+		conn, err := net.Dial("tcp", srv.TCPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		kept = append(kept, conn)
+		fmt.Fprintf(conn, "GET /v1/info HTTP/1.1\r\nHost: %s\r\n\r\n", srv.TCPAddr())
+		res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil || res.StatusCode != 200 {
+			t.Fatalf("keep-alive request %d: %v", i, err)
+		}
+		io.Copy(io.Discard, res.Body)
+		time.Sleep(100 * time.Millisecond) // idle in the order sent
+	}
+	t.Cleanup(func() {
+		for _, c := range kept {
+			c.Close()
+		}
+	})
+	for i, conn := range kept {
+		wantOpen := i >= 2
+		d := 5 * time.Second
+		if wantOpen {
+			d = 300 * time.Millisecond
+		}
+		conn.SetReadDeadline(time.Now().Add(d))
+		_, err := conn.Read(make([]byte, 1))
+		if open := errors.Is(err, os.ErrDeadlineExceeded); open != wantOpen {
+			t.Errorf("keep-alive connection %d: read %v, want open %v", i, err, wantOpen)
+		}
+	}
+	start = time.Now()
+	c.do(t, "GET", "/v1/info", "").want(t, 200)
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("a new client waited %v with two keep-alive connections open", d)
+	}
 }
 
 // serve runs srv until the test ends.
@@ -164,11 +213,14 @@ func serve(t *testing.T, srv *Server) {
 	})
 }
 
-// TestToken: with a token, TCP requests need it (401 JSON otherwise); the
-// 0600 socket does not. A non-loopback host is refused without a token.
+// TestToken: with a token, TCP requests need it (401 JSON otherwise, and
+// logged like any request); the 0600 socket does not. A non-loopback host
+// is refused without a token.
 func TestToken(t *testing.T) {
 	dir := t.TempDir()
-	srv, err := Listen(New(fx.eng, Options{}), ListenConfig{Socket: filepath.Join(dir, "s.sock"), Port: freePort(), Token: "s3cret"})
+	var logBuf syncBuffer
+	logger := slog.New(slog.NewTextHandler(&logBuf, nil))
+	srv, err := Listen(New(fx.eng, Options{Logger: logger}), ListenConfig{Socket: filepath.Join(dir, "s.sock"), Port: freePort(), Token: "s3cret"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,6 +244,23 @@ func TestToken(t *testing.T) {
 	lower.send(t, req).want(t, 200)
 	tcpClient(srv.TCPAddr(), "s3cret").do(t, "GET", "/v1/nope", "").wantError(t, 404, "NOT_FOUND", "")
 	unixClient(srv.Socket()).do(t, "GET", "/v1/info", "").want(t, 200)
+	// With a token any Host will do (the token is the guard); a foreign
+	// Origin is still refused.
+	tc := tcpClient(srv.TCPAddr(), "s3cret")
+	req = tc.req(t, "GET", "/v1/info", "", nil)
+	req.Host = "boxes.example.com:9090"
+	tc.send(t, req).want(t, 200)
+	req = tc.req(t, "POST", "/v1/gc", "application/json", strings.NewReader("{}"))
+	req.Header.Set("Origin", "http://evil.example")
+	tc.send(t, req).wantError(t, 403, "FORBIDDEN", "evil.example")
+	// Every request is logged, the refused ones too.
+	deadline := time.Now().Add(5 * time.Second)
+	for strings.Count(logBuf.String(), "status=401") < 5 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := strings.Count(logBuf.String(), "status=401"); n != 5 {
+		t.Errorf("%d log lines with status=401 for 5 refused requests:\n%s", n, logBuf.String())
+	}
 
 	for _, host := range []string{"0.0.0.0", "::", "192.0.2.1"} {
 		_, err := Listen(New(fx.eng, Options{}), ListenConfig{Host: host, Port: freePort()})
@@ -199,6 +268,66 @@ func TestToken(t *testing.T) {
 			t.Errorf("host %s without token: %v", host, err)
 		}
 	}
+}
+
+// TestHostOrigin: without a token, TCP requests must name a loopback host
+// (DNS rebinding), and a request from another Origin is refused (CSRF);
+// what the SDK's clients send passes: httpx over TCP sends Host
+// 127.0.0.1:PORT, over the socket "localhost". The socket is not guarded.
+func TestHostOrigin(t *testing.T) {
+	c := fx.clients["tcp"]
+	addr := fx.srv.TCPAddr()
+	_, port, _ := net.SplitHostPort(addr)
+	send := func(c *client, method, path, host, origin string) *resp {
+		var body io.Reader
+		ctype := ""
+		if method == "POST" {
+			body, ctype = strings.NewReader("{}"), "application/json"
+		}
+		req := c.req(t, method, path, ctype, body)
+		if host != "" {
+			req.Host = host
+		}
+		if origin != "" {
+			req.Header.Set("Origin", origin)
+		}
+		return c.send(t, req)
+	}
+	for _, host := range []string{addr, "127.0.0.1", "localhost:" + port, "LocalHost", "127.8.9.10:" + port, "[::1]:" + port, "[::1]", "localhost."} {
+		if r := send(c, "GET", "/v1/info", host, ""); r.status != 200 {
+			t.Errorf("Host %q: %d %s", host, r.status, r.body)
+		}
+	}
+	for _, host := range []string{"evil.example", "evil.example:" + port, "127.0.0.1.evil.example", "localhost.evil.example:" + port, "10.0.0.1"} {
+		send(c, "GET", "/v1/info", host, "").wantError(t, 403, "FORBIDDEN", "loopback")
+		send(c, "POST", "/v1/gc", host, "").wantError(t, 403, "FORBIDDEN", "loopback")
+	}
+	for _, origin := range []string{"http://evil.example", "null", "http://localhost:" + port, "https://" + addr, "http://" + addr + ".evil.example"} {
+		send(c, "POST", "/v1/gc", "", origin).wantError(t, 403, "FORBIDDEN", "cross-origin")
+	}
+	send(c, "POST", "/v1/gc", "", "http://"+addr).want(t, 200)
+	send(c, "POST", "/v1/gc", "localhost:"+port, "http://localhost:"+port).want(t, 200)
+	u := fx.clients["unix"]
+	send(u, "GET", "/v1/info", "", "").want(t, 200)
+	send(u, "POST", "/v1/gc", "evil.example", "http://evil.example").want(t, 200)
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // TestSocket: the socket is 0600; a stale one is replaced, a live one or

@@ -1,6 +1,7 @@
 package boxrund
 
 import (
+	"math"
 	"net/http"
 	"strings"
 	"time"
@@ -20,7 +21,20 @@ type createRequest struct {
 	Workdir    *string           `json:"workdir"`
 	Env        map[string]string `json:"env"`
 	Volumes    []volumeJSON      `json:"volumes"`
+	// Beyond upstream (unknown to its SDK, harmless to it): what the box
+	// may reach, and its ports published on the host.
+	NetworkPolicy *boxrun.NetworkPolicy `json:"network_policy"`
+	Ports         []boxrun.Port         `json:"ports"`
 }
+
+// Upper bounds of the request's sizes, far above any real machine: a value
+// beyond them is a mistake (or an attack on an overflow), answered 422.
+const (
+	maxCPU        = 1024
+	maxMemoryMB   = 16 << 20 // 16 TiB
+	maxDiskSizeGB = 64 << 10 // 64 TiB
+	maxTimeoutMS  = 30 * 24 * 3600 * 1000
+)
 
 // spec validates the request (422 with upstream's messages) and fills in
 // upstream's defaults: cpu 2, memory 1024 MiB, disk 8 GiB, workdir /root.
@@ -31,15 +45,22 @@ func (c *createRequest) spec() (boxrun.BoxSpec, error) {
 	}
 	s.Image = *c.Image
 	for _, f := range []struct {
-		v    *int
-		def  int
-		dst  *int
-		name string
-	}{{c.CPU, 2, &s.CPU, "cpu"}, {c.MemoryMB, 1024, &s.MemoryMB, "memory_mb"}, {c.DiskSizeGB, 8, &s.DiskSizeGB, "disk_size_gb"}} {
+		v        *int
+		def, max int
+		dst      *int
+		name     string
+	}{
+		{c.CPU, 2, maxCPU, &s.CPU, "cpu"},
+		{c.MemoryMB, 1024, maxMemoryMB, &s.MemoryMB, "memory_mb"},
+		{c.DiskSizeGB, 8, maxDiskSizeGB, &s.DiskSizeGB, "disk_size_gb"},
+	} {
 		*f.dst = f.def
 		if f.v != nil {
 			if *f.v <= 0 {
 				return s, invalid("%s must be greater than 0", f.name)
+			}
+			if *f.v > f.max {
+				return s, invalid("%s must be at most %d", f.name, f.max)
 			}
 			*f.dst = *f.v
 		}
@@ -58,6 +79,10 @@ func (c *createRequest) spec() (boxrun.BoxSpec, error) {
 		s.Network = *c.Network
 	}
 	s.Env = c.Env
+	if c.NetworkPolicy != nil {
+		s.NetworkPolicy = *c.NetworkPolicy
+	}
+	s.Ports = c.Ports
 	for _, v := range c.Volumes {
 		if !strings.HasPrefix(v.HostPath, "/") || !strings.HasPrefix(v.GuestPath, "/") {
 			return s, invalid("volume paths must be absolute (host_path %q, guest_path %q)", v.HostPath, v.GuestPath)
@@ -159,7 +184,13 @@ func (a *API) gc(w http.ResponseWriter, r *http.Request) error {
 		}
 		older = *req.OlderThan
 	}
-	n, err := a.eng.GC(detached(r), time.Duration(older)*time.Second)
+	// Past what a Duration holds (~292 years) nothing is that old: clamp,
+	// rather than let the product overflow into "everything".
+	d := time.Duration(math.MaxInt64)
+	if older <= math.MaxInt64/int64(time.Second) {
+		d = time.Duration(older) * time.Second
+	}
+	n, err := a.eng.GC(detached(r), d)
 	if err != nil {
 		return err
 	}

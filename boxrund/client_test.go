@@ -124,7 +124,7 @@ func wantKeys(t *testing.T, what string, m map[string]any, want string) {
 }
 
 const (
-	boxKeys  = "id,name,status,image,cpu,memory_mb,disk_size_gb,network,workdir,env,volumes,boxlite_id,error_code,error_message,created_at,started_at,stopped_at"
+	boxKeys  = "id,name,status,image,cpu,memory_mb,disk_size_gb,network,workdir,env,volumes,boxlite_id,error_code,error_message,created_at,started_at,stopped_at,network_policy,ports"
 	execKeys = "id,box_id,status,cmd,env,workdir,timeout_ms,exit_code,error_message,created_at,finished_at"
 )
 

@@ -9,6 +9,10 @@ import (
 	"github.com/boxrun/boxrun"
 )
 
+// writeTimeout bounds each write of a streamed answer (SSE, downloads): a
+// client that stops reading is dropped after it.
+const writeTimeout = 30 * time.Second
+
 // logData is the data line of an SSE event (spec §3.3): exactly these keys.
 type logData struct {
 	Stream *string `json:"stream"`
@@ -43,7 +47,21 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
-	rc.Flush()
+	// Every write has a deadline: a client that stops reading ends its
+	// stream (and, through ctx, the engine's follower) instead of pinning
+	// the handler.
+	send := func(b []byte) bool {
+		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if len(b) > 0 {
+			if _, err := w.Write(b); err != nil {
+				return false
+			}
+		}
+		return rc.Flush() == nil
+	}
+	if !send(nil) {
+		return nil
+	}
 	keep := time.NewTicker(a.opts.KeepAlive)
 	defer keep.Stop()
 	var buf bytes.Buffer
@@ -77,19 +95,17 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) error {
 					break
 				}
 			}
-			if _, err := w.Write(buf.Bytes()); err != nil {
-				return nil // the client left
+			if !send(buf.Bytes()) {
+				return nil // the client left, or stopped reading
 			}
-			rc.Flush()
 			if ev.Type == "exit" {
 				return nil
 			}
 			keep.Reset(a.opts.KeepAlive)
 		case <-keep.C:
-			if _, err := w.Write([]byte(":\n\n")); err != nil {
+			if !send([]byte(":\n\n")) {
 				return nil
 			}
-			rc.Flush()
 		case <-ctx.Done():
 			return nil
 		}

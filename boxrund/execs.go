@@ -33,6 +33,9 @@ func (x *execRequest) spec() (boxrun.ExecSpec, error) {
 		if *x.TimeoutMS <= 0 {
 			return s, invalid("timeout_ms must be positive")
 		}
+		if *x.TimeoutMS > maxTimeoutMS {
+			return s, invalid("timeout_ms must be at most %d (30 days)", maxTimeoutMS)
+		}
 		s.Timeout = time.Duration(*x.TimeoutMS) * time.Millisecond
 	}
 	return s, nil
@@ -101,8 +104,11 @@ type runRequest struct {
 }
 
 // run serves POST /v1/run: create, exec, remove (also on error or when the
-// client leaves). Beyond upstream, error_message says why a command ended
-// abnormally (timeout, signal).
+// client leaves). Errors before the command started are error answers;
+// once it ran, the answer is 200 with what it wrote: exit_code is the exit
+// event's (-1 when there was none, as when it was canceled before it
+// ended), and, beyond upstream, error_message says why a command ended
+// abnormally (timeout, signal, cancel, runtime error).
 func (a *API) run(w http.ResponseWriter, r *http.Request) error {
 	var req runRequest
 	if err := decode(w, r, &req, false); err != nil {
@@ -120,21 +126,28 @@ func (a *API) run(w http.ResponseWriter, r *http.Request) error {
 	}
 	res, err := a.eng.Run(r.Context(), box, cmd)
 	if res == nil {
-		return err
+		return err // it did not start
 	}
 	out := runJSON{Stdout: res.Stdout, Stderr: res.Stderr}
 	code := res.ExitCode
-	out.ExitCode = &code
+	var msg string
 	switch {
 	case errdefs.Is(err, errdefs.Timeout):
-		msg := "timed out after " + cmd.Timeout.String()
-		out.ErrorMessage = &msg
+		msg = "timed out after " + cmd.Timeout.String()
+	case errdefs.Is(err, errdefs.Canceled):
+		msg = "canceled"
+		if res.Signal == "" && code == 0 {
+			code = -1 // no exit event: it never ended on its own
+		}
 	case err != nil:
-		return err
+		msg = asAPIError(err).message
 	case res.Signal != "":
-		msg := "killed by " + res.Signal
+		msg = "killed by " + res.Signal
+	}
+	if msg != "" {
 		out.ErrorMessage = &msg
 	}
+	out.ExitCode = &code
 	writeJSON(w, http.StatusOK, out)
 	return nil
 }

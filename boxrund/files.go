@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"mime/multipart"
 	"net/http"
 	"os"
 	"path"
@@ -14,10 +15,6 @@ import (
 	"github.com/boxrun/boxrun"
 	"github.com/boxrun/boxrun/errdefs"
 )
-
-// uploadIdle bounds the pause between two reads of an upload's body: a
-// slow upload may take as long as it needs, a stalled one is dropped.
-const uploadIdle = 60 * time.Second
 
 // runningBox looks a box up for a file transfer: 404 when missing, 400
 // BOX_NOT_RUNNING when not running, before any of the body is read.
@@ -32,22 +29,34 @@ func (a *API) runningBox(r *http.Request) (*boxrun.Box, error) {
 	return box, nil
 }
 
+// maxSpool caps the file part spooled to the host when it arrives before
+// its destination. Clients send "dest" first (httpx, curl -F in order, the
+// SDK), and then the file is streamed into the box, of any size.
+const maxSpool = 64 << 20
+
 // upload serves POST /v1/boxes/{box}/files/upload: multipart with a file
 // part "file" and its full destination path "dest" (or "path", as older
 // SDKs send). The file is streamed into the box as it arrives (parents
 // created); only when "file" comes before "dest" is it spooled to a host
-// temp file first, capped at the box's disk size.
+// temp file first, up to maxSpool. Once the file is written, later
+// destination fields are ignored: the answer names where it went.
 func (a *API) upload(w http.ResponseWriter, r *http.Request) error {
+	// Validation, then the lookup, then the box's state.
+	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err == nil && (mt != "multipart/form-data" || params["boundary"] == "") {
+		err = errors.New("no multipart/form-data with a boundary in the Content-Type")
+	}
+	if err != nil {
+		return badRequest("upload must be multipart/form-data with parts 'file' and 'dest': %v", err)
+	}
 	box, err := a.runningBox(r)
 	if err != nil {
 		return err
 	}
-	mr, err := r.MultipartReader()
-	if err != nil {
-		return badRequest("upload must be multipart/form-data with parts 'file' and 'dest': %v", err)
-	}
-	body := &idleReader{r: r.Body, rc: http.NewResponseController(w)}
-	r.Body = body
+	// The reader reads through idleReader, so every read of the body (the
+	// file part too) extends the deadline.
+	body := &idleReader{r: r.Body, rc: http.NewResponseController(w), idle: a.opts.UploadIdle}
+	mr := multipart.NewReader(body, params["boundary"])
 	var dest string
 	var spool *os.File
 	defer func() {
@@ -75,7 +84,7 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) error {
 			if len(b) > 4096 {
 				return badRequest("dest is longer than 4096 bytes")
 			}
-			if dest == "" || part.FormName() == "dest" {
+			if !wrote && (dest == "" || part.FormName() == "dest") {
 				dest = string(b)
 			}
 		case "file":
@@ -95,13 +104,13 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) error {
 			if spool, err = os.CreateTemp(a.opts.SpoolDir, "boxrund-upload-*"); err != nil {
 				return errdefs.Wrap(errdefs.RuntimeError, err, "Failed to upload file")
 			}
-			limit := int64(box.DiskSizeGB) << 30
-			n, err := io.Copy(spool, io.LimitReader(part, limit+1))
+			n, err := io.Copy(spool, io.LimitReader(part, maxSpool+1))
 			if err != nil {
 				return badRequest("malformed multipart body: %v", err)
 			}
-			if n > limit {
-				return newError(http.StatusRequestEntityTooLarge, errdefs.ResourceExceeded, "file is larger than the box's disk (%d GiB)", box.DiskSizeGB)
+			if n > maxSpool {
+				return newError(http.StatusRequestEntityTooLarge, errdefs.ValidationError,
+					"the 'file' part came before 'dest' and is larger than %d MiB, the most that is held until 'dest' arrives: send the 'dest' field before 'file' (then the file is streamed, of any size)", maxSpool>>20)
 			}
 		}
 		part.Close()
@@ -145,11 +154,12 @@ func uploadError(err error) error {
 
 // idleReader extends the connection's read deadline before each read.
 type idleReader struct {
-	r  io.ReadCloser
-	rc *http.ResponseController
+	r    io.ReadCloser
+	rc   *http.ResponseController
+	idle time.Duration
 }
 
-func (b *idleReader) extend() { b.rc.SetReadDeadline(time.Now().Add(uploadIdle)) }
+func (b *idleReader) extend() { b.rc.SetReadDeadline(time.Now().Add(b.idle)) }
 
 func (b *idleReader) Read(p []byte) (int, error) {
 	b.extend()
@@ -195,7 +205,7 @@ func (a *API) download(w http.ResponseWriter, r *http.Request) error {
 	if st.IsDir {
 		w.Header().Set("Content-Type", "application/x-tar")
 		w.Header().Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": name + ".tar"}))
-		cw := &countingWriter{w: w}
+		cw := &countingWriter{w: &deadlineWriter{w: w, rc: http.NewResponseController(w)}}
 		if err := a.eng.ReadTar(r.Context(), box.ID, p, cw); err != nil {
 			if cw.n == 0 {
 				return err
@@ -214,7 +224,7 @@ func (a *API) download(w http.ResponseWriter, r *http.Request) error {
 	w.Header().Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": name}))
 	w.Header().Set("Content-Length", fmt.Sprint(f.Size))
 	w.WriteHeader(http.StatusOK)
-	if n, err := io.Copy(w, f); err != nil || n != f.Size {
+	if n, err := io.Copy(&deadlineWriter{w: w, rc: http.NewResponseController(w)}, f); err != nil || n != f.Size {
 		if err == nil {
 			err = errors.New("short read")
 		}
@@ -233,4 +243,17 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
 	return n, err
+}
+
+// deadlineWriter sets the connection's write deadline before each write:
+// a client that stops reading a download fails the copy, which ends the
+// transfer from the box, instead of pinning the handler.
+type deadlineWriter struct {
+	w  io.Writer
+	rc *http.ResponseController
+}
+
+func (d *deadlineWriter) Write(p []byte) (int, error) {
+	d.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	return d.w.Write(p)
 }

@@ -34,6 +34,9 @@ type boxJSON struct {
 	CreatedAt    string            `json:"created_at"`
 	StartedAt    *string           `json:"started_at"`
 	StoppedAt    *string           `json:"stopped_at"`
+	// Beyond upstream's 17 keys: null without network.
+	NetworkPolicy *boxrun.NetworkPolicy `json:"network_policy"`
+	Ports         []boxrun.Port         `json:"ports"`
 }
 
 // execJSON has exactly the 11 keys of a BoxRun exec: the Python SDK builds
@@ -102,6 +105,13 @@ func boxOf(b *boxrun.Box) boxJSON {
 	}
 	for _, v := range b.Volumes {
 		j.Volumes = append(j.Volumes, volumeJSON{HostPath: v.HostPath, GuestPath: v.GuestPath, ReadOnly: v.ReadOnly})
+	}
+	if b.Network {
+		p := b.NetworkPolicy
+		j.NetworkPolicy, j.Ports = &p, b.Ports
+		if j.Ports == nil {
+			j.Ports = []boxrun.Port{}
+		}
 	}
 	return j
 }

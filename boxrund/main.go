@@ -60,6 +60,12 @@ func Main(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// The first signal starts the graceful shutdown; from then on the
+	// default action is back, so a second Ctrl-C kills the process.
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
 	eng, err := boxrun.New(ctx, cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "boxrund:", err)

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,11 +29,19 @@ type ListenConfig struct {
 	Port   int    // TCP port
 	// Token, when set, must come as "Authorization: Bearer <token>" on
 	// every TCP request. A Host that is not loopback needs one. The socket
-	// is guarded by its file mode instead.
+	// is guarded by its file mode instead. Without a token, TCP requests
+	// must name a loopback host (or Host) in their Host header, so that a
+	// web page rebound to 127.0.0.1 cannot reach the API; with or without,
+	// a request with an Origin header from another origin is refused.
 	Token string
-	// MaxConns caps open connections per listener (default 512): more
-	// wait in the kernel's backlog rather than exhaust the server.
+	// MaxConns is a hard cap on open connections per listener (default
+	// 4096): beyond it new ones wait in the kernel's backlog rather than
+	// exhaust the server.
 	MaxConns int
+	// MaxIdle caps the idle keep-alive connections per listener (default
+	// 64): past it the longest idle ones are closed, so idle clients never
+	// hold the slots that new ones need.
+	MaxIdle int
 	// HeaderTimeout drops a connection that has not sent a whole request
 	// header in time (default 10 s): idle or half-sent requests cannot
 	// hold the connection slots.
@@ -40,13 +50,14 @@ type ListenConfig struct {
 
 // Server serves an API on its listeners.
 type Server struct {
-	api     *API
-	log     *slog.Logger
-	socket  string
-	sockIno uint64
-	tcpAddr string
-	servers []*http.Server
-	lns     []net.Listener
+	api      *API
+	log      *slog.Logger
+	socket   string
+	sockIno  uint64
+	tcpAddr  string
+	servers  []*http.Server
+	lns      []net.Listener
+	inflight inflight
 }
 
 // Listen binds the listeners of cfg. Nothing is served until Serve.
@@ -58,7 +69,10 @@ func Listen(api *API, cfg ListenConfig) (*Server, error) {
 		cfg.Host = "127.0.0.1"
 	}
 	if cfg.MaxConns <= 0 {
-		cfg.MaxConns = 512
+		cfg.MaxConns = 4096
+	}
+	if cfg.MaxIdle <= 0 {
+		cfg.MaxIdle = 64
 	}
 	if cfg.HeaderTimeout <= 0 {
 		cfg.HeaderTimeout = 10 * time.Second
@@ -74,11 +88,11 @@ func Listen(api *API, cfg ListenConfig) (*Server, error) {
 			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "listen")
 		}
 		s.tcpAddr = ln.Addr().String()
-		var h http.Handler = api
+		g := &guard{host: cfg.Host}
 		if cfg.Token != "" {
-			h = requireToken(cfg.Token, api)
+			g.token = []byte(cfg.Token)
 		}
-		s.add(limit(ln, cfg.MaxConns), h, cfg.HeaderTimeout)
+		s.add(limit(ln, cfg.MaxConns), api.guarded(g), cfg)
 	}
 	if cfg.Socket != "" {
 		ln, ino, err := listenUnix(cfg.Socket)
@@ -87,21 +101,32 @@ func Listen(api *API, cfg ListenConfig) (*Server, error) {
 			return nil, err
 		}
 		s.socket, s.sockIno = cfg.Socket, ino
-		s.add(limit(ln, cfg.MaxConns), api, cfg.HeaderTimeout)
+		s.add(limit(ln, cfg.MaxConns), api, cfg)
 	}
 	return s, nil
 }
 
-func (s *Server) add(ln net.Listener, h http.Handler, headerTimeout time.Duration) {
+func (s *Server) add(ln net.Listener, h http.Handler, cfg ListenConfig) {
+	idle := &idleConns{max: cfg.MaxIdle}
 	s.lns = append(s.lns, ln)
 	s.servers = append(s.servers, &http.Server{
-		Handler: h,
+		Handler: s.track(h),
 		// A client that sends half a request header is dropped; bodies
 		// have their own deadlines (JSON) or idle limits (uploads).
-		ReadHeaderTimeout: headerTimeout,
+		ReadHeaderTimeout: cfg.HeaderTimeout,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
+		ConnState:         idle.track,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	})
+}
+
+// track counts the handlers in flight, for Serve to wait for.
+func (s *Server) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.inflight.add()
+		defer s.inflight.done()
+		h.ServeHTTP(w, r)
 	})
 }
 
@@ -138,11 +163,90 @@ func (s *Server) Serve(ctx context.Context, grace time.Duration) error {
 		}()
 	}
 	wg.Wait()
+	// Close does not wait for the handlers of the connections it closed:
+	// give them a while more (their requests' contexts are canceled), so
+	// that the caller does not close the engine under them.
+	select {
+	case <-s.inflight.idle():
+	case <-time.After(grace):
+		s.log.Warn("requests still running after shutdown", "count", s.inflight.count())
+	}
 	s.removeSocket()
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
 	return err
+}
+
+// inflight counts running handlers. (Not a WaitGroup: requests may still
+// begin while Serve waits, which a WaitGroup does not allow.)
+type inflight struct {
+	mu   sync.Mutex
+	n    int
+	zero chan struct{} // closed when n drops to 0; nil while n is 0
+}
+
+func (f *inflight) add() {
+	f.mu.Lock()
+	if f.n == 0 {
+		f.zero = make(chan struct{})
+	}
+	f.n++
+	f.mu.Unlock()
+}
+
+func (f *inflight) done() {
+	f.mu.Lock()
+	if f.n--; f.n == 0 {
+		close(f.zero)
+		f.zero = nil
+	}
+	f.mu.Unlock()
+}
+
+func (f *inflight) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n
+}
+
+// idle is closed when no handler runs.
+func (f *inflight) idle() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.zero == nil {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return f.zero
+}
+
+// idleConns closes the longest idle keep-alive connections of a listener
+// past max (an http.Server ConnState hook).
+type idleConns struct {
+	mu    sync.Mutex
+	max   int
+	conns []net.Conn // idle, longest idle first
+}
+
+func (ic *idleConns) track(c net.Conn, st http.ConnState) {
+	var victim net.Conn
+	ic.mu.Lock()
+	if i := slices.Index(ic.conns, c); i >= 0 {
+		ic.conns = slices.Delete(ic.conns, i, i+1)
+	}
+	if st == http.StateIdle {
+		ic.conns = append(ic.conns, c)
+		if len(ic.conns) > ic.max {
+			victim = ic.conns[0]
+			ic.conns = slices.Delete(ic.conns, 0, 1)
+		}
+	}
+	ic.mu.Unlock()
+	if victim != nil {
+		victim.Close() // its server goroutine sees it closed: StateClosed
+	}
 }
 
 func (s *Server) closeListeners() {
@@ -173,9 +277,16 @@ func listenUnix(p string) (net.Listener, uint64, error) {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, 0, errdefs.New(errdefs.ValidationError, "%s exists and is not a socket", p)
 		}
-		if c, err := net.DialTimeout("unix", p, 500*time.Millisecond); err == nil {
+		c, err := net.DialTimeout("unix", p, 500*time.Millisecond)
+		if err == nil {
 			c.Close()
 			return nil, 0, errdefs.New(errdefs.RuntimeError, "%s is served by another process", p)
+		}
+		// Only a refused (or vanished) socket is stale. A timeout or a
+		// full backlog is a busy live server: never take its socket.
+		if !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ENOENT) {
+			return nil, 0, errdefs.Wrap(errdefs.RuntimeError, err,
+				"%s exists and cannot be probed (another server may be busy on it); not replacing it", p)
 		}
 		if err := os.Remove(p); err != nil {
 			return nil, 0, errdefs.Wrap(errdefs.RuntimeError, err, "remove stale socket")
@@ -212,6 +323,7 @@ func listenUnix(p string) (net.Listener, uint64, error) {
 }
 
 func isLoopback(host string) bool {
+	host = strings.ToLower(strings.TrimSuffix(strings.Trim(host, "[]"), "."))
 	if host == "localhost" {
 		return true
 	}
@@ -219,19 +331,67 @@ func isLoopback(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// requireToken answers 401 to a request without the bearer token (the
-// scheme's case does not matter, RFC 9110 §11.1).
-func requireToken(token string, next http.Handler) http.Handler {
-	want := []byte(token)
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// guard admits the requests of the TCP listener, inside the API's logging:
+//   - without a token, the Host header must name a loopback host
+//     (localhost, 127.0.0.0/8, [::1], any port) or the configured one: a
+//     web page on another name that DNS rebinding points at 127.0.0.1 is
+//     refused (403). With a token, the token is the guard;
+//   - a request with an Origin header must come from the server's own
+//     origin (403): a page elsewhere cannot post to the API (CSRF);
+//   - with a token, "Authorization: Bearer <token>" (401 otherwise; the
+//     scheme's case does not matter, RFC 9110 §11.1).
+type guard struct {
+	host  string // the configured TCP host
+	token []byte // nil: no token
+}
+
+func (g *guard) admit(w http.ResponseWriter, r *http.Request) error {
+	if g.token == nil && !g.hostAllowed(r.Host) {
+		return newError(http.StatusForbidden, "FORBIDDEN",
+			"Host %q is not a loopback address: use http://127.0.0.1:PORT or http://localhost:PORT (a request for another name may come from a web page rebound to this server)", r.Host)
+	}
+	if o := r.Header.Get("Origin"); o != "" && !sameOrigin(o, r) {
+		return newError(http.StatusForbidden, "FORBIDDEN", "cross-origin request from %q refused", o)
+	}
+	if g.token != nil {
 		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(got), want) != 1 {
+		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(got), g.token) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="boxrun"`)
-			writeError(w, newError(http.StatusUnauthorized, "UNAUTHORIZED", "missing or wrong bearer token"))
-			return
+			return newError(http.StatusUnauthorized, "UNAUTHORIZED", "missing or wrong bearer token")
 		}
-		next.ServeHTTP(w, r)
-	})
+	}
+	return nil
+}
+
+// hostAllowed reports whether a Host header (host or host:port) names a
+// loopback host or the configured one.
+func (g *guard) hostAllowed(hostport string) bool {
+	h := hostport
+	if host, _, err := net.SplitHostPort(hostport); err == nil {
+		h = host
+	}
+	if h == "" {
+		return false
+	}
+	return isLoopback(h) || strings.EqualFold(strings.Trim(h, "[]"), strings.Trim(g.host, "[]"))
+}
+
+// sameOrigin reports whether an Origin header is the request's own
+// scheme://host (a default port written or not).
+func sameOrigin(origin string, r *http.Request) bool {
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" || u.Path != "" && u.Path != "/" {
+		return false
+	}
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	if !strings.EqualFold(u.Scheme, scheme) {
+		return false
+	}
+	port := map[string]string{"http": ":80", "https": ":443"}[scheme]
+	return strings.EqualFold(strings.TrimSuffix(u.Host, port), strings.TrimSuffix(r.Host, port))
 }
 
 // limit caps a listener's open connections: Accept waits for a free slot.

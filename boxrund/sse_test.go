@@ -109,3 +109,26 @@ func TestSSEDisconnect(t *testing.T) {
 		t.Errorf("%d goroutines after the subscribers left, %d before:\n%s", n, before, buf[:runtime.Stack(buf, true)])
 	}
 }
+
+// TestSSEMultiByte: output cut where the guest's pipe reads end never
+// splits a UTF-8 character between two events (JSON would turn each half
+// into U+FFFD): the concatenated stdout is exactly what was printed.
+func TestSSEMultiByte(t *testing.T) {
+	box := sharedBox(t)
+	c := fx.clients["tcp"]
+	// 5-byte units: pipe reads of any power-of-two size end inside one.
+	xid := startExec(t, c, box.ID, `yes 'é€' | head -n 100000 | tr -d '\n'; printf 'x\342\202'`)
+	evs, _ := c.events(t, xid)
+	stdout, _, exit := output(t, evs)
+	// An incomplete character at the very end is flushed as it is (and
+	// JSON then makes each byte a U+FFFD).
+	want := strings.Repeat("é€", 100000) + "x\ufffd\ufffd"
+	if exit["exit_code"] != float64(0) || stdout != want {
+		i := 0
+		for i < len(stdout) && i < len(want) && stdout[i] == want[i] {
+			i++
+		}
+		t.Fatalf("stdout: %d bytes, want %d; first difference at byte %d (%d events), exit %v", len(stdout), len(want), i, len(evs), exit)
+	}
+	t.Logf("%d bytes in %d events", len(stdout), len(evs))
+}

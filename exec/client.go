@@ -78,8 +78,16 @@ func ctxError(err error, op string) error {
 // The agent is not trusted to pick any code it likes.
 func decodeResult(p []byte) (*result, error) {
 	var res result
-	if err := json.Unmarshal(p, &res); err != nil {
+	if err := decodeAgentJSON(p, &res); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "bad result from agent")
+	}
+	res.Error = truncateString(res.Error, maxResultString)
+	res.Code = truncateString(res.Code, 64)
+	res.Version = truncateString(res.Version, 256)
+	res.Kernel = truncateString(res.Kernel, 256)
+	if e := res.Exit; e != nil {
+		e.Signal = truncateString(e.Signal, 32)
+		e.Error = truncateString(e.Error, maxResultString)
 	}
 	if res.Error == "" {
 		return &res, nil
@@ -91,6 +99,28 @@ func decodeResult(p []byte) (*result, error) {
 		code = errdefs.RuntimeError
 	}
 	return &res, errdefs.New(code, "%s", res.Error)
+}
+
+// decodeAgentJSON decodes a control payload from the agent into v, after
+// checking its nesting depth: Go's decoder would accept up to 10000
+// levels.
+func decodeAgentJSON(p []byte, v any) error {
+	if !jsonDepthOK(p, maxJSONDepth) {
+		return fmt.Errorf("JSON nested more than %d levels deep", maxJSONDepth)
+	}
+	return json.Unmarshal(p, v)
+}
+
+// decodeStarted parses a Started frame: the pid of the process.
+func decodeStarted(p []byte) (int, error) {
+	var res result
+	if err := decodeAgentJSON(p, &res); err != nil {
+		return 0, err
+	}
+	if res.Pid <= 0 || res.Pid > 1<<22 { // PID_MAX_LIMIT
+		return 0, fmt.Errorf("bad pid %d", res.Pid)
+	}
+	return res.Pid, nil
 }
 
 // request opens a channel and sends req on it.
@@ -451,12 +481,10 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		}
 		switch f.typ {
 		case frameStarted:
-			var res result
-			if err := json.Unmarshal(f.payload, &res); err != nil || res.Pid <= 0 {
+			if pid, err = decodeStarted(f.payload); err != nil {
 				c.abandon(s)
-				return nil, errdefs.New(errdefs.RuntimeError, "start %q: bad answer from agent", cmd.Args[0])
+				return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start %q: bad answer from agent", cmd.Args[0])
 			}
-			pid = res.Pid
 		case frameResult:
 			if _, err := decodeResult(f.payload); err != nil {
 				return nil, err

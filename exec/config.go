@@ -51,6 +51,9 @@ func validateConfig(mounts []Mount, n *Network) error {
 			return bad("network: bad interface name %q", n.Interface)
 		}
 	}
+	if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
+		return bad("network: MTU %d out of range (68-65535)", n.MTU)
+	}
 	var family netip.Addr
 	if n.Address != "" {
 		pfx, err := netip.ParsePrefix(n.Address)

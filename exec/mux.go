@@ -19,6 +19,15 @@ import (
 // maxQueuedControl bounds the control frames queued on one channel. The
 // protocol needs at most three (Started, EOF, Result); the bound keeps an
 // untrusted peer from growing our memory with them.
+//
+// Everything the agent sends is bounded this way before it is parsed
+// further: a frame's length by its type (maxDataFrame, maxAgentControlFrame;
+// checked before the payload is allocated), a channel's queue by the credit
+// we handed out (Data; empty Data is dropped) and maxQueuedControl (the
+// rest), credit by a window, and the number of channels by the host itself:
+// only the host opens channels (a Request from the agent is a protocol
+// error) and frames for unknown channels are read and dropped. The JSON in
+// control frames is checked for depth before it is decoded (decodeResult).
 const maxQueuedControl = 8
 
 // errChannelDone is the receive error of a channel whose Result has been
@@ -225,8 +234,11 @@ func (m *mux) checkHeader(typ byte, n uint32) error {
 		return fmt.Errorf("protocol error: unexpected frame type %d", typ)
 	}
 	limit := uint32(maxControlFrame)
-	if isData(typ) {
+	switch {
+	case isData(typ):
 		limit = maxDataFrame
+	case m.client:
+		limit = maxAgentControlFrame
 	}
 	if n > limit {
 		return fmt.Errorf("protocol error: frame of type %d is %d bytes (limit %d)", typ, n, limit)
@@ -258,7 +270,13 @@ func (m *mux) dispatch(id uint32, typ byte, p []byte) error {
 		if len(p) != 4 {
 			return fmt.Errorf("protocol error: window frame of %d bytes", len(p))
 		}
-		s.addCredit(int(binary.BigEndian.Uint32(p)))
+		// An honest peer never returns more than it was sent, so the
+		// credit never exceeds a window; more would overflow it.
+		grant := binary.BigEndian.Uint32(p)
+		if grant > window {
+			return fmt.Errorf("protocol error: window frame of %d bytes of credit on channel %d", grant, id)
+		}
+		s.addCredit(int(grant))
 		return nil
 	case frameSignal:
 		if f := s.onSignal.Load(); f != nil {
@@ -434,15 +452,20 @@ func (s *stream) deliver(typ byte, p []byte) (final bool, err error) {
 		return false, nil // closed locally; the peer did not know yet
 	}
 	if isData(typ) {
-		s.unacked += len(p)
-		if s.unacked > window {
+		if len(p) == 0 {
+			// Empty Data carries nothing and costs no credit: queued,
+			// an endless run of them would grow the queue unbounded.
+			return false, nil
+		}
+		if s.unacked+len(p) > window {
 			return false, fmt.Errorf("protocol error: channel %d overran its window", s.id)
 		}
+		s.unacked += len(p)
 	} else {
-		s.ctrl++
-		if s.ctrl > maxQueuedControl {
+		if s.ctrl >= maxQueuedControl {
 			return false, fmt.Errorf("protocol error: too many control frames on channel %d", s.id)
 		}
+		s.ctrl++
 	}
 	s.q = append(s.q, frame{typ, p})
 	if typ == frameResult {
@@ -458,7 +481,7 @@ func (s *stream) deliver(typ byte, p []byte) (final bool, err error) {
 
 func (s *stream) addCredit(n int) {
 	s.mu.Lock()
-	s.credit += n
+	s.credit = min(s.credit+n, window)
 	s.mu.Unlock()
 	poke(s.writable)
 }

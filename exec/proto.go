@@ -4,6 +4,7 @@ import (
 	"io"
 	"os"
 	"time"
+	"unicode/utf8"
 )
 
 // ProtocolVersion is bumped on every incompatible change of the wire format.
@@ -38,6 +39,17 @@ const (
 	maxDataFrame = 32<<10 - headerSize
 	// maxControlFrame bounds JSON payloads (a request carries argv and env).
 	maxControlFrame = 1 << 20
+	// maxAgentControlFrame bounds the control payloads the host accepts
+	// from the (untrusted) agent: Started, Result, EOF and Window frames
+	// are small, so a queued control frame can hold no more than this.
+	maxAgentControlFrame = 64 << 10
+	// maxJSONDepth bounds the nesting of JSON from the agent (a result is
+	// two levels deep); deeper input is rejected before it is decoded.
+	maxJSONDepth = 16
+	// maxResultString bounds each string of a Result the host keeps (an
+	// error message is stored with the exec's record); the agent cuts its
+	// error messages to it too.
+	maxResultString = 8 << 10
 	// window is the initial (and maximal outstanding) credit per channel and
 	// direction, in bytes.
 	window = 256 << 10
@@ -52,6 +64,51 @@ var syncMagic = []byte("boxrun-sync\x00\x01\xfe\x5a\xa5")
 const syncSize = 16 + 8
 
 func isData(t byte) bool { return t == frameData || t == frameStdout || t == frameStderr }
+
+// jsonDepthOK reports whether the JSON text p nests objects and arrays at
+// most max deep. It only counts brackets outside strings, so it is linear
+// and allocation-free; whether p is valid JSON is left to the decoder.
+func jsonDepthOK(p []byte, max int) bool {
+	depth := 0
+	inString, escaped := false, false
+	for _, c := range p {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+			if depth > max {
+				return false
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return true
+}
+
+// truncateString cuts s to at most n (>= 3) bytes, on a UTF-8 boundary,
+// ending with "…" when it cut.
+func truncateString(s string, n int) string {
+	const mark = "…"
+	if len(s) <= n {
+		return s
+	}
+	cut := max(n-len(mark), 0)
+	for i := 0; cut > 0 && i < utf8.UTFMax && !utf8.RuneStart(s[cut]); i++ {
+		cut--
+	}
+	return s[:cut] + mark
+}
 
 // request is the JSON payload of a Request frame. Op selects which of the
 // other fields matter.
@@ -135,6 +192,8 @@ type Network struct {
 	// replaced by a regular file (an image's symlink is not followed). With
 	// no servers, resolv.conf is left alone.
 	DNS []string `json:"dns,omitempty"`
+	// MTU, when set, is the interface's MTU.
+	MTU int `json:"mtu,omitempty"`
 }
 
 // HelloInfo describes the agent, as returned by [Client.Hello].

@@ -59,6 +59,19 @@ type ServerOptions struct {
 	// exited while nothing more arrives: background processes that keep
 	// stdout open must not hold the exit event back forever. Default 1s.
 	OutputGrace time.Duration
+	// Cgroup, when set, is a cgroup v2 directory with the pids (and cpu)
+	// controllers enabled for its children, on a kernel with
+	// CLONE_INTO_CGROUP (5.7+). Each exec then runs in a cgroup of its own
+	// below it, entered atomically at fork, so that whatever the command
+	// starts, even outside its process group (setsid), stays confined:
+	// at most PidsMax tasks, and a fair share of the CPU against the
+	// agent and every other exec. A fork bomb left behind by one exec thus
+	// cannot keep the next one from starting. A timeout or cancel also
+	// kills the whole cgroup (cgroup.kill, 5.14+), not only the process
+	// group. A cgroup is removed once empty.
+	Cgroup string
+	// PidsMax is each exec's pids.max with Cgroup; 0 sets none.
+	PidsMax int
 }
 
 type server struct {
@@ -74,6 +87,9 @@ type server struct {
 	pgids    map[int]struct{} // process groups of running execs
 	execs    int              // exec handlers that have not sent their Result
 	stopping bool
+
+	cgroupSeq int      // names exec cgroups
+	lingering []string // cgroups of finished execs whose processes still ran
 }
 
 // Serve answers requests from a [Client] on conn until the connection ends
@@ -222,7 +238,9 @@ func (sv *server) finish(s *stream, res *result, err error) {
 		res = &result{}
 	}
 	if err != nil {
-		res.Error, res.Code = errorMessage(err), string(errdefs.CodeOf(err))
+		// Cut to what the host keeps: its limit on a Result's size must
+		// never cut off an honest agent (a long path or argv in a message).
+		res.Error, res.Code = truncateString(errorMessage(err), maxResultString), string(errdefs.CodeOf(err))
 		sv.log.Debug("request failed", "channel", s.id, "err", err)
 	}
 	if werr := s.m.writeJSON(s.id, frameResult, res); werr != nil {
@@ -470,11 +488,18 @@ func (sv *server) exec(s *stream, req *request) {
 		sv.finish(s, nil, errdefs.Wrap(errdefs.Canceled, err, "start %q", req.Args[0]))
 		return
 	}
-	pr, err := sv.startProcess(spec, req.Stdin)
+	cg, err := sv.newExecCgroup()
 	if err != nil {
+		sv.log.Warn("exec cgroup", "err", err) // run it without one
+	}
+	pr, err := sv.startProcess(spec, req.Stdin, cg)
+	cg.closeFD()
+	if err != nil {
+		sv.release(cg)
 		sv.finish(s, nil, err)
 		return
 	}
+	defer sv.release(cg)
 	pid := pr.pid
 	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args)
 
@@ -492,6 +517,7 @@ func (sv *server) exec(s *stream, req *request) {
 		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
 			timedOut.Store(true)
 			_ = unix.Kill(-pid, unix.SIGKILL)
+			cg.kill()
 		})
 	}
 	// Cancel (or the end of the session) kills the group.
@@ -499,6 +525,7 @@ func (sv *server) exec(s *stream, req *request) {
 		select {
 		case <-s.ctx.Done():
 			_ = unix.Kill(-pid, unix.SIGKILL)
+			cg.kill()
 		case <-exited:
 		}
 	}()
@@ -560,7 +587,7 @@ type process struct {
 	stdin, stdout, stderr *os.File // our ends; stdin nil when /dev/null
 }
 
-func (sv *server) startProcess(spec *execSpec, withStdin bool) (_ *process, err error) {
+func (sv *server) startProcess(spec *execSpec, withStdin bool, cg *execCgroup) (_ *process, err error) {
 	var parentEnds, childEnds []*os.File
 	defer func() {
 		for _, f := range childEnds {
@@ -609,6 +636,9 @@ func (sv *server) startProcess(spec *execSpec, withStdin bool) (_ *process, err 
 			Setpgid:    true,
 			Credential: spec.cred,
 		},
+	}
+	if cg != nil {
+		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cg.fd
 	}
 	// Register the group before the child can be signalled by Shutdown.
 	sv.mu.Lock()

@@ -7,6 +7,7 @@ import (
 	"debug/elf"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun/disk"
+	boxnet "github.com/boxrun/boxrun/network"
 	boxruntime "github.com/boxrun/boxrun/runtime"
 )
 
@@ -54,6 +56,7 @@ func TestVM(t *testing.T) {
 		io.WriteString(w, "hello from the host\n")
 	}))
 	defer web.Close()
+	env.hostPorts = []int{web.Listener.Addr().(*net.TCPAddr).Port}
 
 	// First boot.
 	vm := env.boot(t, ctx, "boot1", true, volumes, "")
@@ -260,6 +263,7 @@ type vmEnv struct {
 	base      string
 	baseSum   [32]byte
 	data      string
+	hostPorts []int // host ports a VM with network may reach
 }
 
 // newVMEnv prepares the boot assets through the runtime and the disks
@@ -342,6 +346,24 @@ func (e *vmEnv) boot(t *testing.T, ctx context.Context, id string, network bool,
 			t.Errorf("stopping VM %s: %v", id, err)
 		}
 	})
+	if network {
+		// The NIC's far end, as the engine gives it: the host's ports the
+		// test opened, nothing else of the host.
+		f, err := boxnet.NewFilter(boxnet.Policy{AllowHostPorts: e.hostPorts})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nw, err := boxnet.New(boxnet.Config{Filter: f})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nw.Close() })
+		conn, err := vm.DialNetwork(ctx)
+		if err != nil {
+			t.Fatalf("connect VM %s's network: %v", id, err)
+		}
+		nw.Attach(conn)
+	}
 	return &testVM{VM: vm, started: time.Now()}
 }
 

@@ -255,8 +255,21 @@ func TestBoxrundRelease(t *testing.T) {
 
 	// kill -9, restart: the running box is re-attached, usable, with its
 	// files; an exec from before the crash replays.
-	box := d.call(t, "POST", "/v1/boxes", `{"image":"python","name":"survivor","cpu":1,"memory_mb":256,"disk_size_gb":1}`, 201)
+	// With network: a host port it may reach and a published port, both
+	// to survive the restart.
+	hostPort := httpServer(t, listen(t, "127.0.0.1:0"), "host")
+	pubLn := listen(t, "127.0.0.1:0")
+	pub := pubLn.Addr().(*net.TCPAddr).Port
+	pubLn.Close()
+	box := d.call(t, "POST", "/v1/boxes", fmt.Sprintf(`{"image":"python","name":"survivor","cpu":1,"memory_mb":256,"disk_size_gb":1,
+		"network":true,"network_policy":{"allow_host_ports":[%d],"deny":["203.0.113.0/24"]},"ports":[{"host_port":%d,"guest_port":8000}]}`, hostPort, pub), 201)
 	id := box["id"].(string)
+	if np, _ := box["network_policy"].(map[string]any); np == nil || fmt.Sprint(np["allow_host_ports"]) != fmt.Sprintf("[%d]", hostPort) || fmt.Sprint(np["deny"]) != "[203.0.113.0/24]" {
+		t.Errorf("network_policy in box JSON: %v", box["network_policy"])
+	}
+	if ports, _ := box["ports"].([]any); len(ports) != 1 || ports[0].(map[string]any)["host_port"] != float64(pub) {
+		t.Errorf("ports in box JSON: %v", box["ports"])
+	}
 	x := d.call(t, "POST", "/v1/boxes/survivor/exec", `{"cmd":["sh","-c","echo kept > /root/mark; echo before"]}`, 201)
 	waitExecDone(t, d, x["id"].(string))
 	d.cmd.Process.Kill()
@@ -275,6 +288,24 @@ func TestBoxrundRelease(t *testing.T) {
 	}
 	if out := sseOutput(t, d2, x["id"].(string)); out != "before\n" {
 		t.Errorf("replay of an exec from before the crash: %q", out)
+	}
+	// Its network came back: the host port it may reach, and its published
+	// port (served by httpd in the box).
+	w := d2.call(t, "POST", "/v1/boxes/"+id+"/exec", fmt.Sprintf(`{"cmd":["wget","-qO-","http://10.0.2.2:%d/"]}`, hostPort), 201)
+	if out := sseOutput(t, d2, w["id"].(string)); out != "hello host" {
+		t.Errorf("host port after re-attach: %q", out)
+	}
+	d2.call(t, "POST", "/v1/boxes/"+id+"/exec", `{"cmd":["httpd","-f","-p","8000","-h","/root"]}`, 201)
+	var page string
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && page != "kept\n"; time.Sleep(200 * time.Millisecond) {
+		if res, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/mark", pub)); err == nil {
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			page = string(b)
+		}
+	}
+	if page != "kept\n" {
+		t.Errorf("published port after re-attach: %q", page)
 	}
 
 	// SIGTERM: an open stream ends, the process exits 0, the box is
@@ -305,6 +336,11 @@ func TestBoxrundRelease(t *testing.T) {
 	}
 	if left := vmmProcesses(state); len(left) > 0 {
 		t.Errorf("VMM processes left after SIGTERM: %v", left)
+	}
+	if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", pub)); err != nil {
+		t.Errorf("published port not released when the box stopped: %v", err)
+	} else {
+		l.Close()
 	}
 	eng, err := boxrun.New(ctxT(t, time.Minute), boxrun.Config{DataDir: state})
 	if err != nil {

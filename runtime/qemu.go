@@ -105,7 +105,10 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		"-kernel", cfg.Kernel,
 		"-initrd", cfg.Initramfs,
 		"-append", q.cmdline(cfg),
-		"-serial", "file:console.log",
+		// The console: see console.go. Before the agent's chardev, so that
+		// QEMU waits for the relay before it creates agent.sock.
+		"-chardev", "socket,id=console,path=" + consoleSock + ",server=on,wait=on",
+		"-serial", "chardev:console",
 		"-pidfile", "qemu.pid",
 		"-device", "virtio-rng-pci",
 		"-device", "virtio-serial-pci,id=vser0",
@@ -134,7 +137,15 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		args = append(args, "-fsdev", fsdev, "-device", "virtio-9p-pci,fsdev="+v.Tag+",mount_tag="+v.Tag)
 	}
 	if cfg.Network {
-		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=")
+		// The NIC's backend is a stream socket that the engine's userspace
+		// network (package network) connects to: no QEMU user-mode
+		// network, which would open the host's loopback to the guest.
+		// QEMU keeps listening, so a restarted engine connects again.
+		dev := "virtio-net-pci,netdev=net0,romfile="
+		if cfg.MAC != "" {
+			dev += ",mac=" + cfg.MAC
+		}
+		args = append(args, "-netdev", "stream,id=net0,server=on,addr.type=unix,addr.path="+netSocket, "-device", dev)
 	} else {
 		args = append(args, "-nic", "none")
 	}
@@ -171,7 +182,8 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "boot file")
 		}
 	}
-	for _, f := range []string{"agent.sock", "qemu.pid", "console.log"} {
+	awaitRelay(cfg.Dir, 5*time.Second) // of an earlier VM in this dir
+	for _, f := range []string{"agent.sock", netSocket, "qemu.pid", consoleSock, consoleLog, consoleOld} {
 		os.Remove(filepath.Join(cfg.Dir, f))
 	}
 	logf, err := os.OpenFile(filepath.Join(cfg.Dir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
@@ -195,10 +207,18 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	if cfg.Logger != nil {
 		cfg.Logger.Debug("qemu started", "box", cfg.ID, "pid", cmd.Process.Pid, "args", cmd.Args)
 	}
-	// QEMU creates the agent socket while it sets up its devices; once it is
-	// there the VM is running. If QEMU dies first, report why.
+	// QEMU creates the console socket first and waits for the relay (see
+	// console.go), then the agent socket while it sets up its devices; once
+	// that is there the VM is running. If QEMU dies first, report why.
+	deadline := time.Now().Add(10 * time.Second)
+	cctx, cancel := context.WithDeadline(ctx, deadline)
+	conn, err := connectConsole(cctx, cfg.Dir, vm.exited)
+	cancel()
+	if err == nil {
+		vm.relay = startRelay(cfg.Dir, conn)
+	}
 	sock := filepath.Join(cfg.Dir, "agent.sock")
-	ok := waitFor(ctx, 10*time.Second, func() bool {
+	ok := err == nil && waitFor(ctx, time.Until(deadline), func() bool {
 		select {
 		case <-vm.done:
 			return true
@@ -218,6 +238,9 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 		if ctx.Err() != nil {
 			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "start qemu")
 		}
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "connect to qemu's console socket")
+		}
 		return nil, errdefs.New(errdefs.RuntimeError, "qemu did not create its agent socket within 10s")
 	}
 	return vm, nil
@@ -229,11 +252,23 @@ type qemuVM struct {
 	done    chan struct{}
 	waitErr error
 	once    sync.Once
+	relay   *consoleRelay // nil when the console could not be connected
 }
 
 func (v *qemuVM) PID() int              { return v.pid }
 func (v *qemuVM) Done() <-chan struct{} { return v.done }
-func (v *qemuVM) Console() string       { return tail(filepath.Join(v.dir, "console.log"), 4096) }
+
+// Console returns the console's tail. Once QEMU has exited, it first lets
+// the relay copy what QEMU wrote last.
+func (v *qemuVM) Console() string {
+	if v.relay == nil {
+		return consoleTail(v.dir, consoleTailLen)
+	}
+	if v.exited() {
+		v.relay.wait(2 * time.Second)
+	}
+	return v.relay.tail(consoleTailLen)
+}
 
 func (v *qemuVM) exited() bool {
 	select {
@@ -245,7 +280,20 @@ func (v *qemuVM) exited() bool {
 }
 
 func (v *qemuVM) DialAgent(ctx context.Context) (io.ReadWriteCloser, error) {
-	path, release := dirRelative(v.dir, "agent.sock")
+	return v.dial(ctx, "agent.sock")
+}
+
+// netSocket is the NIC backend's socket in the VM's dir.
+const netSocket = "net.sock"
+
+func (v *qemuVM) DialNetwork(ctx context.Context) (io.ReadWriteCloser, error) {
+	return v.dial(ctx, netSocket)
+}
+
+// dial connects to one of QEMU's sockets in the VM's dir, retrying while
+// QEMU is still setting it up.
+func (v *qemuVM) dial(ctx context.Context, name string) (io.ReadWriteCloser, error) {
+	path, release := dirRelative(v.dir, name)
 	defer release()
 	var d net.Dialer
 	for {
@@ -277,7 +325,12 @@ func (v *qemuVM) Kill() error {
 	case <-time.After(30 * time.Second):
 		return errdefs.New(errdefs.RuntimeError, "qemu pid %d did not exit after SIGKILL", v.PID())
 	}
-	for _, f := range []string{"agent.sock", "qemu.pid"} {
+	if v.relay != nil {
+		// QEMU is gone, so the relay reads its last bytes and stops: after
+		// Kill, nothing writes into the VM's directory.
+		v.relay.wait(5 * time.Second)
+	}
+	for _, f := range []string{"agent.sock", netSocket, "qemu.pid", consoleSock} {
 		os.Remove(filepath.Join(v.dir, f))
 	}
 	return nil
@@ -322,6 +375,18 @@ func (q *QEMU) Attach(ctx context.Context, dir, id string) (VM, error) {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "watch VM of box %s", id)
 	}
 	vm := &qemuVM{pid: pid, dir: dir, done: make(chan struct{})}
+	// Relay the console again (see console.go): share the relay this
+	// process may still run for the VM, else connect a new one. A VM
+	// without a console socket (started by an older engine, or QEMU gone
+	// meanwhile) is attached all the same; only its console is not relayed.
+	if vm.relay = runningRelay(dir); vm.relay == nil {
+		path, release := dirRelative(dir, consoleSock)
+		conn, err := net.Dial("unix", path)
+		release()
+		if err == nil {
+			vm.relay = startRelay(dir, conn)
+		}
+	}
 	go func() {
 		// A pidfd becomes readable when the process exits.
 		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}

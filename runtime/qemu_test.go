@@ -14,6 +14,12 @@ import (
 
 // bootPingVM boots the benchmark's echo init under QEMU and returns the VM.
 func bootPingVM(t *testing.T) (VM, *Kernel) {
+	return bootInitVM(t, "github.com/boxrun/boxrun/bench/pinginit", "test", "")
+}
+
+// bootInitVM boots the Go program pkg as the VM's PID 1 and returns the VM,
+// killed when the test ends.
+func bootInitVM(t *testing.T, pkg, id, cmdline string) (VM, *Kernel) {
 	t.Helper()
 	if !(&QEMU{}).Available() {
 		t.Skip("qemu-system-x86_64 not installed: run scripts/setup.sh")
@@ -23,11 +29,11 @@ func bootPingVM(t *testing.T) (VM, *Kernel) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	init := filepath.Join(cache, "pinginit")
-	build := exec.Command("go", "build", "-o", init, "github.com/boxrun/boxrun/bench/pinginit")
+	init := filepath.Join(cache, "init")
+	build := exec.Command("go", "build", "-o", init, pkg)
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build pinginit: %v\n%s", err, out)
+		t.Fatalf("build %s: %v\n%s", pkg, err, out)
 	}
 	initrd, err := BuildInitramfs(k, init, cache)
 	if err != nil {
@@ -35,7 +41,7 @@ func bootPingVM(t *testing.T) (VM, *Kernel) {
 	}
 	dir := t.TempDir()
 	vm, err := (&QEMU{}).Start(context.Background(), VMConfig{
-		ID: "test", Dir: dir, CPUs: 1, MemoryMB: 256, Kernel: k.Vmlinux, Initramfs: initrd,
+		ID: id, Dir: dir, CPUs: 1, MemoryMB: 256, Kernel: k.Vmlinux, Initramfs: initrd, Cmdline: cmdline,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -39,10 +39,11 @@ type VMConfig struct {
 	Cmdline string
 	Disks   []Disk   // in order: the guest sees them as vda, vdb, ...
 	Volumes []Volume // host directories shared with the guest (virtio-9p)
-	// Network false: the VM has no network device at all. True: user-mode
-	// networking (outbound only; the guest is 10.0.2.15, the host's
-	// loopback is reachable as 10.0.2.2, DNS at 10.0.2.3).
+	// Network false: the VM has no network device at all. True: one NIC
+	// whose far end is VM.DialNetwork's stream of frames, where the
+	// engine's userspace network decides what the guest may reach.
 	Network bool
+	MAC     string // the NIC's MAC address; default the driver's
 	Logger  *slog.Logger
 }
 
@@ -67,6 +68,11 @@ type VM interface {
 	// open before the guest has booted; the first bytes the guest reads are
 	// the ones the host wrote first.
 	DialAgent(ctx context.Context) (io.ReadWriteCloser, error)
+	// DialNetwork connects to the NIC's backend (VMConfig.Network): a
+	// stream of Ethernet frames, each preceded by its length (4 bytes, big
+	// endian), in both directions. One connection at a time; a new one
+	// may be made after the last ended (an engine that restarted).
+	DialNetwork(ctx context.Context) (io.ReadWriteCloser, error)
 	// Done is closed when the VMM process has exited.
 	Done() <-chan struct{}
 	// Kill stops the VMM process at once and waits until it is gone.

@@ -34,6 +34,7 @@
 package state
 
 import (
+	"github.com/boxrun/boxrun/network"
 	"log/slog"
 	"maps"
 	"slices"
@@ -88,6 +89,9 @@ type Box struct {
 	Workdir    string            `json:"workdir,omitempty"`
 	Env        map[string]string `json:"env,omitempty"`
 	Volumes    []Volume          `json:"volumes,omitempty"`
+	// NetworkPolicy and Ports apply when Network is on.
+	NetworkPolicy network.Policy `json:"network_policy,omitempty"`
+	Ports         []network.Port `json:"ports,omitempty"`
 	// RuntimeID names the VM: the hypervisor driver and the VMM's pid.
 	RuntimeID    string     `json:"runtime_id,omitempty"`
 	ErrorCode    string     `json:"error_code,omitempty"`

@@ -228,7 +228,7 @@ func configureNetwork(ctx context.Context, root *fsroot.Root, n exec.Network) er
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	if err := nl.setUp(link.index); err != nil {
+	if err := nl.setUp(link.index, n.MTU); err != nil {
 		return fmt.Errorf("network: bringing up %s: %w", link.name, err)
 	}
 	if n.Address != "" {

@@ -367,3 +367,26 @@ func defaultRoute(t *testing.T) string {
 	}
 	return ""
 }
+
+func TestExecCgroupLimits(t *testing.T) {
+	for _, tc := range []struct {
+		rel   string
+		ok    bool
+		mem   int
+		pmax  int
+		limit int
+	}{
+		{"6.1.0-57-amd64", true, 230000, 32768, 1796},
+		{"5.7.0", true, 16 << 20, 32768, 16384},
+		{"5.6.19", false, 1000, 32768, 512},
+		{"4.19.0-26-amd64", false, 1000, 600, 300},
+		{"garbage", false, 0, 4194304, 512},
+	} {
+		if got := kernelAtLeast(tc.rel, 5, 7); got != tc.ok {
+			t.Errorf("kernelAtLeast(%q, 5, 7) = %v", tc.rel, got)
+		}
+		if got := pidsLimit(tc.mem, tc.pmax); got != tc.limit {
+			t.Errorf("pidsLimit(%d, %d) = %d, want %d", tc.mem, tc.pmax, got, tc.limit)
+		}
+	}
+}

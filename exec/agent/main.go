@@ -116,6 +116,9 @@ type agent struct {
 	mu     sync.Mutex
 	mounts []string // mount points in mount order, unmounted in reverse
 	down   bool     // shutting down: no more mounts
+
+	cgroup  string // exec cgroups' parent (cgroup.go); "" for none
+	pidsMax int    // each exec's task limit
 }
 
 func main() {
@@ -175,6 +178,7 @@ func (a *agent) boot() error {
 	if err := loopbackUp(); err != nil {
 		a.log.Warn("bringing up lo", "err", err)
 	}
+	a.cgroup, a.pidsMax = setupCgroups(a.log)
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond))
 	return nil
 }
@@ -192,6 +196,8 @@ func (a *agent) serve(reaper *exec.Reaper) {
 		Configure: a.configure,
 		Shutdown:  a.shutdown,
 		Halt:      a.halt,
+		Cgroup:    a.cgroup,
+		PidsMax:   a.pidsMax,
 	}
 	if a.cfg.useVsock {
 		a.serveVsock(opts)

@@ -175,14 +175,17 @@ func (nl *netlink) waitLink(ctx context.Context, name string, timeout time.Durat
 	}
 }
 
-// setUp sets IFF_UP on the interface.
-func (nl *netlink) setUp(index int) error {
+// setUp sets IFF_UP on the interface, and its MTU when mtu > 0.
+func (nl *netlink) setUp(index, mtu int) error {
 	b := make([]byte, 0, unix.SizeofIfInfomsg)
 	b = append(b, unix.AF_UNSPEC, 0)
 	b = ne.AppendUint16(b, 0)             // type
 	b = ne.AppendUint32(b, uint32(index)) // index
 	b = ne.AppendUint32(b, unix.IFF_UP)   // flags
 	b = ne.AppendUint32(b, unix.IFF_UP)   // change
+	if mtu > 0 {
+		b = attr(b, unix.IFLA_MTU, ne.AppendUint32(nil, uint32(mtu)))
+	}
 	_, err := nl.request(unix.RTM_NEWLINK, unix.NLM_F_ACK, b)
 	return err
 }

@@ -1,0 +1,230 @@
+package integration
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun"
+)
+
+// A hostile guest (root in the box) must not make the host store or hold
+// more than bounded amounts, nor make its box uncontrollable.
+
+// The host keeps at most this much of a box's console (runtime: two files
+// of half of it each).
+const consoleCapBytes = 256 << 10
+
+func boxDir(box *boxrun.Box) string { return filepath.Join(fx.dataDir, "boxes", box.ID) }
+
+// alive checks that the box answers an exec with a timeout.
+func alive(t *testing.T, box *boxrun.Box, what string) {
+	t.Helper()
+	start := time.Now()
+	res, err := fx.eng.Exec(ctxT(t, 2*time.Minute), box.ID, boxrun.ExecSpec{
+		Cmd: []string{"echo", "alive"}, Timeout: 60 * time.Second,
+	})
+	if err != nil || res.Stdout != "alive\n" {
+		t.Fatalf("after %s the box does not answer: %+v %v", what, res, err)
+	}
+	t.Logf("after %s: exec answered in %v", what, time.Since(start).Round(time.Millisecond))
+}
+
+// removeLeavesNoVMM removes the box and checks its VMM is gone.
+func removeLeavesNoVMM(t *testing.T, box *boxrun.Box) {
+	t.Helper()
+	if err := fx.eng.Remove(ctxT(t, time.Minute), box.ID, boxrun.Force); err != nil {
+		t.Fatalf("remove: %v", err)
+	}
+	if left := vmmProcesses(boxDir(box)); len(left) > 0 {
+		t.Fatalf("VMM left after remove: %v", left)
+	}
+}
+
+func TestHostileConsoleFlood(t *testing.T) {
+	box := sharedBox(t)
+	const flood = 1 << 20 // 4 times the cap; the serial port runs at ~150 KB/s under TCG
+	start := time.Now()
+	res := sh(t, box, "head -c "+strconv.Itoa(flood)+" /dev/zero | tr '\\0' x > /dev/ttyS0 && echo flooded")
+	if res.Stdout != "flooded\n" {
+		t.Fatalf("flood: %+v", res)
+	}
+	t.Logf("%d bytes written to /dev/ttyS0 in %v", flood, time.Since(start).Round(time.Millisecond))
+	alive(t, box, "a console flood")
+	var total int64
+	for _, name := range []string{"console.log", "console.log.1"} {
+		st, err := os.Stat(filepath.Join(boxDir(box), name))
+		if err != nil {
+			t.Fatalf("console file: %v", err) // both exist: the flood rotated
+		}
+		t.Logf("%s: %d bytes", name, st.Size())
+		if st.Size() > consoleCapBytes/2 {
+			t.Errorf("%s is %d bytes (cap %d)", name, st.Size(), consoleCapBytes/2)
+		}
+		total += st.Size()
+	}
+	if total > consoleCapBytes {
+		t.Errorf("console files hold %d bytes (cap %d)", total, consoleCapBytes)
+	}
+	// What is kept is the flood's end.
+	b, _ := os.ReadFile(filepath.Join(boxDir(box), "console.log.1"))
+	if !strings.Contains(string(b), strings.Repeat("x", 1000)) {
+		t.Errorf("the kept console is not the flood's tail")
+	}
+}
+
+func vmRSS(t *testing.T) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
+
+// A command that writes as fast as it can to a caller who pauses: credit
+// flow control stalls it in the guest; the host does not buffer.
+func TestHostileStdoutFloodPausedReader(t *testing.T) {
+	box := sharedBox(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	before := vmRSS(t)
+	events, err := fx.eng.Stream(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"cat", "/dev/zero"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	drained := make(chan struct{})
+	defer func() { cancel(); <-drained }()
+	read := func(n int) (got int) {
+		for got < n {
+			ev, ok := <-events
+			if !ok {
+				t.Fatal("stream ended")
+			}
+			got += len(ev.Data)
+		}
+		return got
+	}
+	read(1 << 20) // it flows
+	time.Sleep(5 * time.Second)
+	grown := vmRSS(t) - before
+	t.Logf("RSS %d MiB before, grew by %.1f MiB while the reader paused for 5s", before>>20, float64(grown)/(1<<20))
+	if grown > 64<<20 {
+		t.Errorf("RSS grew by %d MiB while the reader paused", grown>>20)
+	}
+	read(1 << 20) // it flows again
+	go func() {
+		defer close(drained)
+		for range events {
+		}
+	}()
+	cancel()
+	select {
+	case <-drained:
+	case <-time.After(30 * time.Second):
+		t.Fatal("stream did not end after cancel")
+	}
+	alive(t, box, "a stdout flood")
+}
+
+// A box can fill its disk, not the host's: ENOSPC in the guest, and the
+// host file never grows past DiskSizeGB.
+func TestHostileDiskFill(t *testing.T) {
+	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
+	start := time.Now()
+	res, err := fx.eng.Exec(ctxT(t, 5*time.Minute), box.ID, boxrun.ExecSpec{
+		// O_DIRECT: the guest's page cache copies cost more than the
+		// disk under TCG; every block still goes to the virtual disk.
+		Cmd: []string{"sh", "-c", "dd if=/dev/zero of=/fill bs=4M oflag=direct 2>&1; sync; df -k /"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dd in %v: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(res.Stdout))
+	if !strings.Contains(res.Stdout, "No space left on device") {
+		t.Errorf("dd did not end with ENOSPC: %+v", res)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(boxDir(box), "disk.ext4"), &st); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("host disk.ext4: apparent %d bytes, allocated %d bytes", st.Size, st.Blocks*512)
+	if st.Blocks*512 > st.Size || st.Size > 1<<30 {
+		t.Errorf("disk.ext4: allocated %d, apparent %d bytes (limit %d)", st.Blocks*512, st.Size, 1<<30)
+	}
+	alive(t, box, "a full disk")
+	res = sh(t, box, "rm /fill && echo freed")
+	if res.Stdout != "freed\n" {
+		t.Errorf("rm: %+v", res)
+	}
+	removeLeavesNoVMM(t, box)
+}
+
+// Fork bomb, memory hog, then a fork bomb that escapes its exec, in one
+// small box: each is ended by its timeout or the guest's OOM killer, or
+// confined, and the box stays controllable.
+func TestHostileForkBombAndMemoryHog(t *testing.T) {
+	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
+
+	start := time.Now()
+	res, err := fx.eng.Exec(ctxT(t, 3*time.Minute), box.ID, boxrun.ExecSpec{
+		Cmd: []string{"sh", "-c", "b() { b | b & }; b; sleep 1000"}, Timeout: 8 * time.Second,
+	})
+	t.Logf("fork bomb: %v after %v (%+v)", err, time.Since(start).Round(time.Millisecond), res)
+	if boxrun.CodeOf(err) != boxrun.Timeout {
+		t.Errorf("fork bomb: got %v, want a TIMEOUT error", err)
+	}
+	alive(t, box, "a fork bomb")
+	// The timeout killed the bomb's whole process group (and cgroup): once
+	// its processes have died, only the sh counting them is left.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+		res = sh(t, box, "ps -o comm | grep -c '^sh$'")
+		if strings.TrimSpace(res.Stdout) == "1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s sh processes survived the fork bomb's timeout", strings.TrimSpace(res.Stdout))
+		}
+	}
+
+	// Three processes that each touch 150 MiB (dd's buffer, filled from
+	// /dev/zero), 450 MiB in a 256 MiB box without swap. One that big
+	// alone would be refused by malloc (the kernel's overcommit heuristic),
+	// and head -c 600m | tail is far too slow under TCG to get anywhere.
+	start = time.Now()
+	res, err = fx.eng.Exec(ctxT(t, 3*time.Minute), box.ID, boxrun.ExecSpec{
+		Cmd:     []string{"sh", "-c", "for i in 1 2 3; do dd if=/dev/zero of=/dev/null bs=150M count=3 & done; wait; dmesg | grep -ci 'out of memory'"},
+		Timeout: 60 * time.Second,
+	})
+	t.Logf("memory hog: %v after %v: %+v", err, time.Since(start).Round(time.Millisecond), res)
+	if err != nil || res.Stdout == "0\n" {
+		t.Errorf("no OOM kill for 450 MiB in a 256 MiB box")
+	}
+	alive(t, box, "a memory hog")
+
+	// A fork bomb that leaves its exec's process group (setsid) and
+	// outlives the exec: confined to that exec's cgroup (task limit, CPU
+	// share; see exec.ServerOptions.Cgroup), it does not keep the next
+	// exec from starting and running.
+	res = sh(t, box, "setsid sh -c 'b() { b | b & }; b' </dev/null >/dev/null 2>&1 & echo started")
+	if res.Stdout != "started\n" {
+		t.Fatalf("escaped fork bomb: %+v", res)
+	}
+	time.Sleep(5 * time.Second)
+	alive(t, box, "an escaped fork bomb")
+	res = sh(t, box, "ps -o comm | grep -c '^sh$'")
+	t.Logf("sh processes of the escaped fork bomb: %s", strings.TrimSpace(res.Stdout))
+	removeLeavesNoVMM(t, box)
+}
