@@ -199,6 +199,9 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start qemu")
 	}
 	logf.Close()
+	// A guest makes QEMU open host files (one per open 9p file): cap them
+	// at a figure of our own, not whatever limit the caller runs with.
+	unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: qemuMaxFiles, Max: qemuMaxFiles}, nil)
 	vm := &qemuVM{pid: cmd.Process.Pid, dir: cfg.Dir, done: make(chan struct{})}
 	go func() {
 		vm.waitErr = cmd.Wait()
@@ -282,6 +285,9 @@ func (v *qemuVM) exited() bool {
 func (v *qemuVM) DialAgent(ctx context.Context) (io.ReadWriteCloser, error) {
 	return v.dial(ctx, "agent.sock")
 }
+
+// qemuMaxFiles caps the open files of a QEMU process (RLIMIT_NOFILE).
+const qemuMaxFiles = 4096
 
 // netSocket is the NIC backend's socket in the VM's dir.
 const netSocket = "net.sock"

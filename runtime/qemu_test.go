@@ -2,10 +2,12 @@ package runtime
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -55,6 +57,11 @@ func TestQEMUBootsAndEchoes(t *testing.T) {
 	vm, k := bootPingVM(t)
 	if k.Version == "" || !strings.Contains(k.Vmlinux, "vmlinux") {
 		t.Fatalf("kernel %+v", k)
+	}
+	// QEMU's open files are capped by us, whatever our own limit is.
+	limits, _ := os.ReadFile(fmt.Sprintf("/proc/%d/limits", vm.PID()))
+	if !regexp.MustCompile(`Max open files\s+4096\s+4096`).Match(limits) {
+		t.Errorf("QEMU's RLIMIT_NOFILE is not 4096:\n%s", limits)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
