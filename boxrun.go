@@ -10,6 +10,19 @@
 // commands for the host. Its root filesystem is an OCI image (pulled once,
 // turned once into a read-only disk shared by every box of that image) under
 // a writable disk of its own.
+//
+// The Engine's methods, by what they act on:
+//
+//	boxes     Create, Get, List, Stop, Start, Remove, GC, Run (create, exec, remove)
+//	commands  Exec, Stream, StartExec + ExecEvents, GetExec, ListExecs, CancelExec
+//	terminals Attach: a command on a PTY (Session: Read, Write, Resize, Wait, Close)
+//	files     Copy (like docker cp), WriteFile, OpenFile, ReadTar, Stat
+//	images    Pull (progress: Config.PullProgress, WithPullProgress)
+//	engine    Info, Close
+//
+// A box with Network reaches the public internet only, unless its
+// NetworkPolicy says otherwise (package network). Package boxrund serves
+// all of it over the BoxRun REST API.
 package boxrun
 
 import (
@@ -147,6 +160,16 @@ type ExecSpec struct {
 	Stdin   io.Reader         // nil: empty
 	// Entrypoint prepends the image's Entrypoint to Cmd.
 	Entrypoint bool
+}
+
+// AttachSpec describes an interactive session: a command on a terminal.
+type AttachSpec struct {
+	Cmd        []string          // default: the image's shell: /bin/bash if the box has it, else /bin/sh
+	Env        map[string]string // added on top of the image's and the box's env
+	Workdir    string            // default the box's workdir
+	User       string            // default the image's user
+	Term       string            // TERM; default "xterm-256color"
+	Rows, Cols uint16            // initial window size; default 24x80
 }
 
 // ExecResult is the outcome of a finished command.

@@ -470,6 +470,22 @@ func (e *Engine) bootAssets(ctx context.Context) (*bootAssets, error) {
 	return e.assets, nil
 }
 
+// Pull fetches an image into the engine's store (a reference already
+// there is not fetched again) and describes it. Progress goes to
+// Config.PullProgress and to a callback set with WithPullProgress.
+func (e *Engine) Pull(ctx context.Context, ref string) (*image.Image, error) {
+	if strings.TrimSpace(ref) == "" {
+		return nil, errdefs.New(errdefs.ValidationError, "image is required")
+	}
+	return e.images.Pull(ctx, ref)
+}
+
+// WithPullProgress returns a context under which the engine's pulls (Pull,
+// and Create's) also report their progress to fn.
+func WithPullProgress(ctx context.Context, fn func(image.Progress)) context.Context {
+	return image.WithProgress(ctx, fn)
+}
+
 // Info reports the engine's limits and what running boxes use of them.
 func (e *Engine) Info() Info {
 	e.mu.Lock()

@@ -9,8 +9,10 @@
 package boxrund
 
 import (
+	"bufio"
 	"context"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -85,6 +87,7 @@ func (a *API) routes() {
 	}
 	handle("/{$}", route{"GET": a.root})
 	handle("/ui", route{"GET": a.ui})
+	a.uiRoutes(handle)
 	handle("/v1/info", route{"GET": a.info})
 	handle("/v1/boxes", route{"GET": a.listBoxes, "POST": a.createBox})
 	handle("/v1/boxes/{seg}", route{"GET": a.getBox, "DELETE": a.removeBox, "POST": a.boxAction})
@@ -93,9 +96,11 @@ func (a *API) routes() {
 	handle("/v1/boxes/{box}/exec/{seg}", route{"GET": a.getExec, "POST": a.execAction})
 	handle("/v1/boxes/{box}/exec/{id}/events", route{"GET": a.events})
 	handle("/v1/boxes/{box}/files/upload", route{"POST": a.upload})
+	handle("/v1/boxes/{box}/attach", route{"GET": a.attach})
 	handle("/v1/boxes/{box}/files/download", route{"POST": a.download})
 	handle("/v1/run", route{"POST": a.run})
 	handle("/v1/gc", route{"POST": a.gc})
+	handle("/v1/images/pull", route{"POST": a.pull})
 	handle("/", route{}) // everything else: 404
 }
 
@@ -185,6 +190,15 @@ func (r *recorder) Write(p []byte) (int, error) {
 }
 
 func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// Hijack hands the connection over (WebSocket attach); logged as 101.
+func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, rw, err := http.NewResponseController(r.ResponseWriter).Hijack()
+	if err == nil && r.status == 0 {
+		r.status = http.StatusSwitchingProtocols
+	}
+	return c, rw, err
+}
 
 // lastColon splits "id:verb" at the last colon (POST verbs).
 func lastColon(seg string) (id, verb string, ok bool) {

@@ -22,6 +22,8 @@ import (
 var fx struct {
 	tmp     string
 	image   string // busybox in the registry
+	reg     *testenv.Registry
+	layout  string // busybox's OCI layout
 	eng     *boxrun.Engine
 	api     *API
 	srv     *Server
@@ -48,7 +50,9 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer reg.Close()
+	fx.reg = reg
 	layout := filepath.Join(tmp, "busybox")
+	fx.layout = layout
 	if err := testenv.WriteBusyboxLayout(layout, testenv.LayoutOptions{}); err != nil {
 		fmt.Fprintln(os.Stderr, "boxrund:", err)
 		return 1

@@ -3,6 +3,7 @@ package exec
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -461,6 +462,7 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		Dir:   cmd.Dir,
 		User:  cmd.User,
 		Stdin: cmd.Stdin != nil,
+		TTY:   cmd.TTY,
 	}
 	if cmd.Timeout > 0 {
 		req.TimeoutMS = max(1, int64((cmd.Timeout+time.Millisecond-1)/time.Millisecond))
@@ -496,6 +498,7 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		c:      c,
 		s:      s,
 		pid:    pid,
+		tty:    cmd.TTY != nil,
 		events: make(chan Event),
 	}
 	go p.pump()
@@ -519,6 +522,7 @@ type Process struct {
 	c      *Client
 	s      *stream
 	pid    int
+	tty    bool
 	events chan Event
 }
 
@@ -546,6 +550,51 @@ func (p *Process) Signal(sig syscall.Signal) error {
 		return errdefs.New(errdefs.ValidationError, "unknown signal %d", int(sig))
 	}
 	return p.c.m.write(p.s.id, frameSignal, []byte(name))
+}
+
+// Write types b on the terminal of a process started with [Command.TTY].
+// It is flow controlled like output: it blocks while the agent holds about
+// 256 KiB of earlier input that the terminal did not take yet (a command
+// that does not read its input fills the terminal's input queue). Once the
+// process ended, Write fails with ExecAlreadyFinished. Concurrent Writes
+// may interleave.
+func (p *Process) Write(b []byte) (int, error) {
+	if !p.tty {
+		return 0, errdefs.New(errdefs.ValidationError, "write: process %d has no terminal (use Command.Stdin)", p.pid)
+	}
+	if err := p.s.send(p.s.ctx, frameData, b); err != nil {
+		return 0, p.finished(err)
+	}
+	return len(b), nil
+}
+
+// Resize sets the size of the process's terminal ([Command.TTY]); the
+// kernel sends SIGWINCH to the terminal's foreground process group.
+func (p *Process) Resize(rows, cols uint16) error {
+	if !p.tty {
+		return errdefs.New(errdefs.ValidationError, "resize: process %d has no terminal", p.pid)
+	}
+	select {
+	case <-p.s.gone:
+		return p.finished(nil)
+	default:
+	}
+	var b [4]byte
+	binary.BigEndian.PutUint16(b[0:2], rows)
+	binary.BigEndian.PutUint16(b[2:4], cols)
+	return p.c.m.write(p.s.id, frameResize, b[:])
+}
+
+// finished is the error of an operation on a process whose channel is
+// gone: the connection's error, else ExecAlreadyFinished.
+func (p *Process) finished(err error) error {
+	if cerr := p.c.Err(); cerr != nil {
+		return cerr
+	}
+	if err == nil || errors.Is(err, errChannelDone) {
+		return errdefs.New(errdefs.ExecAlreadyFinished, "process %d already exited", p.pid)
+	}
+	return err
 }
 
 // Wait drains the events, copying stdout and stderr to the writers (either

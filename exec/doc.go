@@ -22,6 +22,13 @@
 // output stalls only that process, and the single demultiplexing goroutine on
 // each side never blocks on a consumer.
 //
+// An exec may run on a terminal (its request carries the terminal's size):
+// the agent opens a pseudo-terminal in the box's devpts and starts the
+// command as the leader of a new session with the terminal as controlling
+// terminal, stdin, stdout and stderr. Terminal output travels as Stdout,
+// typed input as Data (both credited as above), size changes as Resize
+// frames, and the exit in the Result as for any exec. See [Terminal].
+//
 // The host speaks first. A fresh agent discards bytes until it sees a Sync
 // frame (fixed magic plus the host's random session id), because
 // virtio-serial drops what the host sent before the guest opened the port:

@@ -70,6 +70,7 @@ func agentStreamSeeds() [][]byte {
 		// Frame types the agent may not send.
 		fr(1, frameRequest, `{"op":"exec"}`),
 		fr(0, frameSync, "boxrun-sync"),
+		fr(1, frameResize, "\x00\x18\x00\x50"),
 		fr(1, 0, ""),
 		fr(1, 200, ""),
 		// Control and data floods.

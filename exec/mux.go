@@ -227,7 +227,7 @@ func (m *mux) checkHeader(typ byte, n uint32) error {
 		ok = true
 	case frameStarted, frameResult, frameStdout, frameStderr:
 		ok = m.client
-	case frameRequest, frameSignal, frameCancel, frameSync:
+	case frameRequest, frameSignal, frameCancel, frameSync, frameResize:
 		ok = !m.client
 	}
 	if !ok {
@@ -285,6 +285,14 @@ func (m *mux) dispatch(id uint32, typ byte, p []byte) error {
 		return nil
 	case frameCancel:
 		s.cancel()
+		return nil
+	case frameResize:
+		if len(p) != 4 {
+			return fmt.Errorf("protocol error: resize frame of %d bytes", len(p))
+		}
+		if f := s.onResize.Load(); f != nil {
+			(*f)(binary.BigEndian.Uint16(p[0:2]), binary.BigEndian.Uint16(p[2:4]))
+		}
 		return nil
 	}
 	final, err := s.deliver(typ, p)
@@ -422,6 +430,8 @@ type stream struct {
 	// onSignal handles Signal frames (agent end); called from the read loop,
 	// so it must not block.
 	onSignal atomic.Pointer[func(string)]
+	// onResize handles Resize frames (agent end), like onSignal.
+	onResize atomic.Pointer[func(rows, cols uint16)]
 
 	mu       sync.Mutex
 	q        []frame

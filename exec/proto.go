@@ -12,7 +12,9 @@ import (
 //
 // 2: Hello carries the box configuration (volumes, network), applied with a
 // "configure" request.
-const ProtocolVersion = 2
+//
+// 3: an exec may run on a terminal (request "tty"; Resize frames).
+const ProtocolVersion = 3
 
 // Frame types. See the package documentation for the framing.
 const (
@@ -27,7 +29,8 @@ const (
 	frameSignal  byte = 9  // host→agent: signal name for the process group
 	frameCancel  byte = 10 // host→agent: abandon the operation
 	frameSync    byte = 11 // host→agent on channel 0: resynchronise
-	frameMax          = frameSync
+	frameResize  byte = 12 // host→agent: u16 rows, u16 cols of an exec's terminal
+	frameMax          = frameResize
 )
 
 const (
@@ -126,6 +129,7 @@ type request struct {
 	User      string   `json:"user,omitempty"`
 	TimeoutMS int64    `json:"timeout_ms,omitempty"`
 	Stdin     bool     `json:"stdin,omitempty"`
+	TTY       *TTY     `json:"tty,omitempty"` // exec: run on a terminal of this size
 
 	Path string      `json:"path,omitempty"` // stat, copyout, writefile
 	Mode os.FileMode `json:"mode,omitempty"` // writefile: permission bits; 0 is 0644
@@ -222,7 +226,38 @@ type Command struct {
 	Timeout time.Duration
 	// Stdin is streamed to the process; its EOF closes the process's stdin.
 	// nil means /dev/null.
+	//
+	// With TTY, Stdin (if set) is typed on the terminal instead, and its
+	// EOF only ends the copy: the terminal stays open. [Process.Write]
+	// types too.
 	Stdin io.Reader
+	// TTY, when set, runs the command on a pseudo-terminal of that size:
+	// the process leads a new session whose controlling terminal is the
+	// terminal's slave end, which is its stdin, stdout and stderr. Its
+	// output arrives as "stdout" events (a terminal has one output
+	// stream, with the line discipline's echo and CRLF translation);
+	// [Process.Write] types on it and [Process.Resize] resizes it. Signals
+	// go to the process group of the process and to the terminal's
+	// foreground process group. TERM is whatever Env says.
+	TTY *TTY
+}
+
+// TTY is the size of a command's terminal, in characters. Zero fields
+// take the defaults, 24 rows and 80 columns.
+type TTY struct {
+	Rows uint16 `json:"rows,omitempty"`
+	Cols uint16 `json:"cols,omitempty"`
+}
+
+func (t TTY) size() (rows, cols uint16) {
+	rows, cols = t.Rows, t.Cols
+	if rows == 0 {
+		rows = 24
+	}
+	if cols == 0 {
+		cols = 80
+	}
+	return rows, cols
 }
 
 // Event is one item of a process's output stream: a chunk of stdout or

@@ -492,7 +492,7 @@ func (sv *server) exec(s *stream, req *request) {
 	if err != nil {
 		sv.log.Warn("exec cgroup", "err", err) // run it without one
 	}
-	pr, err := sv.startProcess(spec, req.Stdin, cg)
+	pr, err := sv.startProcess(spec, req, cg)
 	cg.closeFD()
 	if err != nil {
 		sv.release(cg)
@@ -501,22 +501,27 @@ func (sv *server) exec(s *stream, req *request) {
 	}
 	defer sv.release(cg)
 	pid := pr.pid
-	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args)
+	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args, "tty", pr.tty != nil)
 
-	// Signals go to the whole process group (Setpgid: pgid == pid).
+	// Signals go to the whole process group (Setpgid or Setsid: pgid ==
+	// pid), and to the terminal's foreground group.
 	onSignal := func(name string) {
 		if sig := unix.SignalNum(name); sig != 0 {
-			_ = unix.Kill(-pid, sig)
+			pr.signal(sig)
 		}
 	}
 	s.onSignal.Store(&onSignal)
+	if pr.tty != nil {
+		onResize := func(rows, cols uint16) { pr.resize(rows, cols) }
+		s.onResize.Store(&onResize)
+	}
 	exited := make(chan struct{})
 	var timedOut atomic.Bool
 	var timer *time.Timer
 	if req.TimeoutMS > 0 {
 		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
 			timedOut.Store(true)
-			_ = unix.Kill(-pid, unix.SIGKILL)
+			pr.signal(unix.SIGKILL)
 			cg.kill()
 		})
 	}
@@ -524,25 +529,30 @@ func (sv *server) exec(s *stream, req *request) {
 	go func() {
 		select {
 		case <-s.ctx.Done():
-			_ = unix.Kill(-pid, unix.SIGKILL)
+			pr.signal(unix.SIGKILL)
 			cg.kill()
 		case <-exited:
 		}
 	}()
 
 	if err := s.m.writeJSON(s.id, frameStarted, &result{Pid: pid}); err != nil {
-		_ = unix.Kill(-pid, unix.SIGKILL)
+		pr.signal(unix.SIGKILL)
 	}
-	if pr.stdin != nil {
+	outputs := []struct {
+		f   *os.File
+		typ byte
+	}{{pr.stdout, frameStdout}, {pr.stderr, frameStderr}}
+	switch {
+	case pr.tty != nil:
+		go feedTTY(s, pr.tty)
+		outputs = outputs[:1] // one output stream: the terminal
+	case pr.stdin != nil:
 		go feedStdin(s, pr.stdin)
 	}
 	var outMu sync.Mutex // one sequence across stdout and stderr
 	var done atomic.Bool
 	var wg sync.WaitGroup
-	for _, o := range []struct {
-		f   *os.File
-		typ byte
-	}{{pr.stdout, frameStdout}, {pr.stderr, frameStderr}} {
+	for _, o := range outputs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -555,17 +565,21 @@ func (sv *server) exec(s *stream, req *request) {
 		timer.Stop()
 	}
 	// Output still buffered in the pipes is read; past that, a background
-	// process holding the pipe open gets OutputGrace of silence.
+	// process holding the pipe (or the terminal) open gets OutputGrace of
+	// silence.
 	done.Store(true)
 	deadline := time.Now().Add(sv.opts.OutputGrace)
-	pr.stdout.SetReadDeadline(deadline)
-	pr.stderr.SetReadDeadline(deadline)
+	for _, o := range outputs {
+		o.f.SetReadDeadline(deadline)
+	}
 	wg.Wait()
 	close(exited)
-	pr.stdout.Close()
-	pr.stderr.Close()
-	if pr.stdin != nil {
-		pr.stdin.Close()
+	// Closing the terminal's master hangs it up: what still runs on it
+	// gets SIGHUP.
+	for _, f := range []*os.File{pr.stdout, pr.stderr, pr.stdin} {
+		if f != nil {
+			f.Close()
+		}
 	}
 	sv.mu.Lock()
 	delete(sv.pgids, pid)
@@ -582,12 +596,15 @@ func (sv *server) exec(s *stream, req *request) {
 }
 
 type process struct {
-	pid                   int
-	wait                  <-chan syscall.WaitStatus
-	stdin, stdout, stderr *os.File // our ends; stdin nil when /dev/null
+	pid  int
+	wait <-chan syscall.WaitStatus
+	// Our ends: stdin nil when /dev/null. On a terminal, tty is its
+	// master and stdout too; stdin and stderr are nil.
+	stdin, stdout, stderr *os.File
+	tty                   *os.File
 }
 
-func (sv *server) startProcess(spec *execSpec, withStdin bool, cg *execCgroup) (_ *process, err error) {
+func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ *process, err error) {
 	var parentEnds, childEnds []*os.File
 	defer func() {
 		for _, f := range childEnds {
@@ -600,42 +617,55 @@ func (sv *server) startProcess(spec *execSpec, withStdin bool, cg *execCgroup) (
 		}
 	}()
 	pr := &process{}
-	var stdin *os.File
-	if withStdin {
-		r, w, err := os.Pipe()
-		if err != nil {
-			return nil, err
-		}
-		childEnds, parentEnds = append(childEnds, r), append(parentEnds, w)
-		stdin, pr.stdin = r, w
-	} else {
-		f, err := os.Open(os.DevNull)
-		if err != nil {
-			return nil, err
-		}
-		childEnds = append(childEnds, f)
-		stdin = f
-	}
 	var files [3]uintptr
-	files[0] = stdin.Fd() // Fd also makes the child's end blocking
-	for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {
-		r, w, err := os.Pipe()
+	sys := &syscall.SysProcAttr{Chroot: sv.chroot, Credential: spec.cred}
+	if req.TTY != nil {
+		rows, cols := req.TTY.size()
+		master, slave, err := sv.openPTY(rows, cols, int(spec.cred.Uid))
 		if err != nil {
-			return nil, err
+			return nil, startError(spec.argv[0], "%v", err)
 		}
-		childEnds, parentEnds = append(childEnds, w), append(parentEnds, r)
-		*dst = r
-		files[i+1] = w.Fd()
+		childEnds, parentEnds = append(childEnds, slave), append(parentEnds, master)
+		pr.tty, pr.stdout = master, master
+		fd := slave.Fd()
+		files = [3]uintptr{fd, fd, fd}
+		// A session of its own, the terminal its controlling terminal
+		// (Ctty is the child's descriptor 0). Its process group is pid.
+		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
+	} else {
+		var stdin *os.File
+		if req.Stdin {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return nil, err
+			}
+			childEnds, parentEnds = append(childEnds, r), append(parentEnds, w)
+			stdin, pr.stdin = r, w
+		} else {
+			f, err := os.Open(os.DevNull)
+			if err != nil {
+				return nil, err
+			}
+			childEnds = append(childEnds, f)
+			stdin = f
+		}
+		files[0] = stdin.Fd() // Fd also makes the child's end blocking
+		for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return nil, err
+			}
+			childEnds, parentEnds = append(childEnds, w), append(parentEnds, r)
+			*dst = r
+			files[i+1] = w.Fd()
+		}
+		sys.Setpgid = true
 	}
 	attr := &syscall.ProcAttr{
 		Dir:   spec.dir,
 		Env:   spec.env,
 		Files: files[:],
-		Sys: &syscall.SysProcAttr{
-			Chroot:     sv.chroot,
-			Setpgid:    true,
-			Credential: spec.cred,
-		},
+		Sys:   sys,
 	}
 	if cg != nil {
 		attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cg.fd
@@ -671,7 +701,9 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 			}
 		}
 		if err != nil {
-			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrDeadlineExceeded) {
+			// A terminal's master reads EIO once no process has the
+			// slave open: its end of file.
+			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, unix.EIO) {
 				sv.log.Debug("reading output", "channel", s.id, "err", err)
 			}
 			return

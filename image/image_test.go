@@ -699,3 +699,33 @@ func TestResolve(t *testing.T) {
 		}
 	}
 }
+
+// TestPullProgressPerCall: a pull's own context receives its progress (on
+// top of the store's callback), and another pull's context does not.
+func TestPullProgressPerCall(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	ref := reg.Push(t, testenv.BusyboxLayout(t), "library/busybox:latest")
+	other := reg.Push(t, testenv.BusyboxLayout(t, testenv.WithUser("app")), "library/other:latest")
+	all, mine, theirs := &recorder{}, &recorder{}, &recorder{}
+	s := testStore(t, Options{RegistriesConf: insecureConf(t, reg.Addr), Progress: all.record})
+	if _, err := s.Pull(WithProgress(context.Background(), mine.record), "docker://"+ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Pull(WithProgress(context.Background(), theirs.record), "docker://"+other); err != nil {
+		t.Fatal(err)
+	}
+	m, o, a := mine.take(), theirs.take(), all.take()
+	if len(m) == 0 || len(o) == 0 || len(a) != len(m)+len(o) {
+		t.Fatalf("events: mine %d, theirs %d, store %d", len(m), len(o), len(a))
+	}
+	for _, e := range m {
+		if e.Ref != "docker://"+ref {
+			t.Errorf("my callback got %+v", e)
+		}
+	}
+	for _, e := range o {
+		if e.Ref != "docker://"+other {
+			t.Errorf("their callback got %+v", e)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package image
 
 import (
+	"context"
 	"sync"
 
 	"github.com/containers/image/v5/types"
@@ -90,4 +91,27 @@ func eventName(e types.ProgressEvent) string {
 	default:
 		return "unknown"
 	}
+}
+
+type progressKey struct{}
+
+// WithProgress returns a context whose pulls also report their progress to
+// fn (as Options.Progress does for every pull of the store): one caller's
+// pull can be followed without seeing the others'.
+func WithProgress(ctx context.Context, fn func(Progress)) context.Context {
+	return context.WithValue(ctx, progressKey{}, fn)
+}
+
+// progressFor is where a pull under ctx reports: the store's callback,
+// the context's, or both.
+func (s *Store) progressFor(ctx context.Context) func(Progress) {
+	own, _ := ctx.Value(progressKey{}).(func(Progress))
+	switch {
+	case own == nil:
+		return s.progress
+	case s.progress == nil:
+		return own
+	}
+	all := s.progress
+	return func(p Progress) { all(p); own(p) }
 }

@@ -246,8 +246,8 @@ func (s *Store) copy(ctx context.Context, ref string, src, dst types.ImageRefere
 		// fetch or store them.
 		RemoveSignatures: true,
 	}
-	if s.progress != nil {
-		ch, wait := pumpProgress(ref, s.progress)
+	if fn := s.progressFor(ctx); fn != nil {
+		ch, wait := pumpProgress(ref, fn)
 		opts.Progress, opts.ProgressInterval = ch, 200*time.Millisecond
 		defer wait()
 	}

@@ -10,9 +10,10 @@
 #   docker-registry    a real registry on 127.0.0.1 for the tests' pulls
 #   python3-httpx      the tests' BoxRun Python SDK compatibility check of
 #                      boxrund (/usr/bin/python3, the SDK's HTTP client)
+#   chromium           the tests' headless browser for boxrund's /ui dashboard
 set -euo pipefail
 
-pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx ca-certificates git)
+pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium ca-certificates git)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
