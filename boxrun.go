@@ -17,7 +17,8 @@
 //	commands  Exec, Stream, StartExec + ExecEvents, GetExec, ListExecs, CancelExec
 //	terminals Attach: a command on a PTY (Session: Read, Write, Resize, Wait, Close)
 //	files     Copy (like docker cp), WriteFile, OpenFile, ReadTar, Stat
-//	images    Pull (progress: Config.PullProgress, WithPullProgress)
+//	images    Pull, PullWith (progress: Config.PullProgress, WithPullProgress),
+//	          Images, RemoveImage, Prune, DiskUsage
 //	engine    Info, Close
 //
 // A box with Network reaches the public internet only, unless its
@@ -43,8 +44,15 @@ type Config struct {
 	// DataDir holds images, disks, boxes and caches; default
 	// $BOXRUN_DATA_DIR, else ~/.boxrun.
 	DataDir string
-	// Hypervisor is "auto" (default: the fastest available) or "qemu".
+	// Hypervisor is the driver: "auto" (default), "cloud-hypervisor" or
+	// "qemu". Auto is Cloud Hypervisor when /dev/kvm can run guests and a
+	// cloud-hypervisor binary is found, else QEMU (KVM when usable, else
+	// TCG). A named driver is used whatever the host has; what it lacks
+	// fails Create with an error naming it.
 	Hypervisor string
+	// CloudHypervisor is the cloud-hypervisor binary; default
+	// $BOXRUN_CLOUD_HYPERVISOR, else cloud-hypervisor in PATH.
+	CloudHypervisor string
 	// Kernel is the guest kernel (a bzImage or vmlinux); default
 	// $BOXRUN_KERNEL, else the newest /boot/vmlinuz-* with modules.
 	Kernel string
@@ -72,6 +80,9 @@ type Config struct {
 	// the oldest output is dropped first and counted in ExecInfo. Default
 	// 16 MiB. Live Stream and Exec callers always get all of it.
 	MaxExecOutputBytes int64
+	// PullPolicy is the default pull policy of Create and Pull:
+	// PullMissing (""), PullAlways or PullNever.
+	PullPolicy PullPolicy
 	// PullProgress, if set, receives image pull progress.
 	PullProgress func(image.Progress)
 	// Logger receives the engine's logs; default discards them.
@@ -94,6 +105,9 @@ type BoxSpec struct {
 	// value is the public internet only: no host, no private range.
 	NetworkPolicy NetworkPolicy
 	Ports         []Port // box ports published on the host (with Network)
+	// PullPolicy says whether Create fetches the image: PullMissing,
+	// PullAlways, PullNever; "" is Config.PullPolicy.
+	PullPolicy PullPolicy
 }
 
 // NetworkPolicy is what a box may reach: Allow, Deny (CIDRs, host:port,
@@ -143,8 +157,14 @@ type Info struct {
 	MaxMemoryMB  int    // Config.MaxMemoryMB
 	UsedCPU      int    // CPUs of the running boxes
 	UsedMemoryMB int    // memory of the running boxes
-	Hypervisor   string // the driver: "qemu"
+	Hypervisor   string // the driver: "cloud-hypervisor" or "qemu"
 	Boxes        int    // running boxes
+	// HypervisorVersion is the VMM's version ("v53.0", "7.2.22"); "" if
+	// it could not be told.
+	HypervisorVersion string
+	// Acceleration is what runs the guests' CPUs: "kvm" or "tcg"
+	// (QEMU's software emulation).
+	Acceleration string
 }
 
 // FileInfo describes a path in a box (symlinks followed inside the box).

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -32,7 +33,9 @@ type Engine struct {
 	images *image.Store
 	bases  *disk.Bases
 	hv     runtime.Hypervisor
+	hvDesc runtime.Description // hv's version and acceleration, for Info
 	store  state.Store
+	imgs   imageUse // pins images against removal (images.go)
 
 	assetsMu sync.Mutex // guards assets: kernel and initramfs, prepared on first use
 	assets   *bootAssets
@@ -98,7 +101,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	hv, err := pickHypervisor(cfg.Hypervisor)
+	hv, err := pickHypervisor(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -129,6 +132,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		images: images,
 		bases:  &disk.Bases{Dir: filepath.Join(cfg.DataDir, "bases")},
 		hv:     hv,
+		hvDesc: runtime.Describe(hv),
 		store:  store,
 		live:   map[string]*liveBox{},
 		execs:  map[string]*liveExec{},
@@ -142,18 +146,44 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
-func pickHypervisor(name string) (runtime.Hypervisor, error) {
-	switch name {
-	case "", "auto", "qemu":
-		return &runtime.QEMU{}, nil
+// pickHypervisor returns the driver Config names (see Config.Hypervisor).
+func pickHypervisor(cfg Config) (runtime.Hypervisor, error) {
+	return runtime.Select(cfg.Hypervisor, cfg.CloudHypervisor)
+}
+
+// attachVM finds the VM of a box left by an earlier engine. A running box
+// is attached by the driver that started it (its RuntimeID names it,
+// "qemu:PID"), which need not be today's: auto may pick another driver
+// once cloud-hypervisor is installed. Without a RuntimeID (a box being
+// created or stopped), every driver looks.
+func (e *Engine) attachVM(ctx context.Context, rec state.Box) (runtime.VM, error) {
+	drivers := runtime.Drivers(e.hv, e.cfg.CloudHypervisor)
+	if name, _, ok := strings.Cut(rec.RuntimeID, ":"); ok {
+		for _, d := range drivers {
+			if d.Name() == name {
+				return d.Attach(ctx, e.boxDir(rec.ID), rec.ID)
+			}
+		}
 	}
-	return nil, errdefs.New(errdefs.ValidationError, "unknown hypervisor %q (want auto or qemu)", name)
+	var errs []error
+	for _, d := range drivers {
+		vm, err := d.Attach(ctx, e.boxDir(rec.ID), rec.ID)
+		if err == nil {
+			return vm, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
 }
 
 // Create pulls the image if needed, boots a box from it and returns once its
 // agent answers. A Create that fails leaves no box, disk or process behind.
 func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err := spec.normalize(); err != nil {
+		return nil, err
+	}
+	policy, err := e.pullPolicy(spec.PullPolicy)
+	if err != nil {
 		return nil, err
 	}
 	if err := e.open(); err != nil {
@@ -181,6 +211,16 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		e.store.DeleteBox(id)
 		return nil, err
 	}
+	// The image, under the pull policy, pinned against Prune and
+	// RemoveImage until the box's record names it.
+	img, unpin, err := e.pullPinned(ctx, spec.Image, policy)
+	if err != nil {
+		e.release(rec.CPU, rec.MemoryMB)
+		e.store.DeleteBox(id)
+		return nil, err
+	}
+	defer unpin()
+	rec.ImageID = img.ID
 	lb, err := e.bootBox(ctx, &rec, true)
 	if err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
@@ -289,14 +329,14 @@ func (e *Engine) watch(id string, lb *liveBox) {
 	e.log.Warn("box VM exited on its own; box marked stopped", "box", id, "console", lb.vm.Console())
 }
 
-// bootBox boots a box's VM: the image (pulled if needed; offline when
-// present), its base disk, the box disk (made when fresh, else reused with
+// bootBox boots a box's VM: the image (rec.ImageID, which Create pulled;
+// pulled here only for a record without one), its base disk, the box disk (made when fresh, else reused with
 // everything the box wrote) and the boot assets.
 func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
 	dir := e.boxDir(rec.ID)
 	var img *image.Image
 	var err error
-	if fresh || rec.ImageID == "" {
+	if rec.ImageID == "" {
 		img, err = e.images.Pull(ctx, rec.Image)
 	} else {
 		// The box's disk sits on this exact image: never another one its
@@ -470,14 +510,12 @@ func (e *Engine) bootAssets(ctx context.Context) (*bootAssets, error) {
 	return e.assets, nil
 }
 
-// Pull fetches an image into the engine's store (a reference already
-// there is not fetched again) and describes it. Progress goes to
+// Pull fetches an image into the engine's store under Config.PullPolicy
+// (by default a reference already there is not fetched again; PullWith
+// chooses per call) and describes it. Progress goes to
 // Config.PullProgress and to a callback set with WithPullProgress.
 func (e *Engine) Pull(ctx context.Context, ref string) (*image.Image, error) {
-	if strings.TrimSpace(ref) == "" {
-		return nil, errdefs.New(errdefs.ValidationError, "image is required")
-	}
-	return e.images.Pull(ctx, ref)
+	return e.PullWith(ctx, ref, PullOptions{})
 }
 
 // WithPullProgress returns a context under which the engine's pulls (Pull,
@@ -494,6 +532,7 @@ func (e *Engine) Info() Info {
 		MaxCPU: e.cfg.MaxCPU, MaxMemoryMB: e.cfg.MaxMemoryMB,
 		UsedCPU: e.usedCPU, UsedMemoryMB: e.usedMem,
 		Hypervisor: e.hv.Name(), Boxes: len(e.live),
+		HypervisorVersion: e.hvDesc.Version, Acceleration: e.hvDesc.Acceleration,
 	}
 }
 
@@ -729,7 +768,9 @@ func (s *BoxSpec) normalize() error {
 		if p.HostIP != "" && net.ParseIP(p.HostIP) == nil {
 			return errdefs.New(errdefs.ValidationError, "port %d: host_ip %q is not an address", p.HostPort, p.HostIP)
 		}
-		k := fmt.Sprintf("%s:%d", p.HostIP, p.HostPort)
+		// One host port, one box port: whatever the addresses (0.0.0.0
+		// overlaps every other one).
+		k := strconv.Itoa(p.HostPort)
 		if seen[k] {
 			return errdefs.New(errdefs.ValidationError, "host port %d published twice", p.HostPort)
 		}

@@ -24,7 +24,7 @@ func (e *Engine) reconcile(ctx context.Context) error {
 		switch rec.Status {
 		case state.Creating:
 			// Create never finished: nothing of it may survive.
-			if vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID); err == nil {
+			if vm, err := e.attachVM(ctx, rec); err == nil {
 				vm.Kill()
 			}
 			os.RemoveAll(e.boxDir(rec.ID))
@@ -34,7 +34,7 @@ func (e *Engine) reconcile(ctx context.Context) error {
 		case state.Stopped, state.Error:
 			// A Start interrupted by the crash may have left its VM running
 			// on the box disk; the record says stopped, so make it true.
-			if vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID); err == nil {
+			if vm, err := e.attachVM(ctx, rec); err == nil {
 				vm.Kill()
 				e.log.Warn("killed the VM of a stopped box (interrupted start)", "box", rec.ID)
 			}
@@ -57,7 +57,7 @@ func (e *Engine) reconcile(ctx context.Context) error {
 
 // reattach adopts a running box's VM left by an earlier engine.
 func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
-	vm, err := e.hv.Attach(ctx, e.boxDir(rec.ID), rec.ID)
+	vm, err := e.attachVM(ctx, rec)
 	if err != nil {
 		return err
 	}
@@ -81,7 +81,15 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 		if rec.Network {
 			// The network lived in the dead engine: a new one, with the
 			// same policy and published ports, on the VM's NIC.
-			if lb.net, err = e.newNetwork(&rec); err != nil {
+			if lb.net, err = e.newNetwork(&rec); err != nil && len(rec.Ports) > 0 {
+				// A published port taken meanwhile must not cost the box:
+				// it comes back without its ports, and says so.
+				e.log.Warn("re-attached box: its published ports could not be bound again", "box", rec.ID, "err", err)
+				bare := rec
+				bare.Ports = nil
+				lb.net, err = e.newNetwork(&bare)
+			}
+			if err != nil {
 				agent.Close()
 				return nil, err
 			}

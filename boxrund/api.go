@@ -226,6 +226,7 @@ func (a *API) info(w http.ResponseWriter, r *http.Request) error {
 	writeJSON(w, http.StatusOK, infoJSON{
 		MaxCPU: in.MaxCPU, MaxMemoryMB: in.MaxMemoryMB, UsedCPU: in.UsedCPU, UsedMemoryMB: in.UsedMemoryMB,
 		RunningBoxes: in.Boxes, Hypervisor: in.Hypervisor, Version: Version,
+		HypervisorVersion: in.HypervisorVersion, Acceleration: in.Acceleration,
 	})
 	return nil
 }

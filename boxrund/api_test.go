@@ -25,7 +25,7 @@ func TestNoVM(t *testing.T) {
 		if info["max_cpu"].(float64) != 64 || info["max_memory_mb"].(float64) != 64<<10 {
 			t.Errorf("info %v", info)
 		}
-		if info["hypervisor"] != "qemu" {
+		if info["hypervisor"] != fx.eng.Info().Hypervisor || info["hypervisor"] == "" {
 			t.Errorf("info hypervisor %v", info["hypervisor"])
 		}
 		for _, tc := range []struct{ body, msg string }{
@@ -93,6 +93,7 @@ func TestNoVM(t *testing.T) {
 		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"allow":["127.0.0.1"]}`)).wantError(t, 422, "VALIDATION_ERROR", "AllowHostPorts")
 		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"deny":["not a rule"]}`)).wantError(t, 422, "VALIDATION_ERROR", "not a CIDR")
 		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"ports":[{"host_port":0,"guest_port":80}]`)).wantError(t, 422, "VALIDATION_ERROR", "1-65535")
+		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"ports":[{"host_port":18081,"guest_port":80},{"host_port":18081,"host_ip":"0.0.0.0","guest_port":81}]`)).wantError(t, 422, "VALIDATION_ERROR", "published twice")
 		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"ports":[{"host_port":1,"guest_port":80,"protocol":"sctp"}]`)).wantError(t, 422, "VALIDATION_ERROR", "only tcp")
 		c.do(t, "POST", "/v1/boxes", boxBody(`"network":true,"network_policy":{"allow_host_ports":"all"}`)).wantError(t, 422, "VALIDATION_ERROR", "must be")
 		busy, err := net.Listen("tcp", "127.0.0.1:0")

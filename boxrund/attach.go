@@ -51,8 +51,11 @@ func (a *API) attach(w http.ResponseWriter, r *http.Request) error {
 	}
 	defer conn.CloseNow()
 	conn.SetReadLimit(1 << 20)
-	ctx, cancel := a.requestContext(r)
-	defer cancel()
+	// The WebSocket's reads and writes use the request's context alone:
+	// coder/websocket drops the connection when their context ends, and a
+	// server shutdown must still send the exit frame. Shutdown ends the
+	// session instead (below).
+	ctx := r.Context()
 	fail := func(err error) error {
 		e := asAPIError(err)
 		a.sendJSON(ctx, conn, map[string]string{"type": "error", "code": e.code, "message": e.message})
@@ -133,7 +136,10 @@ func (a *API) attach(w http.ResponseWriter, r *http.Request) error {
 		if err != nil { // the client stopped taking output
 			sess.Close()
 		}
-	case <-inDone: // the client left (or the server is shutting down)
+	case <-inDone: // the client left
+		sess.Close()
+		<-outDone
+	case <-a.closing: // the server is shutting down: end the session, say so
 		sess.Close()
 		<-outDone
 	}
@@ -142,7 +148,13 @@ func (a *API) attach(w http.ResponseWriter, r *http.Request) error {
 		a.log.Debug("attach: session ended", "box", box.ID, "err", werr)
 	}
 	a.sendJSON(ctx, conn, map[string]any{"type": "exit", "code": code})
-	conn.Close(websocket.StatusNormalClosure, "")
+	status := websocket.StatusNormalClosure
+	select {
+	case <-a.closing:
+		status = websocket.StatusGoingAway
+	default:
+	}
+	conn.Close(status, "")
 	return nil
 }
 

@@ -155,7 +155,7 @@ func (a *API) boxAction(w http.ResponseWriter, r *http.Request) error {
 	case "stop":
 		box, err = a.eng.Stop(detached(r), id)
 	case "start":
-		box, err = a.eng.Start(r.Context(), id)
+		box, err = a.eng.Start(detached(r), id) // a client that gives up (the SDK waits 30 s) finds it running later
 	default:
 		return badRequest("Unknown action: %s", verb)
 	}

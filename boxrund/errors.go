@@ -41,9 +41,9 @@ func badRequest(format string, args ...any) *apiError {
 // 404 for *_NOT_FOUND, 409 for conflicts, 422 for validation, else 400.
 func statusOf(code errdefs.Code) int {
 	switch code {
-	case errdefs.BoxNotFound, errdefs.ExecNotFound:
+	case errdefs.BoxNotFound, errdefs.ExecNotFound, errdefs.ImageNotFound:
 		return http.StatusNotFound
-	case errdefs.ResourceExceeded, errdefs.NameAlreadyExists, errdefs.BoxAlreadyRunning:
+	case errdefs.ResourceExceeded, errdefs.NameAlreadyExists, errdefs.BoxAlreadyRunning, errdefs.ImageInUse:
 		return http.StatusConflict
 	case errdefs.ValidationError:
 		return http.StatusUnprocessableEntity

@@ -48,10 +48,14 @@ func (a *API) pull(w http.ResponseWriter, r *http.Request) error {
 		if closed {
 			return
 		}
-		select {
-		case events <- p:
-		default: // the client is slow: drop an intermediate event
+		if p.Event == "progress" {
+			select {
+			case events <- p:
+			default: // the client is slow: drop an intermediate count
+			}
+			return
 		}
+		events <- p // start, done, skipped: always (the reader drains until closed)
 	}
 	type result struct {
 		img *image.Image
@@ -104,6 +108,8 @@ func (a *API) pull(w http.ResponseWriter, r *http.Request) error {
 			}
 			if !send("progress", pullEvent{Layer: p.Layer, Event: p.Event, Offset: p.Offset, Total: p.Total}) {
 				cancel()
+				for range events { // unblock the pull's reports until it ends
+				}
 				<-done
 				return nil
 			}
@@ -111,6 +117,8 @@ func (a *API) pull(w http.ResponseWriter, r *http.Request) error {
 			rc.SetWriteDeadline(time.Now().Add(writeTimeout))
 			if _, err := w.Write([]byte(":\n\n")); err != nil {
 				cancel()
+				for range events { // unblock the pull's reports until it ends
+				}
 				<-done
 				return nil
 			}

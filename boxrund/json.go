@@ -64,6 +64,10 @@ type infoJSON struct {
 	RunningBoxes int    `json:"running_boxes"`
 	Hypervisor   string `json:"hypervisor"`
 	Version      string `json:"version"`
+	// The hypervisor's own version ("v53.0", "7.2.22") and what runs the
+	// guests' CPUs ("kvm", "tcg").
+	HypervisorVersion string `json:"hypervisor_version"`
+	Acceleration      string `json:"acceleration"`
 }
 
 type runJSON struct {

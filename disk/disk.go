@@ -100,13 +100,98 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 	return path, nil
 }
 
-// Remove deletes the base disk for key, if any.
+// Remove deletes the base disk for key, if any, with its lock file. The
+// caller makes sure no box is being booted from it: a VM that already has
+// it open keeps reading the unlinked file.
 func (b *Bases) Remove(key string) error {
 	err := os.Remove(b.Path(key))
-	if os.IsNotExist(err) {
-		return nil
+	if err != nil && !os.IsNotExist(err) {
+		return err
 	}
-	return err
+	os.Remove(b.Path(key) + ".lock")
+	return nil
+}
+
+// Keys lists the keys of the base disks built in Dir.
+func (b *Bases) Keys() ([]string, error) {
+	ents, err := os.ReadDir(b.Dir)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	for _, e := range ents {
+		if k, ok := strings.CutSuffix(e.Name(), ".ext4"); ok && e.Type().IsRegular() {
+			keys = append(keys, k)
+		}
+	}
+	return keys, nil
+}
+
+// Size is the host space (allocated bytes) that the base disk for key
+// takes, 0 if it is not built.
+func (b *Bases) Size(key string) int64 {
+	u, _ := Usage(b.Path(key))
+	return u.Allocated
+}
+
+// Space is what a file or a tree takes on the host.
+type Space struct {
+	Apparent  int64 // sizes as ls shows them (a sparse disk counts whole)
+	Allocated int64 // blocks actually allocated (what removing it frees)
+}
+
+// Usage adds up the apparent and allocated sizes under path (a file or a
+// directory tree; none is zero). It stays on path's file system (a mount
+// below it, such as a mounted image, is skipped) and counts a file with
+// several hard links once.
+func Usage(path string) (Space, error) {
+	var u Space
+	root, err := os.Lstat(path)
+	if os.IsNotExist(err) {
+		return u, nil
+	}
+	if err != nil {
+		return u, err
+	}
+	dev := root.Sys().(*syscall.Stat_t).Dev
+	type inode struct{ dev, ino uint64 }
+	seen := map[inode]bool{}
+	err = filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if os.IsNotExist(err) { // removed while walking
+				return nil
+			}
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			if os.IsNotExist(err) {
+				return nil
+			}
+			return err
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		if st.Dev != dev {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if st.Nlink > 1 && !d.IsDir() {
+			k := inode{uint64(st.Dev), st.Ino}
+			if seen[k] {
+				return nil
+			}
+			seen[k] = true
+		}
+		u.Apparent += info.Size()
+		u.Allocated += st.Blocks * 512
+		return nil
+	})
+	return u, err
 }
 
 // CreateBoxDisk creates a sparse ext4 disk of sizeGB at path: it takes no

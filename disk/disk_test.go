@@ -94,3 +94,56 @@ func TestBoxDiskIsSparseExt4(t *testing.T) {
 		t.Fatal("size 0 accepted")
 	}
 }
+
+func TestUsageKeysRemove(t *testing.T) {
+	dir := t.TempDir()
+	// A sparse file: 64 MiB apparent, 1 MiB allocated.
+	f, err := os.Create(filepath.Join(dir, "sparse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(64 << 20)
+	f.WriteAt(make([]byte, 1<<20), 0)
+	f.Close()
+	os.WriteFile(filepath.Join(dir, "small"), []byte("hello"), 0o644)
+	os.Link(filepath.Join(dir, "small"), filepath.Join(dir, "hardlink")) // counted once
+	u, err := Usage(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.Apparent < 64<<20 || u.Apparent > 64<<20+64<<10 {
+		t.Errorf("apparent = %d", u.Apparent)
+	}
+	if u.Allocated < 1<<20 || u.Allocated > 2<<20 {
+		t.Errorf("allocated = %d", u.Allocated)
+	}
+	if u, err := Usage(filepath.Join(dir, "none")); err != nil || u != (Space{}) {
+		t.Errorf("Usage of a missing path = %+v, %v", u, err)
+	}
+
+	b := &Bases{Dir: filepath.Join(dir, "bases")}
+	if keys, err := b.Keys(); err != nil || len(keys) != 0 {
+		t.Errorf("Keys of a missing dir = %v, %v", keys, err)
+	}
+	os.MkdirAll(b.Dir, 0o700)
+	for _, n := range []string{"a.ext4", "a.ext4.lock", "b.ext4.tmp", "c.ext4"} {
+		os.WriteFile(filepath.Join(b.Dir, n), []byte("x"), 0o600)
+	}
+	if keys, _ := b.Keys(); strings.Join(keys, ",") != "a,c" {
+		t.Errorf("Keys = %v", keys)
+	}
+	if b.Size("a") <= 0 || b.Size("b") != 0 {
+		t.Errorf("Size a = %d, b = %d", b.Size("a"), b.Size("b"))
+	}
+	if err := b.Remove("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Remove("a"); err != nil {
+		t.Errorf("second Remove: %v", err)
+	}
+	for _, n := range []string{"a.ext4", "a.ext4.lock"} {
+		if _, err := os.Stat(filepath.Join(b.Dir, n)); !os.IsNotExist(err) {
+			t.Errorf("%s left: %v", n, err)
+		}
+	}
+}

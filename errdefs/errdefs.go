@@ -27,6 +27,12 @@ const (
 	Timeout             Code = "TIMEOUT"
 	Canceled            Code = "CANCELED"
 	ValidationError     Code = "VALIDATION_ERROR"
+
+	// Codes of the engine's image management, beyond the BoxRun API's
+	// enum (an HTTP server maps them as the enum's rule does: 404 for
+	// *_NOT_FOUND, 409 for a conflict).
+	ImageNotFound Code = "IMAGE_NOT_FOUND" // 404: no such image in the store
+	ImageInUse    Code = "IMAGE_IN_USE"    // 409: a box uses the image
 )
 
 // Error is an error with a BoxRun code. Err, when set, is the cause and is

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -88,6 +89,9 @@ func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int
 	if err != nil {
 		return 0, nil, err
 	}
+	// Children inherit the agent's -1000 (never OOM-killed): a box's own
+	// commands must be killable when the box runs out of memory.
+	os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte("0"), 0)
 	ch := make(chan syscall.WaitStatus, 1)
 	r.waiters[pid] = ch
 	return pid, ch, nil

@@ -213,6 +213,11 @@ func TestHostileForkBombAndMemoryHog(t *testing.T) {
 		t.Errorf("no OOM kill for 450 MiB in a 256 MiB box")
 	}
 	alive(t, box, "a memory hog")
+	// However the hog is shaped, the OOM killer never picks the agent: it
+	// is exempt, the box's commands are not.
+	if res := sh(t, box, "cat /proc/1/oom_score_adj /proc/self/oom_score_adj"); res.Stdout != "-1000\n0\n" {
+		t.Errorf("oom_score_adj of the agent and of a command: %q, want -1000 and 0", res.Stdout)
+	}
 
 	// A fork bomb that leaves its exec's process group (setsid) and
 	// outlives the exec: confined to that exec's cgroup (task limit, CPU

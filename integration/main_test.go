@@ -168,7 +168,7 @@ func vmmProcesses(dir string) []int {
 		}
 		cwd, _ := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
 		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if strings.HasPrefix(cwd, dir) && strings.HasPrefix(string(comm), "qemu") {
+		if strings.HasPrefix(cwd, dir) && (strings.HasPrefix(string(comm), "qemu") || strings.HasPrefix(string(comm), "cloud-hyperviso")) {
 			pids = append(pids, pid)
 		}
 	}

@@ -71,7 +71,16 @@ func (n *Network) resolve(q dnsmessage.Question) (dnsmessage.RCode, []dnsmessage
 	if q.Class != dnsmessage.ClassINET {
 		return dnsmessage.RCodeNotImplemented, nil
 	}
+	if !n.dnsRate.Allow() {
+		return dnsmessage.RCodeRefused, nil // a box flooding the host's resolver
+	}
 	if !n.cfg.Filter.AllowedName(name) {
+		// Denied: not answered, but learnt on the host, so the box cannot
+		// use the name's addresses by asking another resolver.
+		n.learnDenied(name)
+		return dnsmessage.RCodeNameError, nil
+	}
+	if !n.cfg.Filter.Resolvable(name) {
 		return dnsmessage.RCodeNameError, nil
 	}
 	var network string
@@ -108,4 +117,43 @@ func (n *Network) resolve(q dnsmessage.Question) (dnsmessage.RCode, []dnsmessage
 		})
 	}
 	return dnsmessage.RCodeSuccess, out
+}
+
+// denyTTL is how long the addresses of a denied name stay refused after
+// the host resolved it; they are resolved again well before that.
+const denyTTL = time.Hour
+
+// learnDenied resolves a denied name on the host and refuses its
+// addresses.
+func (n *Network) learnDenied(name string) {
+	ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+	defer cancel()
+	for _, network := range []string{"ip4", "ip6"} {
+		if addrs, err := n.cfg.Resolver.LookupNetIP(ctx, network, name); err == nil {
+			n.cfg.Filter.Learn(name, addrs, denyTTL)
+		}
+	}
+}
+
+// refreshDenied keeps the addresses of the Deny rules' names current,
+// from the start (a box that never asks DNS and uses a denied name's
+// address directly is refused too).
+func (n *Network) refreshDenied() {
+	defer n.wg.Done()
+	names := n.cfg.Filter.DenyDomains()
+	if len(names) == 0 {
+		return
+	}
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		for _, name := range names {
+			n.learnDenied(name)
+		}
+		select {
+		case <-t.C:
+		case <-n.ctx.Done():
+			return
+		}
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
+	"golang.org/x/time/rate"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -42,13 +43,18 @@ const (
 	// every frame costs a trip through the VMM (and, under TCG, emulated
 	// guest work), so fewer, bigger frames carry more.
 	MTU = 65520
-	// maxConns caps the connections (TCP and UDP flows) one box holds
-	// open through the host at once: each is a host socket, and at most
-	// rcvMax+sndMax of the stack's buffers (a box that stops reading
-	// holds at most maxConns × 5 MiB of the host's memory: 640 MiB).
-	maxConns = 128
-	rcvMax   = 1 << 20
-	sndMax   = 4 << 20
+	// defaultMaxConns caps the connections (TCP and UDP flows) one box
+	// holds open through the host at once: each is a host socket. The
+	// stack's endpoints (those of finished connections still sending
+	// their last data included) are capped at 1.5 times that, each with at
+	// most rcvMax+sndMax of buffers: a box that stops reading holds at most
+	// 192 × 3 MiB of the host's memory.
+	defaultMaxConns = 128
+	rcvMax          = 1 << 20
+	sndMax          = 2 << 20
+	// userTimeout ends a connection whose data the box has not
+	// acknowledged for this long (a box that never opens its window).
+	userTimeout = time.Minute
 	// maxFrame is the largest frame taken from the VMM; Ethernet frames
 	// are far smaller, a longer length is a broken or hostile peer.
 	maxFrame  = 64 << 10
@@ -81,19 +87,26 @@ type Config struct {
 	// net.Dialer.
 	Dial   func(ctx context.Context, network, addr string) (net.Conn, error)
 	Logger *slog.Logger
+	// MaxConns caps the box's open connections and flows; default 128.
+	MaxConns int
+	// DNSRate caps the box's DNS queries per second (burst twice that);
+	// default 50.
+	DNSRate int
 }
 
 // Network is one box's network: a userspace stack whose link is the VMM's
 // NIC backend, a stream of Ethernet frames.
 type Network struct {
-	cfg    Config
-	log    *slog.Logger
-	stack  *stack.Stack
-	link   *channel.Endpoint
-	ctx    context.Context
-	cancel context.CancelFunc
-	slots  chan struct{} // one per open connection: at most maxConns
-	wg     sync.WaitGroup
+	cfg     Config
+	log     *slog.Logger
+	stack   *stack.Stack
+	link    *channel.Endpoint
+	ctx     context.Context
+	cancel  context.CancelFunc
+	slots   chan struct{} // one per open connection: at most MaxConns
+	maxEps  int           // cap on the stack's endpoints
+	dnsRate *rate.Limiter
+	wg      sync.WaitGroup
 
 	mu     sync.Mutex
 	conn   io.ReadWriteCloser // the VMM's frame stream, when attached
@@ -122,7 +135,14 @@ func New(cfg Config) (*Network, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	n := &Network{cfg: cfg, log: cfg.Logger, slots: make(chan struct{}, maxConns), open: map[io.Closer]bool{}}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = defaultMaxConns
+	}
+	if cfg.DNSRate <= 0 {
+		cfg.DNSRate = 50
+	}
+	n := &Network{cfg: cfg, log: cfg.Logger, slots: make(chan struct{}, cfg.MaxConns), open: map[io.Closer]bool{},
+		maxEps: cfg.MaxConns + cfg.MaxConns/2, dnsRate: rate.NewLimiter(rate.Limit(cfg.DNSRate), 2*cfg.DNSRate)}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	if err := n.buildStack(); err != nil {
 		n.cancel()
@@ -134,8 +154,9 @@ func New(cfg Config) (*Network, error) {
 			return nil, err
 		}
 	}
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.writeFrames()
+	go n.refreshDenied()
 	return n, nil
 }
 
@@ -293,8 +314,14 @@ func (n *Network) track(c io.Closer) (untrack func(), ok bool) {
 	}, true
 }
 
-// acquire takes a connection slot, or reports that the box holds too many.
+// acquire takes a connection slot, or reports that the box holds too many
+// connections, or that the stack holds too many endpoints (closed
+// connections still delivering their last data to a box that does not
+// read count until they end).
 func (n *Network) acquire() bool {
+	if len(n.stack.RegisteredEndpoints()) >= n.maxEps {
+		return false
+	}
 	select {
 	case n.slots <- struct{}{}:
 		return true
@@ -355,6 +382,8 @@ func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 		out.Close()
 		return
 	}
+	ut := tcpip.TCPUserTimeoutOption(userTimeout)
+	ep.SetSockOpt(&ut)
 	n.relay(gonet.NewTCPConn(&wq, ep), out)
 }
 

@@ -128,19 +128,26 @@ type Filter struct {
 	hostAddrs   func() []netip.Addr
 
 	mu       sync.Mutex
-	resolved map[netip.Addr][]resolvedRule // addresses of domain rules, learnt from DNS
+	resolved map[netip.Addr]map[resolvedRule]time.Time // addresses of domain rules, learnt from DNS: until when
 }
 
+// resolvedRule is what a learnt address is bound to: allow or deny, on a
+// port (0: any).
 type resolvedRule struct {
 	allow bool
 	port  int
-	until time.Time
 }
+
+// maxResolved caps the learnt addresses per box: a box asking DNS for
+// ever new names must not grow the engine's memory. Past it, no new
+// allow-address is learnt (those stay unreachable: the safe side), and
+// deny-addresses replace the oldest.
+const maxResolved = 4096
 
 // NewFilter compiles a policy. Loopback addresses are refused in Allow:
 // the host is reached through AllowHostPorts only.
 func NewFilter(p Policy) (*Filter, error) {
-	f := &Filter{hostPorts: map[int]bool{}, hostAddrs: hostAddrs, resolved: map[netip.Addr][]resolvedRule{}}
+	f := &Filter{hostPorts: map[int]bool{}, hostAddrs: hostAddrs, resolved: map[netip.Addr]map[resolvedRule]time.Time{}}
 	for _, s := range p.Allow {
 		r, err := parseRule(s)
 		if err != nil {
@@ -190,7 +197,13 @@ func (f *Filter) Allowed(dst netip.AddrPort) (bool, string) {
 		}
 	}
 	a := addrs[len(addrs)-1]
-	if _, ok := matchAddr(f.allow, a, port); ok || f.resolvedMatch(a, port, true) {
+	if _, ok := matchAddr(f.allow, a, port); ok {
+		return true, ""
+	}
+	// A name opens what it resolves to, except link-local addresses (cloud
+	// metadata): those only through an explicit CIDR, never through DNS
+	// that someone else may control.
+	if f.resolvedMatch(a, port, true) && !a.IsLinkLocalUnicast() {
 		return true, ""
 	}
 	if len(f.allow) > 0 {
@@ -217,11 +230,16 @@ func (f *Filter) AllowedName(name string) bool {
 }
 
 // Learn records the addresses the host resolved name to, so that domain
-// rules apply to them for ttl.
+// rules apply to them for ttl. One entry per address and rule, however
+// often the name is asked for; expired entries are dropped.
 func (f *Filter) Learn(name string, addrs []netip.Addr, ttl time.Duration) {
-	until := time.Now().Add(ttl)
+	now := time.Now()
+	until := now.Add(ttl)
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if len(f.resolved) >= maxResolved {
+		f.pruneLocked(now)
+	}
 	for _, set := range []struct {
 		rules []rule
 		allow bool
@@ -231,10 +249,55 @@ func (f *Filter) Learn(name string, addrs []netip.Addr, ttl time.Duration) {
 				continue
 			}
 			for _, a := range addrs {
-				f.resolved[a.Unmap()] = append(f.resolved[a.Unmap()], resolvedRule{allow: set.allow, port: r.port, until: until})
+				a = a.Unmap()
+				m := f.resolved[a]
+				if m == nil {
+					if len(f.resolved) >= maxResolved && set.allow {
+						continue
+					}
+					m = map[resolvedRule]time.Time{}
+					f.resolved[a] = m
+				}
+				k := resolvedRule{allow: set.allow, port: r.port}
+				if until.After(m[k]) {
+					m[k] = until
+				}
 			}
 		}
 	}
+}
+
+// pruneLocked drops expired entries (f.mu held).
+func (f *Filter) pruneLocked(now time.Time) {
+	for a, m := range f.resolved {
+		for k, until := range m {
+			if !now.Before(until) {
+				delete(m, k)
+			}
+		}
+		if len(m) == 0 {
+			delete(f.resolved, a)
+		}
+	}
+}
+
+// Resolvable reports whether the box's DNS may resolve name at all: not a
+// name a Deny rule names, and, with an allow list, only names it allows
+// (so a box limited to a few destinations cannot tunnel data through the
+// host's resolver, nor map internal names).
+func (f *Filter) Resolvable(name string) bool {
+	if !f.AllowedName(name) {
+		return false
+	}
+	if len(f.allow) == 0 {
+		return true
+	}
+	for _, r := range f.allow {
+		if r.domain != "" && r.matchDomain(name) {
+			return true
+		}
+	}
+	return false
 }
 
 // DenyDomains lists the exact names of Deny domain rules, to resolve up
@@ -253,8 +316,8 @@ func (f *Filter) resolvedMatch(a netip.Addr, port int, allow bool) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	now := time.Now()
-	for _, r := range f.resolved[a] {
-		if r.allow == allow && now.Before(r.until) && (r.port == 0 || r.port == port) {
+	for k, until := range f.resolved[a] {
+		if k.allow == allow && now.Before(until) && (k.port == 0 || k.port == port) {
 			return true
 		}
 	}
@@ -392,9 +455,9 @@ func (f *Filter) ports(a netip.Addr) []int {
 		}
 	}
 	f.mu.Lock()
-	for _, r := range f.resolved[a] {
-		if r.allow && r.port != 0 {
-			ports = append(ports, r.port)
+	for k := range f.resolved[a] {
+		if k.allow && k.port != 0 {
+			ports = append(ports, k.port)
 		}
 	}
 	f.mu.Unlock()

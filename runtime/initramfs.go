@@ -18,8 +18,9 @@ import (
 var GuestModules = []string{
 	"virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng",
 	"crc32c_generic", "ext4", "overlay",
-	"9pnet_virtio", "9p", "virtiofs",
-	"vmw_vsock_virtio_transport",
+	"9pnet_virtio", "9p", // QEMU's volumes
+	"fuse", "virtiofs", // Cloud Hypervisor's volumes
+	"vsock", "vmw_vsock_virtio_transport", // Cloud Hypervisor's agent channel
 }
 
 // ResolveModules returns the module files (relative to modulesDir) that

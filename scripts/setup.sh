@@ -11,9 +11,18 @@
 #   python3-httpx      the tests' BoxRun Python SDK compatibility check of
 #                      boxrund (/usr/bin/python3, the SDK's HTTP client)
 #   chromium           the tests' headless browser for boxrund's /ui dashboard
+#   libgpgme-dev, libbtrfs-dev, pkg-config, gcc, libc6-dev
+#                      a plain `go build` (no tags, cgo on) of anything that
+#                      imports boxrun: containers/image's GPG signature code
+#                      links gpgme (found through pkg-config), containers/
+#                      storage's btrfs driver needs the btrfs headers. With
+#                      scripts/env.sh's tags and CGO_ENABLED=0, none is
+#                      needed. (libdevmapper-dev is not: containers/storage
+#                      1.59 has no devicemapper driver any more.)
 set -euo pipefail
 
-pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium ca-certificates git)
+pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium ca-certificates git
+  libgpgme-dev libbtrfs-dev pkg-config gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

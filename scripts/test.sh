@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Sets the host up and runs every test, integration tests on real VMs
-# included. Extra arguments go to `go test` (e.g. -run, -v).
+# Sets the host up, builds both ways (scripts/buildcheck.sh) and runs every
+# test, integration tests on real VMs included. Extra arguments go to `go test` (e.g. -run, -v).
 # Then fuzzes the host's parser of the (untrusted) agent's frames for a
 # bounded time: BOXRUN_FUZZTIME per target (default 12s; 0 skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The tree and a consumer module, built plain (no GOFLAGS) and with the
+# tags (CGO_ENABLED=0); go vet, plain.
+scripts/buildcheck.sh
 . scripts/env.sh
-go vet ./...
 go test -count=1 -timeout 40m "$@" ./...
 fuzztime=${BOXRUN_FUZZTIME:-12s}
 if [ "$fuzztime" != 0 ]; then

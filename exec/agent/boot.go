@@ -66,6 +66,9 @@ func mountEarly() error {
 			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
 		}
 	}
+	// The agent is the box's lifeline: the OOM killer picks a box's own
+	// processes, never it (each exec is set back to 0 when it starts).
+	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 	return nil
 }
 

@@ -23,6 +23,7 @@ import (
 // elsewhere), and how long it waits for devices that are still probing.
 var (
 	virtio9pDriver = "/sys/bus/virtio/drivers/9pnet_virtio"
+	virtiofsDriver = "/sys/bus/virtio/drivers/virtiofs"
 	mountinfoPath  = "/proc/self/mountinfo"
 	volumeTimeout  = 3 * time.Second
 	linkTimeout    = 5 * time.Second
@@ -67,10 +68,16 @@ func (a *agent) configure(ctx context.Context, mounts []exec.Mount, network *exe
 	return nil
 }
 
-// mountVolume mounts the 9p share m at m.Path inside the box root, unless
-// it is mounted there already.
+// mountVolume mounts the share m at m.Path inside the box root, unless it
+// is mounted there already: a virtio-9p share (QEMU), or a virtio-fs one
+// when the kernel command line says boxrun.volumes=virtiofs (Cloud
+// Hypervisor).
 func (a *agent) mountVolume(ctx context.Context, root *fsroot.Root, m exec.Mount) error {
 	fail := func(err error) error { return fmt.Errorf("volume %q at %s: %w", m.Tag, m.Path, err) }
+	fstype := "9p"
+	if a.cfg.virtiofs {
+		fstype = "virtiofs"
+	}
 	fd, real, err := openMountPoint(root, m.Path, false)
 	if err != nil {
 		return fail(err)
@@ -81,11 +88,12 @@ func (a *agent) mountVolume(ctx context.Context, root *fsroot.Root, m exec.Mount
 		return fail(err)
 	}
 	for _, mi := range infos {
-		if mi.fstype != "9p" || mi.source != m.Tag {
+		if mi.fstype != fstype || mi.source != m.Tag {
 			continue
 		}
 		if mi.target != real {
-			// A virtio-9p channel serves one mount at a time.
+			// A virtio-9p channel (or virtio-fs device) serves one mount
+			// at a time.
 			return fail(fmt.Errorf("the share is already mounted at %s", boxPath(a.root, mi.target)))
 		}
 		if mi.readOnly != m.ReadOnly {
@@ -94,12 +102,20 @@ func (a *agent) mountVolume(ctx context.Context, root *fsroot.Root, m exec.Mount
 		a.log.Debug("volume already mounted", "tag", m.Tag, "path", m.Path)
 		return nil
 	}
-	if err := waitForTag(ctx, m.Tag, volumeTimeout); err != nil {
-		return fail(err)
-	}
 	var flags uintptr
 	if m.ReadOnly {
 		flags |= unix.MS_RDONLY
+	}
+	if a.cfg.virtiofs {
+		if err := a.mountVirtiofs(ctx, m, fmt.Sprintf("/proc/self/fd/%d", fd), flags); err != nil {
+			return fail(err)
+		}
+		a.mounts = append(a.mounts, real)
+		a.log.Info("volume mounted", "tag", m.Tag, "path", m.Path, "read_only", m.ReadOnly, "fs", fstype)
+		return nil
+	}
+	if err := waitForTag(ctx, m.Tag, volumeTimeout); err != nil {
+		return fail(err)
 	}
 	if err := a.sysMount(m.Tag, fmt.Sprintf("/proc/self/fd/%d", fd), "9p", flags, ninepOptions); err != nil {
 		return fail(fmt.Errorf("mount 9p %s: %w", rwName(m.ReadOnly), err))
@@ -122,6 +138,34 @@ func boxPath(root, p string) string {
 		return filepath.Join("/", rel)
 	}
 	return p
+}
+
+// mountVirtiofs mounts the virtio-fs device with tag m.Tag on target.
+// The kernel finds the device by its tag at mount time (there is no tag in
+// sysfs before Linux 6.9): while the device is still probing, the mount
+// fails with EINVAL, so it is retried until volumeTimeout.
+func (a *agent) mountVirtiofs(ctx context.Context, m exec.Mount, target string, flags uintptr) error {
+	if _, err := os.Stat(virtiofsDriver); err != nil {
+		return fmt.Errorf("no virtio-fs driver in the guest kernel (module virtiofs): %w", err)
+	}
+	deadline := time.Now().Add(volumeTimeout)
+	for {
+		err := a.sysMount(m.Tag, target, "virtiofs", flags, "")
+		if err == nil {
+			return nil
+		}
+		if err != unix.EINVAL && err != unix.ENOENT {
+			return fmt.Errorf("mount virtiofs %s: %w", rwName(m.ReadOnly), err)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no virtio-fs device with tag %q (mount: %v); is the volume attached to the VM?", m.Tag, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // waitForTag waits until a virtio-9p device with the mount tag is bound

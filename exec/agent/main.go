@@ -15,7 +15,10 @@
 //   - boxrun.data=/dev/vdb: writable ext4 box disk; without it the box's
 //     writes go to a tmpfs and are lost at shutdown.
 //   - boxrun.port=NAME: virtio-serial port name (default boxrun.agent).
-//   - boxrun.vsock=PORT: serve on AF_VSOCK port PORT instead.
+//   - boxrun.vsock=PORT: serve on AF_VSOCK port PORT instead (Cloud
+//     Hypervisor; the host reaches it through CH's hybrid vsock socket).
+//   - boxrun.volumes=virtiofs: volumes are virtio-fs devices (Cloud
+//     Hypervisor) instead of virtio-9p shares (QEMU); same tags.
 //   - boxrun.halt=reboot|poweroff: how the VM ends (default reboot, for
 //     QEMU with -no-reboot).
 //   - boxrun.debug=1: debug logging on the console.
@@ -64,6 +67,7 @@ type config struct {
 	useVsock   bool
 	halt       int // LINUX_REBOOT_CMD_*
 	debug      bool
+	virtiofs   bool // volumes are virtio-fs devices, not virtio-9p shares
 }
 
 func parseCmdline(s string) (config, error) {
@@ -94,6 +98,15 @@ func parseCmdline(s string) (config, error) {
 			}
 		case "boxrun.debug":
 			c.debug = v == "1" || v == "true"
+		case "boxrun.volumes":
+			switch v {
+			case "virtiofs":
+				c.virtiofs = true
+			case "9p":
+				c.virtiofs = false
+			default:
+				return c, fmt.Errorf("boxrun.volumes=%q: want 9p or virtiofs", v)
+			}
 		}
 	}
 	if c.base == "" {
@@ -123,6 +136,10 @@ type agent struct {
 
 func main() {
 	if os.Getpid() != 1 {
+		if listen := os.Getenv(hostModeEnv); listen != "" {
+			hostMode(listen)
+			return
+		}
 		fmt.Fprintln(os.Stderr, "boxrun agent: this is the /init of a boxrun VM; it only runs as PID 1")
 		os.Exit(2)
 	}

@@ -1,0 +1,237 @@
+package boxrun_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun"
+	"github.com/boxrun/boxrun/internal/testenv"
+	"github.com/boxrun/boxrun/runtime"
+)
+
+// TestCloudHypervisorFakeEndToEnd runs the engine's real code path on the
+// Cloud Hypervisor driver, with fakech (runtime/ch/fakech) in place of
+// cloud-hypervisor: the engine pulls the image, makes the base and box
+// disks, builds the kernel and initramfs, starts "cloud-hypervisor" in its
+// own session, creates and boots the VM over the REST API, dials the agent
+// through the hybrid vsock socket (CONNECT/OK) and says hello; then it
+// execs, streams, copies both ways, re-attaches after an engine that died
+// (a child process that exits without Close), stops, starts and removes.
+//
+// Bypassed, because there is no VM: fakech runs the real agent (the /init
+// of the initramfs the engine built) as a host process in its host mode,
+// on a box root that fakech extracts from the base disk with debugfs,
+// instead of a guest kernel mounting the base and box disks; the box disk
+// is not used (the extracted root keeps the box's writes across a stop).
+// Volumes and the network need a real VM (fakech refuses them): they are
+// covered by the contract test and the TAP test in package runtime, and by
+// the integration suite where cloud-hypervisor runs.
+func TestCloudHypervisorFakeEndToEnd(t *testing.T) {
+	if dir := os.Getenv("BOXRUN_FAKECH_CHILD"); dir != "" {
+		fakeCHChild(t, dir)
+		return
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("the fake cloud-hypervisor's agent chroots into the box root: needs root")
+	}
+	for _, tool := range []string{"debugfs", "mkfs.ext4", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	if _, err := runtime.FindKernel(""); err != nil {
+		t.Skip(err)
+	}
+	chBin := filepath.Join(t.TempDir(), "cloud-hypervisor")
+	build := exec.Command("go", "build", "-o", chBin, "github.com/boxrun/boxrun/runtime/ch/fakech")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build fakech: %v\n%s", err, out)
+	}
+	layout := testenv.BusyboxLayout(t)
+	data := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	// The first engine dies with the box running: a child process that
+	// creates it and exits without Close.
+	child := exec.Command(os.Args[0], "-test.run=^TestCloudHypervisorFakeEndToEnd$", "-test.v")
+	child.Env = append(os.Environ(), "BOXRUN_FAKECH_CHILD="+data, "BOXRUN_FAKECH_BIN="+chBin, "BOXRUN_FAKECH_IMAGE=oci:"+layout+":latest")
+	out, err := child.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child engine: %v\n%s", err, out)
+	}
+	var boxID string
+	for _, line := range strings.Split(string(out), "\n") {
+		if id, ok := strings.CutPrefix(line, "FAKECH_BOX="); ok {
+			boxID = strings.TrimSpace(id)
+		}
+	}
+	if boxID == "" {
+		t.Fatalf("the child did not create a box:\n%s", out)
+	}
+	t.Cleanup(func() { killFakeCH(data) })
+
+	eng := newFakeCHEngine(t, ctx, data, chBin)
+	defer eng.Close()
+	in := eng.Info()
+	if in.Hypervisor != "cloud-hypervisor" || in.HypervisorVersion != "v53.0" || in.Acceleration != "kvm" {
+		t.Errorf("info %+v", in)
+	}
+	// Re-attached through the API and the vsock socket.
+	box, err := eng.Get(ctx, boxID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if box.Status != "running" || !strings.HasPrefix(box.RuntimeID, "cloud-hypervisor:") {
+		t.Fatalf("after the engine restart: %+v", box)
+	}
+	if in := eng.Info(); in.Boxes != 1 {
+		t.Errorf("running boxes %d after re-attach", in.Boxes)
+	}
+	res, err := eng.Exec(ctx, boxID, boxrun.ExecSpec{Cmd: []string{"cat", "/root/from-child"}})
+	if err != nil || res.Stdout != "written before the engine died\n" {
+		t.Fatalf("after re-attach: %+v, %v", res, err)
+	}
+
+	// Exec: output, exit code, env.
+	res, err = eng.Exec(ctx, boxID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "echo hi; echo err >&2; echo $BOX_VAR; exit 3"}})
+	if err != nil || res.ExitCode != 3 || res.Stdout != "hi\nfrom-box\n" || res.Stderr != "err\n" {
+		t.Fatalf("exec: %+v, %v", res, err)
+	}
+	// Stream: ordered log events, then one exit.
+	events, err := eng.Stream(ctx, boxID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "for i in 1 2 3; do echo $i; done"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for ev := range events {
+		switch ev.Type {
+		case "log":
+			got = append(got, strings.TrimSpace(ev.Data))
+		case "exit":
+			got = append(got, "exit="+strconv.Itoa(ev.ExitCode))
+		}
+	}
+	if strings.Join(got, ",") != "1,2,3,exit=0" && strings.Join(got, ",") != "1\n2\n3,exit=0" {
+		if joined := strings.Join(got, ""); strings.ReplaceAll(joined, "\n", "") != "123exit=0" {
+			t.Errorf("stream events %q", got)
+		}
+	}
+	// Copy in and out.
+	host := filepath.Join(t.TempDir(), "in.txt")
+	os.WriteFile(host, []byte("payload from the host\n"), 0o644)
+	if err := eng.Copy(ctx, host, boxID+":/root/in.txt"); err != nil {
+		t.Fatal(err)
+	}
+	res, err = eng.Exec(ctx, boxID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "cat /root/in.txt; echo from the box > /root/out.txt"}})
+	if err != nil || res.Stdout != "payload from the host\n" {
+		t.Fatalf("copied file in the box: %+v, %v", res, err)
+	}
+	outDir := t.TempDir()
+	if err := eng.Copy(ctx, boxID+":/root/out.txt", outDir+"/out.txt"); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(outDir + "/out.txt"); string(b) != "from the box\n" {
+		t.Errorf("copied out %q", b)
+	}
+
+	// Stop: the agent powers the "VM" off, and the VMM exits, as CH does.
+	stopped, err := eng.Stop(ctx, boxID)
+	if err != nil || stopped.Status != "stopped" {
+		t.Fatalf("stop: %+v, %v", stopped, err)
+	}
+	if pids := fakeCHPids(data); len(pids) > 0 {
+		t.Errorf("VMM processes after stop: %v", pids)
+	}
+	// The serial port reached the engine's capped console relay.
+	if b, _ := os.ReadFile(filepath.Join(data, "boxes", boxID, "console.log")); !strings.Contains(string(b), "boxrun-agent: ") {
+		t.Errorf("console.log has no agent output: %q", b)
+	}
+	// Start again: what the box wrote is still there.
+	if _, err := eng.Start(ctx, boxID); err != nil {
+		t.Fatal(err)
+	}
+	res, err = eng.Exec(ctx, boxID, boxrun.ExecSpec{Cmd: []string{"cat", "/root/out.txt"}})
+	if err != nil || res.Stdout != "from the box\n" {
+		t.Fatalf("after restart: %+v, %v", res, err)
+	}
+	// Remove while running: vm.shutdown, vmm.shutdown; nothing left.
+	if err := eng.Remove(ctx, boxID, boxrun.Force); err != nil {
+		t.Fatal(err)
+	}
+	if pids := fakeCHPids(data); len(pids) > 0 {
+		t.Errorf("VMM processes after remove: %v", pids)
+	}
+	if _, err := os.Stat(filepath.Join(data, "boxes", boxID)); !os.IsNotExist(err) {
+		t.Errorf("box dir after remove: %v", err)
+	}
+}
+
+func newFakeCHEngine(t *testing.T, ctx context.Context, data, chBin string) *boxrun.Engine {
+	t.Helper()
+	eng, err := boxrun.New(ctx, boxrun.Config{
+		DataDir: data, Hypervisor: "cloud-hypervisor", CloudHypervisor: chBin,
+		MaxCPU: 8, MaxMemoryMB: 8192, BootTimeout: time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return eng
+}
+
+// fakeCHChild is the engine that dies: it creates a box, writes a file in
+// it and exits without closing the engine.
+func fakeCHChild(t *testing.T, data string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	eng := newFakeCHEngine(t, ctx, data, os.Getenv("BOXRUN_FAKECH_BIN"))
+	box, err := eng.Create(ctx, boxrun.BoxSpec{
+		Image: os.Getenv("BOXRUN_FAKECH_IMAGE"), CPU: 1, MemoryMB: 256, DiskSizeGB: 1,
+		Env: map[string]string{"BOX_VAR": "from-box"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := eng.Exec(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "echo written before the engine died > /root/from-child"}})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("exec in the child: %+v, %v", res, err)
+	}
+	fmt.Printf("FAKECH_BOX=%s\n", box.ID)
+	os.Exit(0) // no Close: the box outlives its engine
+}
+
+// fakeCHPids lists the fakech processes running in a box dir under data.
+func fakeCHPids(data string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, _ := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		stat, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		zombie := strings.Contains(string(stat), ") Z ")
+		if strings.HasPrefix(cwd, data) && strings.HasPrefix(string(comm), "cloud-hyperviso") && !zombie {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func killFakeCH(data string) {
+	for _, pid := range fakeCHPids(data) {
+		if p, err := os.FindProcess(pid); err == nil {
+			p.Kill()
+		}
+	}
+}
