@@ -11,6 +11,8 @@
 #   python3-httpx      the tests' BoxRun Python SDK compatibility check of
 #                      boxrund (/usr/bin/python3, the SDK's HTTP client)
 #   chromium           the tests' headless browser for boxrund's /ui dashboard
+#   iproute2           `ip netns`: the network tests put an "internet" server in a
+#                      namespace of their own
 #   libgpgme-dev, libbtrfs-dev, pkg-config, gcc, libc6-dev
 #                      a plain `go build` (no tags, cgo on) of anything that
 #                      imports boxrun: containers/image's GPG signature code
@@ -21,7 +23,7 @@
 #                      1.59 has no devicemapper driver any more.)
 set -euo pipefail
 
-pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium ca-certificates git
+pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium iproute2 ca-certificates git
   libgpgme-dev libbtrfs-dev pkg-config gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
