@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -15,7 +14,11 @@ import (
 
 	"github.com/boxrun/boxrun"
 	"github.com/boxrun/boxrun/boxrund"
+	"github.com/boxrun/boxrun/boxrund/client"
 )
+
+// restSocket is the bench server's socket.
+var restSocket string
 
 var rest struct {
 	once   sync.Once
@@ -29,6 +32,7 @@ func restSetup(b *testing.B) *http.Client {
 	setup(b)
 	rest.once.Do(func() {
 		sock := filepath.Join(env.tmp, "boxrun.sock")
+		restSocket = sock
 		srv, err := boxrund.Listen(boxrund.New(env.eng, boxrund.Options{}), boxrund.ListenConfig{Socket: sock})
 		if err != nil {
 			rest.err = err
@@ -69,39 +73,13 @@ func restExec(b *testing.B, c *http.Client, box string, cmd ...string) string {
 	return sseStdout(b, c, x.ID)
 }
 
-// sseStdout reads an exec's SSE stream to its end and returns its stdout.
+// sseStdout reads an exec's SSE stream to its exit event and returns its
+// stdout.
 func sseStdout(b *testing.B, c *http.Client, id string) string {
-	res, err := c.Get("http://localhost/v1/boxes/x/exec/" + id + "/events")
-	if err != nil {
-		b.Error(err)
-		return ""
-	}
-	defer res.Body.Close()
 	var out strings.Builder
-	sc := bufio.NewScanner(res.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<22)
-	exited := false
-	for sc.Scan() {
-		data, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
-		}
-		var ev struct {
-			Stream *string
-			Data   string
-		}
-		if err := json.Unmarshal([]byte(data), &ev); err != nil {
-			b.Errorf("event data %q: %v", data, err)
-			return ""
-		}
-		if ev.Stream == nil {
-			exited = true
-		} else if *ev.Stream == "stdout" {
-			out.WriteString(ev.Data)
-		}
-	}
-	if !exited {
-		b.Errorf("stream of %s ended without exit", id)
+	cl := client.New(client.Options{Socket: restSocket, Transport: c.Transport})
+	if _, err := cl.Wait(context.Background(), id, &out, nil); err != nil {
+		b.Errorf("stream of %s: %v", id, err)
 	}
 	return out.String()
 }

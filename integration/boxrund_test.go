@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun"
+	"github.com/boxrun/boxrun/boxrund/client"
 )
 
 // The boxrund tests run the release binary as a user would: built by
@@ -374,38 +375,13 @@ func waitExecDone(t *testing.T, d *daemon, id string) map[string]any {
 	}
 }
 
-// sseOutput reads an exec's event stream to its end over the socket and
-// returns its stdout.
+// sseOutput follows an exec's event stream over the socket to its exit
+// event (the stream must end with one) and returns its stdout.
 func sseOutput(t *testing.T, d *daemon, id string) string {
 	t.Helper()
-	res, err := d.client("unix").Get("http://localhost/v1/boxes/x/exec/" + id + "/events")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
 	var out strings.Builder
-	sc := bufio.NewScanner(res.Body)
-	exited := false
-	for sc.Scan() {
-		data, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
-		}
-		var ev struct {
-			Stream *string
-			Data   string
-		}
-		if err := json.Unmarshal([]byte(data), &ev); err != nil {
-			t.Fatalf("event data %q", data)
-		}
-		if ev.Stream == nil {
-			exited = true
-		} else if *ev.Stream == "stdout" {
-			out.WriteString(ev.Data)
-		}
-	}
-	if !exited {
-		t.Errorf("stream of %s ended without an exit event", id)
+	if _, err := client.New(client.Options{Socket: d.socket}).Wait(ctxT(t, time.Minute), id, &out, nil); err != nil {
+		t.Errorf("stream of %s: %v", id, err)
 	}
 	return out.String()
 }

@@ -229,19 +229,7 @@ func cmdShell(a *app, ctx context.Context, args []string) error {
 	if len(pos) > 1 {
 		return usagef("shell takes one IMAGE")
 	}
-	image := "default"
-	if len(pos) == 1 {
-		image = pos[0]
-	}
-	req, err := b.request(image)
-	if err != nil {
-		return err
-	}
-	c, err := a.connect(ctx)
-	if err != nil {
-		return err
-	}
-	box, err := a.createBox(ctx, c, req, &b)
+	c, box, err := a.createFromArgs(ctx, pos, &b)
 	if err != nil {
 		return err
 	}

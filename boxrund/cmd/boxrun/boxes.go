@@ -153,6 +153,28 @@ func (a *app) createBox(ctx context.Context, c *client.Client, req client.Create
 	return c.CreateBox(ctx, req)
 }
 
+// createFromArgs creates a box from the IMAGE argument (default
+// "default") and the box flags: create's and shell's common path.
+func (a *app) createFromArgs(ctx context.Context, pos []string, b *boxFlags) (*client.Client, *client.Box, error) {
+	image := "default"
+	if len(pos) == 1 {
+		image = pos[0]
+	}
+	req, err := b.request(image)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := a.connect(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	box, err := a.createBox(ctx, c, req, b)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, box, nil
+}
+
 func cmdCreate(a *app, ctx context.Context, args []string) error {
 	var b boxFlags
 	var out string
@@ -169,19 +191,7 @@ func cmdCreate(a *app, ctx context.Context, args []string) error {
 	if err := checkOutput(out); err != nil {
 		return err
 	}
-	image := "default"
-	if len(pos) == 1 {
-		image = pos[0]
-	}
-	req, err := b.request(image)
-	if err != nil {
-		return err
-	}
-	c, err := a.connect(ctx)
-	if err != nil {
-		return err
-	}
-	box, err := a.createBox(ctx, c, req, &b)
+	_, box, err := a.createFromArgs(ctx, pos, &b)
 	if err != nil {
 		return err
 	}
