@@ -39,6 +39,8 @@ type Engine struct {
 
 	assetsMu sync.Mutex // guards assets: kernel and initramfs, prepared on first use
 	assets   *bootAssets
+	warm     *warmStart // templates and boot counters (warm.go)
+	pool     *pool      // VMs restored ahead of time (pool.go)
 
 	mu      sync.Mutex
 	live    map[string]*liveBox  // running boxes by id
@@ -138,6 +140,16 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		execs:  map[string]*liveExec{},
 		busy:   map[string]bool{},
 	}
+	mb := cfg.TemplateCacheMB
+	if mb <= 0 {
+		mb = defaultTemplateCacheMB
+	}
+	e.warm = &warmStart{dir: filepath.Join(cfg.DataDir, "cache", "templates"), maxBytes: int64(mb) << 20,
+		locks: map[string]*sync.Mutex{}}
+	if snap, ok := hv.(runtime.Snapshotter); ok && warmEnabled(cfg.WarmStart) {
+		e.warm.snap = snap
+	}
+	e.pool = newPool(max(cfg.Pool, 0))
 	if err := e.reconcile(ctx); err != nil {
 		images.Close()
 		store.Close()
@@ -189,7 +201,15 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err := e.open(); err != nil {
 		return nil, err
 	}
-	id := newID("box_")
+	// A VM restored ahead of time for a box of this shape (Config.Pool)
+	// decides the box's id: the VM was started in that box's dir.
+	var id string
+	if pv := e.pool.take(e, &spec); pv != nil {
+		id = pv.id
+	} else {
+		id = newID("box_")
+	}
+	defer e.pool.release(id) // kills it unless the box booted on it
 	now := time.Now().UTC()
 	rec := state.Box{
 		ID: id, Name: spec.Name, Status: state.Creating, Image: spec.Image,
@@ -235,6 +255,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		return nil, err
 	}
 	e.log.Info("box created", "box", id, "image", spec.Image, "pid", lb.vm.PID())
+	e.pool.refill(e, &rec)
 	return boxOf(rec), nil
 }
 
@@ -382,6 +403,58 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 
 // boot starts the VM and waits for its agent's hello.
 func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
+	cfg := e.vmConfig(rec, dir, boot)
+	cfg.Disks[0].Path, cfg.Disks[1].Path = base, data
+	// A VM restored ahead of time for this box (Config.Pool), else one
+	// restored from the template now (Config.WarmStart), else a cold boot.
+	if pv := e.pool.claimed(rec.ID); pv != nil {
+		lb, err := e.bootVM(ctx, rec, cfg, boot, pv)
+		if err == nil || ctx.Err() != nil {
+			return lb, err
+		}
+		e.log.Warn("pooled VM did not come up; restoring another", "box", rec.ID, "err", err)
+		e.warm.fallbacks.Add(1)
+	}
+	lb, err := e.bootVM(ctx, rec, cfg, boot, nil)
+	if wf, ok := err.(*warmFailure); ok {
+		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.key, "err", wf.err)
+		e.warm.invalidate(wf.key)
+		e.warm.fallbacks.Add(1)
+		lb, err = e.bootVM(ctx, rec, cfg, boot, coldBoot)
+	}
+	return lb, err
+}
+
+// vmConfig is the VM of a box, with its disks' paths left empty.
+func (e *Engine) vmConfig(rec *state.Box, dir string, boot *bootAssets) runtime.VMConfig {
+	return runtime.VMConfig{
+		ID: rec.ID, Dir: dir, CPUs: rec.CPU, MemoryMB: rec.MemoryMB,
+		Kernel: boot.kernel.Vmlinux, Initramfs: boot.initramfs,
+		Cmdline: "boxrun.base=/dev/vda boxrun.data=/dev/vdb",
+		Disks:   []runtime.Disk{{ReadOnly: true}, {}},
+		Volumes: vmVolumes(rec.Volumes),
+		Network: rec.Network,
+		MAC:     macOf(rec.ID),
+		Logger:  e.log,
+	}
+}
+
+// warmFailure is a restored VM that did not answer its Hello.
+type warmFailure struct {
+	key string
+	err error
+}
+
+func (w *warmFailure) Error() string { return w.err.Error() }
+
+// coldBoot, as bootVM's pv, boots the VM cold.
+var coldBoot = &pooledVM{}
+
+// bootVM starts the box's network and VM and says Hello to its agent,
+// which sets the box up. The VM is pv's when pv is a pooled VM; with pv
+// nil it is restored from the template (warm.go) when the warm start is
+// on; with pv coldBoot, or else, booted cold.
+func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, pv *pooledVM) (*liveBox, error) {
 	// The network first: a published port already in use fails the box
 	// before any VM starts.
 	var nw *network.Network
@@ -396,16 +469,18 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 			nw.Close()
 		}
 	}
-	vm, err := e.hv.Start(ctx, runtime.VMConfig{
-		ID: rec.ID, Dir: dir, CPUs: rec.CPU, MemoryMB: rec.MemoryMB,
-		Kernel: boot.kernel.Vmlinux, Initramfs: boot.initramfs,
-		Cmdline: "boxrun.base=/dev/vda boxrun.data=/dev/vdb",
-		Disks:   []runtime.Disk{{Path: base, ReadOnly: true}, {Path: data}},
-		Volumes: vmVolumes(rec.Volumes),
-		Network: rec.Network,
-		MAC:     macOf(rec.ID),
-		Logger:  e.log,
-	})
+	var vm runtime.VM
+	var key string
+	var err error
+	switch {
+	case pv != nil && pv.vm != nil:
+		vm, key = pv.vm, pv.key
+		err = e.pool.assign(ctx, pv, cfg)
+	case pv == nil && e.warm.snap != nil:
+		vm, key, err = e.startVM(ctx, cfg, boot)
+	default:
+		vm, err = e.hv.Start(ctx, cfg)
+	}
 	if err != nil {
 		closeNet()
 		return nil, err
@@ -415,7 +490,11 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		closeNet()
 		return nil, err
 	}
-	bctx, cancel := context.WithTimeout(ctx, e.cfg.BootTimeout)
+	timeout := e.cfg.BootTimeout
+	if key != "" {
+		timeout = min(timeout, warmHelloTimeout)
+	}
+	bctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if nw != nil {
 		conn, err := vm.DialNetwork(bctx)
@@ -429,8 +508,15 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
 	}
 	agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
-	if _, err := agent.Hello(bctx, helloRequest(rec)); err != nil {
+	if info, err := agent.Hello(bctx, helloRequest(rec)); err != nil {
 		agent.Close()
+		// A restored guest that does not answer, or cannot set the box
+		// up, may be the template's fault: boot cold. One that fails on
+		// the box's configuration (info set) would fail cold too.
+		if key != "" && ctx.Err() == nil && info == nil && (pv == nil || pv.vm == nil) {
+			fail(err)
+			return nil, &warmFailure{key: key, err: err}
+		}
 		code := errdefs.RuntimeError
 		if ctx.Err() != nil {
 			code = errdefs.Canceled
@@ -439,11 +525,17 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 		}
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
+	switch {
+	case pv != nil && pv.vm != nil:
+		e.warm.pooled.Add(1)
+	case key != "":
+		e.warm.warm.Add(1)
+	default:
+		e.warm.cold.Add(1)
+	}
 	return &liveBox{vm: vm, agent: agent, net: nw}, nil
 }
 
-// newNetwork builds a box's network from its record: policy and
-// published ports.
 func (e *Engine) newNetwork(rec *state.Box) (*network.Network, error) {
 	f, err := network.NewFilter(rec.NetworkPolicy)
 	if err != nil {
@@ -461,7 +553,7 @@ func macOf(id string) string {
 // helloRequest is the box configuration the agent applies on every
 // (re)connection: clock, volumes, network.
 func helloRequest(rec *state.Box) agentexec.HelloRequest {
-	req := agentexec.HelloRequest{Time: time.Now()}
+	req := agentexec.HelloRequest{Time: time.Now(), Hostname: rec.ID, Entropy: entropy()}
 	for i, v := range vmVolumes(rec.Volumes) {
 		req.Mounts = append(req.Mounts, agentexec.Mount{Tag: v.Tag, Path: rec.Volumes[i].GuestPath, ReadOnly: v.ReadOnly})
 	}
@@ -469,6 +561,7 @@ func helloRequest(rec *state.Box) agentexec.HelloRequest {
 		req.Network = &agentexec.Network{
 			Address: netip.PrefixFrom(network.Guest, network.Subnet.Bits()).String(),
 			Gateway: network.Gateway.String(), DNS: []string{network.DNS.String()}, MTU: network.MTU,
+			MAC: macOf(rec.ID),
 		}
 	}
 	return req
@@ -533,6 +626,7 @@ func (e *Engine) Info() Info {
 		UsedCPU: e.usedCPU, UsedMemoryMB: e.usedMem,
 		Hypervisor: e.hv.Name(), Boxes: len(e.live),
 		HypervisorVersion: e.hvDesc.Version, Acceleration: e.hvDesc.Acceleration,
+		Boots: e.warm.stats(), PoolVMs: e.pool.count(),
 	}
 }
 
@@ -697,6 +791,9 @@ func (e *Engine) Close() error {
 		return nil
 	}
 	e.closed = true
+	e.mu.Unlock()
+	e.pool.close(e)
+	e.mu.Lock()
 	// Wait for creates and starts in flight: their boxes must be stopped too.
 	for len(e.busy) > 0 {
 		e.mu.Unlock()

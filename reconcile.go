@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
@@ -51,6 +52,24 @@ func (e *Engine) reconcile(ctx context.Context) error {
 		if err := e.failOrphanExecs(rec.ID); err != nil {
 			return err
 		}
+	}
+	// A box dir without a record is a pooled VM's (pool.go) that the dead
+	// engine left: its VM goes, and the dir.
+	known := map[string]bool{}
+	for _, rec := range recs {
+		known[rec.ID] = true
+	}
+	ents, _ := os.ReadDir(filepath.Join(e.cfg.DataDir, "boxes"))
+	for _, en := range ents {
+		if !en.IsDir() || known[en.Name()] {
+			continue
+		}
+		dir := e.boxDir(en.Name())
+		if vm, err := e.hv.Attach(ctx, dir, en.Name()); err == nil {
+			vm.Kill()
+		}
+		os.RemoveAll(dir)
+		e.log.Warn("removed a pooled VM left by an earlier engine", "id", en.Name())
 	}
 	return nil
 }

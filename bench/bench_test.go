@@ -32,7 +32,9 @@ var env struct {
 	tmp     string
 	kernel  *runtime.Kernel
 	initrd  string // pinginit initramfs
-	eng     *boxrun.Engine
+	eng     *boxrun.Engine // the default: warm start
+	cold    *boxrun.Engine // WarmStart: Disabled
+	pooled  *boxrun.Engine // Pool: 2
 	image   string
 	box     *boxrun.Box
 	cleanup []func()
@@ -78,9 +80,35 @@ func setup(b *testing.B) {
 			}
 			env.cleanup = append(env.cleanup, func() { env.eng.Close() })
 			// One create outside the timings pulls the image, builds the
-			// base disk, the agent and the initramfs.
-			env.box, err = env.eng.Create(context.Background(), boxrun.BoxSpec{Image: env.image, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
-			return err
+			// base disk, the agent, the initramfs and the template.
+			env.box, err = env.eng.Create(context.Background(), boxSpec())
+			if err != nil {
+				return err
+			}
+			// The engines to compare with: their own data dirs, the same
+			// agent binary.
+			agents, _ := filepath.Glob(filepath.Join(tmp, "data", "cache", "agent-*"))
+			if len(agents) == 0 {
+				return fmt.Errorf("no agent in the engine's cache")
+			}
+			if env.cold, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "cold"),
+				AgentPath: agents[0], WarmStart: boxrun.Disabled}); err != nil {
+				return err
+			}
+			env.cleanup = append(env.cleanup, func() { env.cold.Close() })
+			if env.pooled, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "pooled"),
+				AgentPath: agents[0], Pool: 2}); err != nil {
+				return err
+			}
+			env.cleanup = append(env.cleanup, func() { env.pooled.Close() })
+			for _, eng := range []*boxrun.Engine{env.cold, env.pooled} {
+				box, err := eng.Create(context.Background(), boxSpec())
+				if err != nil {
+					return err
+				}
+				eng.Remove(context.Background(), box.ID, boxrun.Force)
+			}
+			return nil
 		}()
 	})
 	if env.err != nil {
@@ -88,12 +116,33 @@ func setup(b *testing.B) {
 	}
 }
 
+// boxSpec is the box every benchmark creates.
+func boxSpec() boxrun.BoxSpec {
+	return boxrun.BoxSpec{Image: env.image, CPU: 1, MemoryMB: 256, DiskSizeGB: 1}
+}
+
+// baselineConfig is the bare guest's VM: pinginit, with the image's base
+// disk (for its `true`).
+func baselineConfig(b *testing.B, dir string) runtime.VMConfig {
+	bases, _ := filepath.Glob(filepath.Join(env.tmp, "data", "bases", "*"))
+	var disks []runtime.Disk
+	for _, p := range bases {
+		if st, err := os.Stat(p); err == nil && !st.IsDir() {
+			disks = []runtime.Disk{{Path: p, ReadOnly: true}}
+			break
+		}
+	}
+	if disks == nil {
+		b.Fatal("no base disk in the engine's data dir")
+	}
+	return runtime.VMConfig{ID: "baseline", Dir: dir, CPUs: 1, MemoryMB: 256, Kernel: env.kernel.Vmlinux,
+		Initramfs: env.initrd, Disks: disks}
+}
+
 // baselineVM boots the echo-only guest and waits for its first echo.
 func baselineVM(b *testing.B) (runtime.VM, io.ReadWriteCloser) {
 	dir := b.TempDir()
-	vm, err := (&runtime.QEMU{}).Start(context.Background(), runtime.VMConfig{
-		ID: "baseline", Dir: dir, CPUs: 1, MemoryMB: 256, Kernel: env.kernel.Vmlinux, Initramfs: env.initrd,
-	})
+	vm, err := (&runtime.QEMU{}).Start(context.Background(), baselineConfig(b, dir))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -116,9 +165,13 @@ func echo(b *testing.B, conn io.ReadWriter, msg []byte) {
 	}
 }
 
+// BenchmarkBoot times a new VM to its first answer: bare QEMU booted cold
+// and restored from a snapshot (baselines), and a box created to its first
+// `exec true` answered: booted cold, restored from its template (warm) and
+// handed a VM from the pool.
 func BenchmarkBoot(b *testing.B) {
 	setup(b)
-	b.Run("baseline", func(b *testing.B) {
+	b.Run("baseline-cold", func(b *testing.B) {
 		for i := 0; i < b.N; i++ {
 			vm, conn := baselineVM(b)
 			b.StopTimer()
@@ -127,17 +180,81 @@ func BenchmarkBoot(b *testing.B) {
 			b.StartTimer()
 		}
 	})
-	b.Run("box", func(b *testing.B) {
+	b.Run("baseline-restore", func(b *testing.B) {
+		q := &runtime.QEMU{}
+		tdir := b.TempDir()
+		tvm, err := q.StartTemplate(context.Background(), baselineConfig(b, tdir))
+		if err != nil {
+			b.Fatal(err)
+		}
+		conn, err := tvm.DialAgent(context.Background())
+		if err != nil {
+			tvm.Kill()
+			b.Fatal(err)
+		}
+		echo(b, conn, []byte("x"))
+		conn.Close()
+		if err := q.SaveTemplate(context.Background(), tvm); err != nil {
+			b.Fatal(err)
+		}
+		b.ResetTimer()
 		for i := 0; i < b.N; i++ {
-			box, err := env.eng.Create(context.Background(), boxrun.BoxSpec{Image: env.image, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
+			vm, err := q.Restore(context.Background(), baselineConfig(b, b.TempDir()), tdir)
 			if err != nil {
 				b.Fatal(err)
 			}
+			conn, err := vm.DialAgent(context.Background())
+			if err != nil {
+				vm.Kill()
+				b.Fatal(err)
+			}
+			echo(b, conn, []byte("x"))
 			b.StopTimer()
-			env.eng.Remove(context.Background(), box.ID, boxrun.Force)
+			conn.Close()
+			vm.Kill()
 			b.StartTimer()
 		}
 	})
+	create := func(b *testing.B, eng *boxrun.Engine, pooled bool) {
+		for i := 0; i < b.N; i++ {
+			if pooled {
+				b.StopTimer()
+				waitPool(b, eng, 2)
+				b.StartTimer()
+			}
+			box, err := eng.Create(context.Background(), boxSpec())
+			if err != nil {
+				b.Fatal(err)
+			}
+			res, err := eng.Exec(context.Background(), box.ID, boxrun.ExecSpec{Cmd: []string{"true"}})
+			if err != nil || res.ExitCode != 0 {
+				b.Fatal(res, err)
+			}
+			b.StopTimer()
+			eng.Remove(context.Background(), box.ID, boxrun.Force)
+			b.StartTimer()
+		}
+		boots := eng.Info().Boots
+		b.ReportMetric(float64(boots.Cold), "cold-boots")
+		b.ReportMetric(float64(boots.Warm), "warm-boots")
+		b.ReportMetric(float64(boots.Pooled), "pooled-boots")
+	}
+	b.Run("box-cold", func(b *testing.B) { create(b, env.cold, false) })
+	b.Run("box-warm", func(b *testing.B) { create(b, env.eng, false) })
+	b.Run("box-pooled", func(b *testing.B) { create(b, env.pooled, true) })
+}
+
+// waitPool waits until the engine's pool holds n VMs.
+func waitPool(b *testing.B, eng *boxrun.Engine, n int) {
+	deadline := time.Now().Add(2 * time.Minute)
+	for eng.Info().PoolVMs < n {
+		if time.Now().After(deadline) {
+			b.Fatalf("the pool holds %d VMs after 2 minutes, want %d", eng.Info().PoolVMs, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Let the last restored VM settle: its restore's CPU is not Create's.
+	time.Sleep(500 * time.Millisecond)
 }
 
 func BenchmarkRoundTrip(b *testing.B) {
@@ -149,6 +266,16 @@ func BenchmarkRoundTrip(b *testing.B) {
 		b.ResetTimer()
 		for i := 0; i < b.N; i++ {
 			echo(b, conn, []byte("ping"))
+		}
+	})
+	b.Run("baseline-forkexec", func(b *testing.B) {
+		vm, conn := baselineVM(b)
+		defer vm.Kill()
+		defer conn.Close()
+		echo(b, conn, []byte("T")) // mounts the disk
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			echo(b, conn, []byte("T"))
 		}
 	})
 	b.Run("exec-true", func(b *testing.B) {
@@ -231,23 +358,64 @@ func BenchmarkThroughput(b *testing.B) {
 	})
 }
 
-// BenchmarkIdleMemory reports the resident memory of an idle VMM process,
-// 5 s after boot, as the metric rss-MiB (the time per op is meaningless).
+// BenchmarkIdleMemory reports the memory of an idle VMM process, 5 s after
+// its first answer: rss-MiB (resident), pss-MiB (resident, pages shared
+// with other processes divided among them: what one more box costs) and
+// anon-MiB (its own pages). The time per op is meaningless. The warm
+// boxes are two, restored from one template, so that their shared pages
+// show.
 func BenchmarkIdleMemory(b *testing.B) {
 	setup(b)
+	report := func(b *testing.B, pid int) {
+		m := vmMemory(pid)
+		b.ReportMetric(m["Rss"], "rss-MiB")
+		b.ReportMetric(m["Pss"], "pss-MiB")
+		b.ReportMetric(m["Anonymous"], "anon-MiB")
+	}
 	b.Run("baseline", func(b *testing.B) {
 		vm, conn := baselineVM(b)
 		defer vm.Kill()
 		defer conn.Close()
 		time.Sleep(5 * time.Second)
-		b.ReportMetric(rssMiB(vm.PID()), "rss-MiB")
+		report(b, vm.PID())
 	})
-	b.Run("box", func(b *testing.B) {
+	idle := func(b *testing.B, eng *boxrun.Engine) {
+		var pids []int
+		for i := 0; i < 2; i++ {
+			box, err := eng.Create(context.Background(), boxSpec())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer eng.Remove(context.Background(), box.ID, boxrun.Force)
+			if _, err := eng.Exec(context.Background(), box.ID, boxrun.ExecSpec{Cmd: []string{"true"}}); err != nil {
+				b.Fatal(err)
+			}
+			var pid int
+			fmt.Sscanf(box.RuntimeID[strings.Index(box.RuntimeID, ":")+1:], "%d", &pid)
+			pids = append(pids, pid)
+		}
 		time.Sleep(5 * time.Second)
-		var pid int
-		fmt.Sscanf(env.box.RuntimeID[strings.Index(env.box.RuntimeID, ":")+1:], "%d", &pid)
-		b.ReportMetric(rssMiB(pid), "rss-MiB")
-	})
+		report(b, pids[1])
+	}
+	b.Run("box-cold", func(b *testing.B) { idle(b, env.cold) })
+	b.Run("box-warm", func(b *testing.B) { idle(b, env.eng) })
+}
+
+// vmMemory reads a process's smaps_rollup, in MiB by field.
+func vmMemory(pid int) map[string]float64 {
+	m := map[string]float64{}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		var kb float64
+		if _, err := fmt.Sscanf(strings.TrimSpace(v), "%f", &kb); err == nil {
+			m[k] = kb / 1024
+		}
+	}
+	return m
 }
 
 func rssMiB(pid int) float64 {

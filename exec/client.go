@@ -192,7 +192,10 @@ func (c *Client) Hello(ctx context.Context, req HelloRequest) (*HelloInfo, error
 	if err := validateConfig(req.Mounts, req.Network); err != nil {
 		return nil, err
 	}
-	info, err := c.handshake(ctx, req.Time)
+	if err := validateSetup(req.Hostname, req.Entropy); err != nil {
+		return nil, err
+	}
+	info, err := c.handshake(ctx, &request{Op: "hello", Hostname: req.Hostname, Entropy: req.Entropy}, req.Time)
 	if err != nil {
 		return nil, err
 	}
@@ -205,8 +208,17 @@ func (c *Client) Hello(ctx context.Context, req HelloRequest) (*HelloInfo, error
 	return info, nil
 }
 
-// handshake repeats Sync+Hello until the agent answers one of them.
-func (c *Client) handshake(ctx context.Context, now time.Time) (*HelloInfo, error) {
+// Probe waits until the agent answers, without a Hello: the agent sets
+// nothing up. It is how the host knows that a VM booted to the point
+// where its agent waits for a Hello (a warm-start template).
+func (c *Client) Probe(ctx context.Context) error {
+	_, err := c.handshake(ctx, &request{Op: "ping"}, time.Time{})
+	return err
+}
+
+// handshake repeats Sync+req (hello or ping) until the agent answers one
+// of them.
+func (c *Client) handshake(ctx context.Context, hello *request, now time.Time) (*HelloInfo, error) {
 	start := time.Now()
 	clock := func() int64 {
 		if now.IsZero() {
@@ -236,7 +248,11 @@ func (c *Client) handshake(ctx context.Context, now time.Time) (*HelloInfo, erro
 			if err := c.m.writeSync(); err != nil {
 				return nil, err
 			}
-			s, err := c.request(&request{Op: "hello", Time: clock()})
+			req := *hello
+			if req.Op == "hello" {
+				req.Time = clock()
+			}
+			s, err := c.request(&req)
 			if err != nil {
 				return nil, err
 			}
@@ -267,6 +283,9 @@ func (c *Client) handshake(ctx context.Context, now time.Time) (*HelloInfo, erro
 					return nil, ctxError(ctx.Err(), "hello")
 				}
 				return nil, a.err
+			}
+			if hello.Op != "hello" {
+				return nil, nil
 			}
 			if a.res.Protocol != ProtocolVersion {
 				return nil, errdefs.New(errdefs.RuntimeError, "agent speaks protocol %d, host speaks %d (rebuild the agent)", a.res.Protocol, ProtocolVersion)

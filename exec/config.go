@@ -3,6 +3,7 @@ package exec
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path"
 	"strings"
@@ -17,6 +18,28 @@ const maxTagLen = 31
 // it: the host to fail early with a clear message, the agent because it
 // must not act on a malformed request (it writes addresses into
 // resolv.conf and tags into mount calls).
+// validateSetup checks the setup part of a Hello.
+func validateSetup(hostname string, entropy []byte) error {
+	if len(entropy) > maxEntropy {
+		return errdefs.New(errdefs.ValidationError, "hello: %d bytes of entropy, at most %d", len(entropy), maxEntropy)
+	}
+	if hostname == "" {
+		return nil
+	}
+	if len(hostname) > 64 {
+		return errdefs.New(errdefs.ValidationError, "hello: hostname longer than 64 bytes")
+	}
+	for i := 0; i < len(hostname); i++ {
+		c := hostname[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return errdefs.New(errdefs.ValidationError, "hello: bad hostname %q", hostname)
+		}
+	}
+	return nil
+}
+
+const maxEntropy = 512
+
 func validateConfig(mounts []Mount, n *Network) error {
 	bad := func(format string, args ...any) error {
 		return errdefs.New(errdefs.ValidationError, format, args...)
@@ -53,6 +76,12 @@ func validateConfig(mounts []Mount, n *Network) error {
 	}
 	if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
 		return bad("network: MTU %d out of range (68-65535)", n.MTU)
+	}
+	if n.MAC != "" {
+		hw, err := net.ParseMAC(n.MAC)
+		if err != nil || len(hw) != 6 || hw[0]&1 != 0 {
+			return bad("network: bad MAC address %q (want a unicast 6-byte address)", n.MAC)
+		}
 	}
 	var family netip.Addr
 	if n.Address != "" {

@@ -14,7 +14,12 @@ import (
 // "configure" request.
 //
 // 3: an exec may run on a terminal (request "tty"; Resize frames).
-const ProtocolVersion = 3
+//
+// 4: Hello sets the box up (hostname, entropy, then the agent's [ServerOptions.Setup]
+// mounts its disks): an agent waits for it before it touches any device, so
+// that a VM snapshotted there can be restored as any box (warm start).
+// Network carries the interface's MAC address.
+const ProtocolVersion = 4
 
 // Frame types. See the package documentation for the framing.
 const (
@@ -118,7 +123,9 @@ func truncateString(s string, n int) string {
 type request struct {
 	Op string `json:"op"` // hello, configure, ping, exec, stat, copyin, copyout, writefile, shutdown
 
-	Time int64 `json:"time,omitempty"` // hello: host clock, Unix nanoseconds
+	Time     int64  `json:"time,omitempty"`     // hello: host clock, Unix nanoseconds
+	Hostname string `json:"hostname,omitempty"` // hello
+	Entropy  []byte `json:"entropy,omitempty"`  // hello: seed for the guest's RNG
 
 	Mounts  []Mount  `json:"mounts,omitempty"`  // configure
 	Network *Network `json:"network,omitempty"` // configure
@@ -157,6 +164,12 @@ type HelloRequest struct {
 	// Time is the host clock; the guest clock is set to it (plus the time
 	// Hello waited for the agent). The zero Time leaves the clock alone.
 	Time time.Time
+	// Hostname is the box's hostname; "" leaves it as it is.
+	Hostname string
+	// Entropy is mixed into the guest kernel's random pool, which is then
+	// reseeded at once: a VM restored from a snapshot otherwise shares
+	// its pool with every other VM restored from it. At most 512 bytes.
+	Entropy []byte
 	// Mounts are virtio-9p shares to mount inside the box, in order.
 	Mounts []Mount
 	// Network configures the box's network interface; nil configures none
@@ -198,6 +211,16 @@ type Network struct {
 	DNS []string `json:"dns,omitempty"`
 	// MTU, when set, is the interface's MTU.
 	MTU int `json:"mtu,omitempty"`
+	// MAC, when set, is the interface's hardware address
+	// ("52:54:00:12:34:56"). A VM restored from a snapshot keeps the
+	// snapshotted NIC's address otherwise.
+	MAC string `json:"mac,omitempty"`
+}
+
+// Setup is what [ServerOptions.Setup] receives from a Hello.
+type Setup struct {
+	Hostname string
+	Entropy  []byte
 }
 
 // HelloInfo describes the agent, as returned by [Client.Hello].

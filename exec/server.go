@@ -37,6 +37,14 @@ type ServerOptions struct {
 	Reaper *Reaper
 	// SetClock, when set, is called by Hello with the host's clock.
 	SetClock func(time.Time) error
+	// Setup, when set, is called by every Hello (after SetClock) before it
+	// is answered, and must be idempotent. The agent makes the box ready
+	// there: it seeds the RNG, sets the hostname and mounts the box root.
+	// Until a Setup succeeded, Root is not opened and every request but
+	// hello and ping fails: an agent waits here, touching no disk, so that
+	// a snapshot of the VM at this point can become any box. Its error is
+	// the host's Hello error.
+	Setup func(ctx context.Context, s Setup) error
 	// Configure, when set, applies the box configuration a host sends with
 	// its Hello (validated already); its error, which should name the
 	// volume or setting that failed, is the host's Hello error. It must be
@@ -77,8 +85,9 @@ type ServerOptions struct {
 type server struct {
 	opts   ServerOptions
 	log    *slog.Logger
-	root   *fsroot.Root
-	chroot string // "" when Root is "/"
+	root   *fsroot.Root // nil until Setup succeeded (see ServerOptions.Setup)
+	rootMu sync.Mutex   // serialises the Hellos that open root
+	chroot string       // "" when Root is "/"
 	spawn  spawner
 
 	wg sync.WaitGroup // request handlers
@@ -108,7 +117,11 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, opts ServerOptions) err
 	if err != nil {
 		return err
 	}
-	defer sv.root.Close()
+	defer func() {
+		if sv.root != nil {
+			sv.root.Close()
+		}
+	}()
 	br := bufio.NewReaderSize(conn, 64<<10)
 	w := &frameWriter{w: conn}
 	stop := context.AfterFunc(ctx, func() { conn.Close() }) // unblocks the read
@@ -156,16 +169,18 @@ func newServer(opts ServerOptions) (*server, error) {
 	if rootPath == "" {
 		rootPath = "/"
 	}
-	root, err := fsroot.Open(rootPath)
-	if err != nil {
-		return nil, err
-	}
 	sv := &server{
 		opts:  opts,
 		log:   log,
-		root:  root,
 		pgids: make(map[int]struct{}),
 		spawn: pidWaiter{},
+	}
+	if opts.Setup == nil {
+		root, err := fsroot.Open(rootPath)
+		if err != nil {
+			return nil, err
+		}
+		sv.root = root
 	}
 	if rootPath != "/" {
 		sv.chroot = rootPath
@@ -206,9 +221,13 @@ func (sv *server) handle(s *stream, p []byte) {
 	}
 	var res *result
 	var err error
+	if req.Op != "hello" && req.Op != "ping" && req.Op != "shutdown" && !sv.ready() {
+		sv.finish(s, nil, errdefs.New(errdefs.RuntimeError, "%s: the box is not set up yet (no hello)", req.Op))
+		return
+	}
 	switch req.Op {
 	case "hello":
-		res = sv.hello(&req)
+		res, err = sv.hello(s.ctx, &req)
 	case "configure":
 		err = sv.configure(s, &req)
 	case "ping":
@@ -263,13 +282,43 @@ func errorMessage(err error) string {
 	return err.Error()
 }
 
-func (sv *server) hello(req *request) *result {
+func (sv *server) hello(ctx context.Context, req *request) (*result, error) {
+	if err := validateSetup(req.Hostname, req.Entropy); err != nil {
+		return nil, err
+	}
 	if sv.opts.SetClock != nil && req.Time != 0 {
 		if err := sv.opts.SetClock(time.Unix(0, req.Time)); err != nil {
 			sv.log.Warn("setting the clock", "err", err)
 		}
 	}
-	return &result{Protocol: ProtocolVersion, Version: sv.opts.Version, Kernel: kernelRelease()}
+	if sv.opts.Setup != nil {
+		sv.rootMu.Lock()
+		defer sv.rootMu.Unlock()
+		if err := sv.opts.Setup(ctx, Setup{Hostname: req.Hostname, Entropy: req.Entropy}); err != nil {
+			return nil, err
+		}
+		if sv.root == nil {
+			rootPath := sv.opts.Root
+			if rootPath == "" {
+				rootPath = "/"
+			}
+			root, err := fsroot.Open(rootPath)
+			if err != nil {
+				return nil, err
+			}
+			sv.mu.Lock()
+			sv.root = root
+			sv.mu.Unlock()
+		}
+	}
+	return &result{Protocol: ProtocolVersion, Version: sv.opts.Version, Kernel: kernelRelease()}, nil
+}
+
+// ready reports whether the box root is open (Setup succeeded).
+func (sv *server) ready() bool {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	return sv.root != nil
 }
 
 func (sv *server) configure(s *stream, req *request) error {

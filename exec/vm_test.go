@@ -206,21 +206,29 @@ func TestVM(t *testing.T) {
 		t.Logf("console:\n%s", vm.Console())
 	}
 
-	// A boot that cannot complete reports why and halts the VM. It has no
-	// disks, and waits for its base disk alongside the second boot.
+	// A box that cannot be set up fails the Hello with the reason (the
+	// agent waits for the Hello before it looks for any disk, so that a
+	// VM snapshotted there can become any box). It has no disks, and
+	// waits for its base disk alongside the second boot.
 	bad := env.boot(t, ctx, "fatal", false, nil, "boxrun.base=/dev/vdz")
 	var fatal sync.WaitGroup
 	fatal.Add(1)
 	go func() {
 		defer fatal.Done()
-		select {
-		case <-bad.Done():
-		case <-time.After(90 * time.Second):
-			t.Errorf("a VM that cannot boot did not halt\n%s", bad.Console())
+		conn, err := bad.DialAgent(ctx)
+		if err != nil {
+			t.Errorf("connect: %v", err)
 			return
 		}
-		if cons := bad.Console(); !strings.Contains(cons, "boxrun-agent: FATAL: base disk: /dev/vdz did not appear") {
-			t.Errorf("no fatal message on the console:\n%s", cons)
+		c := NewClient(conn, testLogger())
+		defer c.Close()
+		_, err = c.Hello(ctx, HelloRequest{Time: time.Now()})
+		if err == nil || !strings.Contains(err.Error(), "base disk: /dev/vdz did not appear") {
+			t.Errorf("hello of a box without its disk: %v\n%s", err, bad.Console())
+		}
+		// The box serves nothing that needs its root.
+		if _, err := c.Stat(ctx, "/"); err == nil {
+			t.Error("stat in a box that is not set up worked")
 		}
 	}()
 	defer fatal.Wait()

@@ -96,9 +96,23 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 	}
 	// q35 without ACPI boots a PVH vmlinux fastest under TCG; the guest
 	// ends the VM by rebooting, which -no-reboot turns into an exit.
+	machine := "q35,acpi=off"
+	var mem []string
+	if cfg.memFile != "" {
+		// The guest's RAM as a file: shared for a template (its RAM file
+		// is then the snapshot's memory, and migration skips it:
+		// x-ignore-shared), private for a clone (copy on write: clones
+		// share the template's pages in the page cache).
+		share := "off"
+		if cfg.memShared {
+			share = "on"
+		}
+		machine += ",memory-backend=ram0"
+		mem = []string{"-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=%s", cfg.MemoryMB, qemuEscape(cfg.memFile), share)}
+	}
 	args := []string{
 		"-name", "boxrun-" + cfg.ID,
-		"-machine", "q35,acpi=off",
+		"-machine", machine,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", strconv.Itoa(cfg.MemoryMB),
@@ -114,18 +128,34 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent,name=" + agentPortName,
+		// QMP, for the warm start (stop, migrate) and nothing else.
+		"-qmp", "unix:" + qmpSocket + ",server=on,wait=off",
+	}
+	args = append(args, mem...)
+	if cfg.incoming != nil {
+		// Deferred: x-ignore-shared must be set first, through QMP.
+		args = append(args, "-incoming", "defer")
 	}
 	if kvm {
 		args = append(args, "-accel", "kvm", "-cpu", "host")
 	} else {
-		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
+		// tb-size: TCG's translation cache, which QEMU 7.2 reserves at
+		// 1 GiB; an idle box translates a few MiB. Smaller keeps a busy
+		// box's resident memory down too, at the cost of retranslation.
+		args = append(args, "-accel", fmt.Sprintf("tcg,thread=multi,tb-size=%d", tcgCacheMB), "-cpu", "max")
 	}
 	for i, d := range cfg.Disks {
-		drive := fmt.Sprintf("file=%s,if=none,id=disk%d,format=raw,cache=none,aio=threads", qemuEscape(d.Path), i)
+		// A file node under a raw node, named, so that SwapDisks can put
+		// another file under the raw node (a pooled VM's stand-ins).
+		// cache.direct: no host page cache (the guest has its own).
+		ro := ""
 		if d.ReadOnly {
-			drive += ",readonly=on"
+			ro = ",read-only=on"
 		}
-		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
+		args = append(args,
+			"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file%d,cache.direct=on,aio=threads%s", qemuEscape(d.Path), i, ro),
+			"-blockdev", fmt.Sprintf("driver=raw,file=file%d,node-name=disk%d%s", i, i, ro),
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
 	}
 	for _, v := range cfg.Volumes {
 		// passthrough keeps the host's owners and modes visible in the
@@ -151,6 +181,9 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 	}
 	return args
 }
+
+// tcgCacheMB is the TCG translation cache of each VM, in MiB.
+const tcgCacheMB = 256
 
 // qemuEscape doubles commas, QEMU's option-value escape.
 func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
@@ -183,7 +216,7 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 		}
 	}
 	awaitRelay(cfg.Dir, 5*time.Second) // of an earlier VM in this dir
-	for _, f := range []string{"agent.sock", netSocket, "qemu.pid", consoleSock, consoleLog, consoleOld} {
+	for _, f := range []string{"agent.sock", netSocket, qmpSocket, "qemu.pid", consoleSock, consoleLog, consoleOld} {
 		os.Remove(filepath.Join(cfg.Dir, f))
 	}
 	logf, err := os.OpenFile(filepath.Join(cfg.Dir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
@@ -194,6 +227,9 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	cmd.Dir = cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if cfg.incoming != nil {
+		cmd.ExtraFiles = []*os.File{cfg.incoming} // fd 3: -incoming fd:3
+	}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start qemu")
@@ -256,6 +292,7 @@ type qemuVM struct {
 	waitErr error
 	once    sync.Once
 	relay   *consoleRelay // nil when the console could not be connected
+	swaps   int           // SwapDisks calls: names the file nodes
 }
 
 func (v *qemuVM) PID() int              { return v.pid }
@@ -336,7 +373,7 @@ func (v *qemuVM) Kill() error {
 		// Kill, nothing writes into the VM's directory.
 		v.relay.wait(5 * time.Second)
 	}
-	for _, f := range []string{"agent.sock", netSocket, "qemu.pid", consoleSock} {
+	for _, f := range []string{"agent.sock", netSocket, qmpSocket, "qemu.pid", consoleSock} {
 		os.Remove(filepath.Join(v.dir, f))
 	}
 	return nil

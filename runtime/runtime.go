@@ -45,7 +45,53 @@ type VMConfig struct {
 	Network bool
 	MAC     string // the NIC's MAC address; default the driver's
 	Logger  *slog.Logger
+
+	// Set by the Snapshotter methods of a driver (warm start).
+	memFile   string   // guest RAM is this file (mapped shared, or private for a clone)
+	memShared bool     // template: the guest's writes go to memFile
+	incoming  *os.File // restore the VM from this saved state
 }
+
+// Snapshotter is a Hypervisor that can save a booted VM and start others
+// from it: the warm start. A template VM of some shape is booted (with
+// stand-in disks and shares that its guest never touches) up to where its
+// agent waits for the host, saved, and then restored as any number of VMs
+// of that shape, each with its own disks, shares and NIC backend.
+type Snapshotter interface {
+	Hypervisor
+	// TemplateKey names everything of the driver and of cfg's shape that a
+	// template depends on (binary and version, acceleration, CPUs,
+	// memory, device layout). The engine adds the boot files' contents.
+	TemplateKey(cfg VMConfig) (string, error)
+	// StartTemplate boots a VM of cfg whose memory lives in a file in dir,
+	// cfg.Dir, so that SaveTemplate need not copy it.
+	StartTemplate(ctx context.Context, cfg VMConfig) (VM, error)
+	// SaveTemplate pauses vm (from StartTemplate), saves its device state
+	// into its dir and kills it. Its dir is then a template.
+	SaveTemplate(ctx context.Context, vm VM) error
+	// Restore starts a VM of cfg, of the shape of the template in dir,
+	// from that template: its memory is a private copy-on-write mapping of
+	// the template's, so that VMs restored from one template share the
+	// pages they do not write. Restore returns once the guest runs.
+	Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error)
+}
+
+// DiskSwapper is a VM whose disks can be replaced while its guest has not
+// probed them yet: a VM restored ahead of time (a pool) with stand-in
+// disks gets a box's disks when the box is created.
+type DiskSwapper interface {
+	// SwapDisks replaces the files under the VM's disks, in order; the
+	// disks' number and read-only flags must be the VM's.
+	SwapDisks(ctx context.Context, disks []Disk) error
+}
+
+// TemplateFiles are the files of a template, in its dir.
+var TemplateFiles = []string{templateRAM, templateState}
+
+const (
+	templateRAM   = "ram"
+	templateState = "state"
+)
 
 // Disk is a raw disk image attached to the VM.
 type Disk struct {

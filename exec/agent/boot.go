@@ -3,6 +3,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"golang.org/x/sys/unix"
@@ -72,22 +74,35 @@ func mountEarly() error {
 	return nil
 }
 
-// loadModules loads the modules listed in /etc/boxrun/modules, in order.
-// A module that fails is logged and skipped: the boot fails later, with a
-// clearer message, if it mattered.
-func loadModules(log *slog.Logger) {
+// lateModules are the drivers of devices that differ from box to box (its
+// disks, NIC and shares): boot leaves them to setup, so that a VM
+// snapshotted before its Hello has never probed a disk (no capacity, no
+// partition table, no block cache of the template's disks) or read a MAC.
+var lateModules = map[string]bool{
+	"virtio_blk": true, "virtio_net": true, "9pnet_virtio": true, "virtiofs": true,
+}
+
+// loadModules loads the modules listed in /etc/boxrun/modules, in order,
+// except lateModules, which it returns for loadLate. A module that fails
+// is logged and skipped: the boot fails later, with a clearer message, if
+// it mattered.
+func loadModules(log *slog.Logger) (late []string) {
 	list, err := os.ReadFile("/etc/boxrun/modules")
 	if errors.Is(err, os.ErrNotExist) {
-		return // drivers built in
+		return nil // drivers built in
 	}
 	if err != nil {
 		log.Error("reading the module list", "err", err)
-		return
+		return nil
 	}
 	n := 0
 	for _, line := range strings.Split(string(list), "\n") {
 		name := strings.TrimSpace(line)
 		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		if lateModules[moduleName(name)] {
+			late = append(late, name)
 			continue
 		}
 		if err := loadModule(filepath.Join("/lib/modules", name)); err != nil {
@@ -96,7 +111,71 @@ func loadModules(log *slog.Logger) {
 		}
 		n++
 	}
-	log.Debug("modules loaded", "count", n)
+	log.Debug("modules loaded", "count", n, "late", len(late))
+	return late
+}
+
+// loadLate loads the device drivers boot held back. A driver built into
+// the kernel has bound its devices before boot: those are unbound and
+// bound again, so that the driver probes them afresh (capacity, caches).
+func loadLate(log *slog.Logger, late []string) {
+	loaded := map[string]bool{}
+	for _, name := range late {
+		if err := loadModule(filepath.Join("/lib/modules", name)); err != nil {
+			log.Warn("loading module", "module", name, "err", err)
+		}
+		loaded[moduleName(name)] = true
+	}
+	if !loaded["virtio_blk"] {
+		rebind(log, "/sys/bus/virtio/drivers/virtio_blk")
+	}
+}
+
+// rebind unbinds every device of a driver and binds it again, in order.
+func rebind(log *slog.Logger, driver string) {
+	devs, _ := filepath.Glob(filepath.Join(driver, "virtio*"))
+	for _, d := range devs {
+		name := filepath.Base(d)
+		if err := os.WriteFile(filepath.Join(driver, "unbind"), []byte(name), 0); err != nil {
+			log.Warn("unbinding", "device", name, "err", err)
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(driver, "bind"), []byte(name), 0); err != nil {
+			log.Warn("binding", "device", name, "err", err)
+		}
+	}
+}
+
+// moduleName turns "kernel/fs/ext4/ext4.ko.xz" into "ext4".
+func moduleName(path string) string {
+	base := filepath.Base(path)
+	if i := strings.Index(base, ".ko"); i >= 0 {
+		base = base[:i]
+	}
+	return strings.ReplaceAll(base, "-", "_")
+}
+
+// reseed mixes the host's bytes into the kernel's pool and reseeds the
+// CRNG at once (RNDADDENTROPY credits them; RNDRESEEDCRNG makes every
+// reader see the new state now, not at the next scheduled reseed).
+func reseed(entropy []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	buf := make([]byte, 8+len(entropy))
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(entropy)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(entropy)))
+	copy(buf[8:], entropy)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0]))); errno != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
 }
 
 func loadModule(path string) error {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -271,6 +272,20 @@ func configureNetwork(ctx context.Context, root *fsroot.Root, n exec.Network) er
 	link, err := nl.waitLink(ctx, n.Interface, linkTimeout)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
+	}
+	if n.MAC != "" {
+		// A VM restored from a snapshot carries the snapshotted NIC's
+		// address: the box's own comes from the host.
+		want, err := net.ParseMAC(n.MAC)
+		if err != nil {
+			return fmt.Errorf("network: MAC %q: %w", n.MAC, err)
+		}
+		cur, _ := os.ReadFile("/sys/class/net/" + link.name + "/address")
+		if strings.TrimSpace(string(cur)) != want.String() {
+			if err := nl.setMAC(link.index, want); err != nil {
+				return fmt.Errorf("network: setting MAC %s on %s: %w", want, link.name, err)
+			}
+		}
 	}
 	if err := nl.setUp(link.index, n.MTU); err != nil {
 		return fmt.Errorf("network: bringing up %s: %w", link.name, err)

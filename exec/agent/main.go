@@ -132,6 +132,9 @@ type agent struct {
 
 	cgroup  string // exec cgroups' parent (cgroup.go); "" for none
 	pidsMax int    // each exec's task limit
+
+	late  []string // device driver modules loaded by setup (see lateModules)
+	ready bool     // setup done: the box root is mounted
 }
 
 func main() {
@@ -167,6 +170,12 @@ func main() {
 	a.serve(reaper)
 }
 
+// boot readies the agent up to where it waits for the host's Hello: it
+// loads the modules of the devices that carry nothing of a box (virtio
+// PCI, the agent's port, RNG, file systems), and touches no disk, NIC or
+// share. A VM snapshotted while its agent waits there can therefore be
+// restored as any box of its shape (warm start): setup, called by the
+// Hello, does the rest.
 func (a *agent) boot() error {
 	start := time.Now()
 	if err := mountEarly(); err != nil {
@@ -185,17 +194,53 @@ func (a *agent) boot() error {
 		a.level.Set(slog.LevelDebug)
 	}
 	a.log.Info("booting", "version", agentVersion(), "kernel", kernelRelease())
-	loadModules(a.log)
-	if err := a.mountBox(); err != nil {
-		return err
-	}
-	if err := unix.Sethostname([]byte("box")); err != nil {
-		a.log.Warn("setting hostname", "err", err)
-	}
+	a.late = loadModules(a.log)
 	if err := loopbackUp(); err != nil {
 		a.log.Warn("bringing up lo", "err", err)
 	}
 	a.cgroup, a.pidsMax = setupCgroups(a.log)
+	a.log.Info("waiting for the host", "elapsed", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// setup makes the box: called by every Hello, it acts on the first. The
+// entropy comes first, so that nothing below draws on a pool that other
+// VMs restored from the same snapshot share. Then the device drivers that
+// boot held back are loaded, probing the box's own disks and NIC, and the
+// box root is mounted.
+func (a *agent) setup(ctx context.Context, s exec.Setup) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ready {
+		return nil
+	}
+	if a.down {
+		return fmt.Errorf("the box is shutting down")
+	}
+	start := time.Now()
+	if len(s.Entropy) > 0 {
+		if err := reseed(s.Entropy); err != nil {
+			// Not fatal: the kernel reseeds on its own within a minute,
+			// and virtio-rng feeds it meanwhile.
+			a.log.Warn("reseeding the RNG", "err", err)
+		}
+	}
+	host := s.Hostname
+	if host == "" {
+		host = "box"
+	}
+	if err := unix.Sethostname([]byte(host)); err != nil {
+		a.log.Warn("setting hostname", "err", err)
+	}
+	loadLate(a.log, a.late)
+	a.late = nil
+	if err := a.mountBox(); err != nil {
+		// Leave nothing half-mounted: the host fails the box, and a retry
+		// starts clean.
+		a.unmountAll()
+		return err
+	}
+	a.ready = true
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond))
 	return nil
 }
@@ -210,6 +255,7 @@ func (a *agent) serve(reaper *exec.Reaper) {
 			tv := unix.NsecToTimeval(t.UnixNano())
 			return unix.Settimeofday(&tv)
 		},
+		Setup:     a.setup,
 		Configure: a.configure,
 		Shutdown:  a.shutdown,
 		Halt:      a.halt,

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sort"
 	"time"
@@ -186,6 +187,20 @@ func (nl *netlink) setUp(index, mtu int) error {
 	if mtu > 0 {
 		b = attr(b, unix.IFLA_MTU, ne.AppendUint32(nil, uint32(mtu)))
 	}
+	_, err := nl.request(unix.RTM_NEWLINK, unix.NLM_F_ACK, b)
+	return err
+}
+
+// setMAC sets the interface's hardware address (before it is up: not every
+// driver changes it on a running link).
+func (nl *netlink) setMAC(index int, mac net.HardwareAddr) error {
+	b := make([]byte, 0, unix.SizeofIfInfomsg)
+	b = append(b, unix.AF_UNSPEC, 0)
+	b = ne.AppendUint16(b, 0)             // type
+	b = ne.AppendUint32(b, uint32(index)) // index
+	b = ne.AppendUint32(b, 0)             // flags
+	b = ne.AppendUint32(b, 0)             // change
+	b = attr(b, unix.IFLA_ADDRESS, mac)
 	_, err := nl.request(unix.RTM_NEWLINK, unix.NLM_F_ACK, b)
 	return err
 }

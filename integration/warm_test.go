@@ -1,0 +1,380 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun"
+)
+
+// The warm start's known traps, each checked on two boxes restored from
+// one template: a restored box must see its own disks (not the template's
+// stand-ins, whose capacity and first blocks a guest would have cached
+// had it probed them), its own clock, its own randomness, its own
+// hostname and MAC, the CPUs and memory it asked for, and working volumes
+// and network.
+func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, "host says hi")
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	port := ln.Addr().(*net.TCPAddr).Port
+
+	// A shape of its own (3 CPUs, 320 MiB, a NIC, one volume), so that
+	// this test makes the template and restores both boxes from it.
+	before := fx.eng.Info().Boots
+	spec := func(img string, diskGB int, vol string) boxrun.BoxSpec {
+		return boxrun.BoxSpec{Image: img, CPU: 3, MemoryMB: 320, DiskSizeGB: diskGB, Network: true,
+			NetworkPolicy: boxrun.NetworkPolicy{AllowHostPorts: []int{port}},
+			Volumes:       []boxrun.Volume{{HostPath: vol, GuestPath: "/mnt/vol"}}}
+	}
+	volA, volB := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(volA, "who"), []byte("volume A\n"), 0o644)
+	os.WriteFile(filepath.Join(volB, "who"), []byte("volume B\n"), 0o644)
+	a := newBox(t, spec("docker://"+fx.regRef, 1, volA))
+	// Let the template grow older than the clock check's slack: a box
+	// that kept the template's clock would be caught.
+	time.Sleep(3 * time.Second)
+	b := newBox(t, spec(fx.ociRef, 3, volB))
+	after := fx.eng.Info().Boots
+	if after.Templates != before.Templates+1 || after.Warm != before.Warm+2 || after.Fallbacks != before.Fallbacks {
+		t.Fatalf("boots before %+v, after %+v: want one template made and two warm starts", before, after)
+	}
+
+	ctx := ctxT(t, 3*time.Minute)
+	type facts struct{ disk, size, rnd, uuid, clock, host, mac, cpus, mem, vol, net string }
+	probe := func(box *boxrun.Box) facts {
+		res := sh(t, box, `
+			cat /etc/warm-owner 2>/dev/null || echo none
+			df -k / | awk 'NR==2{print $2}'
+			head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo
+			cat /proc/sys/kernel/random/uuid
+			date +%s
+			hostname
+			cat /sys/class/net/eth0/address
+			nproc
+			awk '/MemTotal/{print $2}' /proc/meminfo
+			cat /mnt/vol/who
+			wget -qO- http://10.0.2.2:`+strconv.Itoa(port)+`/ ; echo`)
+		host := time.Now().Unix()
+		l := strings.Split(strings.TrimRight(res.Stdout, "\n"), "\n")
+		if len(l) != 11 {
+			t.Fatalf("probe of %s: %q %q", box.ID, res.Stdout, res.Stderr)
+		}
+		if clock, _ := strconv.ParseInt(l[4], 10, 64); clock < host-2 || clock > host+2 {
+			t.Errorf("%s: clock %s, host %d: more than 2 s apart", box.ID, l[4], host)
+		}
+		return facts{l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8], l[9], l[10]}
+	}
+	// Each box writes to its own disk; the other must not see it.
+	for _, box := range []*boxrun.Box{a, b} {
+		res, err := fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{User: "root", Cmd: []string{"sh", "-c", "echo " + box.ID + " > /etc/warm-owner"}})
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("write in %s: %v %+v", box.ID, err, res)
+		}
+	}
+	fa, fb := probe(a), probe(b)
+	t.Logf("box A: %+v", fa)
+	t.Logf("box B: %+v", fb)
+	if fa.disk != a.ID || fb.disk != b.ID {
+		t.Errorf("own disks: A sees %q, B sees %q", fa.disk, fb.disk)
+	}
+	// The data disks are 1 and 3 GiB: each guest read its own capacity.
+	sa, _ := strconv.Atoi(fa.size)
+	sb, _ := strconv.Atoi(fb.size)
+	if sa < 900_000 || sa > 1_100_000 || sb < 2_700_000 || sb > 3_200_000 {
+		t.Errorf("disk sizes (KiB): A %d (want ~1 GiB), B %d (want ~3 GiB)", sa, sb)
+	}
+	if fa.rnd == fb.rnd || len(fa.rnd) != 64 {
+		t.Errorf("/dev/urandom: A %s, B %s", fa.rnd, fb.rnd)
+	}
+	if fa.uuid == fb.uuid {
+		t.Errorf("both boxes made UUID %s", fa.uuid)
+	}
+	if fa.host != a.ID || fb.host != b.ID {
+		t.Errorf("hostnames: %q %q, want the box ids", fa.host, fb.host)
+	}
+	if fa.mac == fb.mac || fa.mac == "52:54:00:00:00:01" || !strings.HasPrefix(fa.mac, "52:54:00:") {
+		t.Errorf("MACs: A %s, B %s (the template's is 52:54:00:00:00:01)", fa.mac, fb.mac)
+	}
+	for _, f := range []facts{fa, fb} {
+		mem, _ := strconv.Atoi(f.mem)
+		if f.cpus != "3" || mem < 250_000 || mem > 330_000 {
+			t.Errorf("resources: nproc %s, MemTotal %s kB; want 3 CPUs and ~320 MiB", f.cpus, f.mem)
+		}
+		if f.net != "host says hi" {
+			t.Errorf("network: %q", f.net)
+		}
+	}
+	if fa.vol != "volume A" || fb.vol != "volume B" {
+		t.Errorf("volumes: A %q, B %q", fa.vol, fb.vol)
+	}
+	// A restored box stops and starts (restored again) with its disk.
+	if _, err := fx.eng.Stop(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fx.eng.Start(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if res := sh(t, a, "cat /etc/warm-owner; cat /mnt/vol/who"); res.Stdout != a.ID+"\nvolume A\n" {
+		t.Errorf("after stop/start: %q %q", res.Stdout, res.Stderr)
+	}
+	if got := fx.eng.Info().Boots; got.Warm != after.Warm+1 {
+		t.Errorf("start of a warm box: boots %+v, want one more warm start", got)
+	}
+}
+
+// A template whose saved state is corrupt costs one cold boot, logged,
+// never the box; the next box of the shape makes the template again.
+func TestWarmStartCorruptTemplateFallsBack(t *testing.T) {
+	spec := boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 288, DiskSizeGB: 1}
+	before := fx.eng.Info().Boots
+	// Two first boxes of a shape at once: the template is made once.
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			box, err := fx.eng.Create(ctxT(t, 3*time.Minute), spec)
+			if err != nil {
+				t.Errorf("create: %v", err)
+				return
+			}
+			t.Cleanup(func() { fx.eng.Remove(context.Background(), box.ID, boxrun.Force) })
+		}()
+	}
+	wg.Wait()
+	mid := fx.eng.Info().Boots
+	if mid.Templates != before.Templates+1 || mid.Warm != before.Warm+2 {
+		t.Fatalf("boots %+v -> %+v: want one template and two warm starts", before, mid)
+	}
+	tpl := newestTemplate(t, filepath.Join(fx.dataDir, "cache", "templates"))
+	state := filepath.Join(tpl, "state")
+	st, err := os.Stat(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Keep the header, garble the rest.
+	garbage := make([]byte, st.Size()-64)
+	for i := range garbage {
+		garbage[i] = byte(i * 7)
+	}
+	f, err := os.OpenFile(state, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(garbage, 64)
+	f.Close()
+
+	box := newBox(t, spec)
+	if res := sh(t, box, "echo ok"); res.Stdout != "ok\n" {
+		t.Fatalf("box after a corrupt template: %q", res.Stdout)
+	}
+	got := fx.eng.Info().Boots
+	if got.Fallbacks != mid.Fallbacks+1 || got.Cold != mid.Cold+1 {
+		t.Fatalf("boots %+v -> %+v: want one fallback to a cold boot", mid, got)
+	}
+	if _, err := os.Stat(tpl); !os.IsNotExist(err) {
+		t.Fatalf("the corrupt template is still there: %v", err)
+	}
+	newBox(t, spec)
+	if again := fx.eng.Info().Boots; again.Templates != got.Templates+1 || again.Warm != got.Warm+1 {
+		t.Fatalf("boots %+v -> %+v: want the template made again and used", got, again)
+	}
+}
+
+// A template depends on the agent (and kernel, QEMU, flags): an engine
+// with another agent makes a new template and drops the old one. With
+// the warm start off, boxes boot cold and no template is made.
+func TestWarmStartTemplateFollowsAgentAndSwitch(t *testing.T) {
+	ctx := ctxT(t, 5*time.Minute)
+	dataDir := filepath.Join(t.TempDir(), "data")
+	open := func(agent string, warm boxrun.Toggle) *boxrun.Engine {
+		eng, err := boxrun.New(ctx, boxrun.Config{
+			DataDir: dataDir, RegistriesConf: fx.registriesConf, AgentPath: agent, WarmStart: warm,
+			Hypervisor: fx.hypervisor, MaxCPU: 64, MaxMemoryMB: 64 << 10,
+			Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return eng
+	}
+	run := func(eng *boxrun.Engine) {
+		t.Helper()
+		res, err := eng.Run(ctx, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1},
+			boxrun.ExecSpec{Cmd: []string{"cat", "/proc/sys/kernel/hostname"}})
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("run: %v %+v", err, res)
+		}
+	}
+	// The first engine's agent: the one the suite's engine uses.
+	agents, _ := filepath.Glob(filepath.Join(fx.dataDir, "cache", "agent-*"))
+	if len(agents) == 0 {
+		t.Fatal("no agent in the suite's cache")
+	}
+	agentA := agents[0]
+	eng := open(agentA, boxrun.Default)
+	run(eng)
+	if b := eng.Info().Boots; b.Templates != 1 || b.Warm != 1 {
+		t.Fatalf("first engine: boots %+v", b)
+	}
+	eng.Close()
+	templates := filepath.Join(dataDir, "cache", "templates")
+	first := newestTemplate(t, templates)
+
+	// The same agent with bytes appended: another file, another template.
+	b, err := os.ReadFile(agentA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentB := filepath.Join(t.TempDir(), "agent")
+	if err := os.WriteFile(agentB, append(b, "changed"...), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	eng = open(agentB, boxrun.Default)
+	run(eng)
+	if b := eng.Info().Boots; b.Templates != 1 || b.Warm != 1 {
+		t.Fatalf("engine with another agent: boots %+v", b)
+	}
+	eng.Close()
+	second := newestTemplate(t, templates)
+	if second == first {
+		t.Fatal("the template was not made again for the new agent")
+	}
+	if _, err := os.Stat(first); !os.IsNotExist(err) {
+		t.Fatalf("the old agent's template is still there: %v", err)
+	}
+
+	eng = open(agentB, boxrun.Disabled)
+	run(eng)
+	if b := eng.Info().Boots; b.Templates != 0 || b.Warm != 0 || b.Cold != 1 {
+		t.Fatalf("warm start off: boots %+v", b)
+	}
+	eng.Close()
+	if newestTemplate(t, templates) != second {
+		t.Fatal("templates changed with the warm start off")
+	}
+}
+
+// newestTemplate returns the most recently made template in dir.
+func newestTemplate(t *testing.T, dir string) string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var best string
+	var bestTime time.Time
+	for _, e := range ents {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		st, err := os.Stat(filepath.Join(dir, e.Name(), "state"))
+		if err == nil && st.ModTime().After(bestTime) {
+			best, bestTime = filepath.Join(dir, e.Name()), st.ModTime()
+		}
+	}
+	if best == "" {
+		t.Fatalf("no template in %s", dir)
+	}
+	return best
+}
+
+// Config.Pool: a VM restored ahead of time becomes the next box of its
+// shape. It gets the box's own disks although it was restored with
+// stand-ins, and the box's own hostname and MAC; Close kills what the
+// pool still holds.
+func TestPoolHandsOutRestoredVMs(t *testing.T) {
+	ctx := ctxT(t, 5*time.Minute)
+	dataDir := filepath.Join(t.TempDir(), "data")
+	agents, _ := filepath.Glob(filepath.Join(fx.dataDir, "cache", "agent-*"))
+	if len(agents) == 0 {
+		t.Fatal("no agent in the suite's cache")
+	}
+	eng, err := boxrun.New(ctx, boxrun.Config{
+		DataDir: dataDir, RegistriesConf: fx.registriesConf, AgentPath: agents[0], Pool: 1,
+		Hypervisor: fx.hypervisor, MaxCPU: 64, MaxMemoryMB: 64 << 10,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			eng.Close()
+		}
+	})
+	spec := func(diskGB int) boxrun.BoxSpec {
+		return boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: diskGB, Network: true}
+	}
+	a, err := eng.Create(ctx, spec(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(2 * time.Minute)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: still not after 2 minutes (info %+v)", what, eng.Info())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitFor("the pool fills", func() bool { return eng.Info().PoolVMs == 1 })
+	b, err := eng.Create(ctx, spec(3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if boots := eng.Info().Boots; boots.Pooled != 1 || boots.Warm != 1 {
+		t.Fatalf("boots %+v: want the first box warm, the second from the pool", boots)
+	}
+	probe := func(box *boxrun.Box) []string {
+		res, err := eng.Exec(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c",
+			"echo " + box.ID + " > /root/owner; cat /root/owner; df -k / | awk 'NR==2{print $2}'; hostname; cat /sys/class/net/eth0/address"}})
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("probe %s: %v %+v", box.ID, err, res)
+		}
+		return strings.Fields(res.Stdout)
+	}
+	pa, pb := probe(a), probe(b)
+	t.Logf("A %v, B %v", pa, pb)
+	if len(pb) != 4 || pb[0] != b.ID || pb[2] != b.ID {
+		t.Fatalf("pooled box: %v", pb)
+	}
+	if size, _ := strconv.Atoi(pb[1]); size < 2_700_000 || size > 3_200_000 {
+		t.Errorf("pooled box's disk: %s KiB, want ~3 GiB (its own disk, not the 1 MiB stand-in)", pb[1])
+	}
+	if pa[3] == pb[3] || pb[3] == "52:54:00:00:00:01" {
+		t.Errorf("MACs: A %s, B %s", pa[3], pb[3])
+	}
+	// Taking a VM refills the pool; Close kills what it holds.
+	waitFor("the pool refills", func() bool { return eng.Info().PoolVMs == 1 })
+	if left := vmmProcesses(dataDir); len(left) != 3 {
+		t.Errorf("VMMs: %v, want two boxes and one pooled VM", left)
+	}
+	closed = true
+	if err := eng.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left := vmmProcesses(dataDir); len(left) > 0 {
+		t.Fatalf("VMMs left after Close: %v", left)
+	}
+}

@@ -1,0 +1,265 @@
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
+)
+
+// The QEMU warm start: a template VM's RAM is a file mapped shared
+// (memory-backend-file, share=on); SaveTemplate stops it and migrates its
+// device state into a file with x-ignore-shared, which leaves the RAM out
+// (it is in the RAM file already), so saving takes a fraction of a
+// second and a few MiB. Restore starts QEMU with the same devices, the RAM
+// file mapped private (copy on write) and -incoming from the state file.
+// This works under TCG as under KVM, and needs no QEMU newer than 7.2.
+
+var _ Snapshotter = (*QEMU)(nil)
+
+// templateFormat is bumped when what a template holds changes meaning.
+const templateFormat = 1
+
+var qemuVersions sync.Map // binary path + mtime -> `qemu --version` first line
+
+// version returns the first line of `qemu --version`, cached per binary
+// and modification time: a QEMU upgrade invalidates templates.
+func (q *QEMU) version() (string, error) {
+	bin, err := q.binary()
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(bin)
+	if err != nil {
+		return "", err
+	}
+	key := fmt.Sprintf("%s %d %d", bin, st.Size(), st.ModTime().UnixNano())
+	if v, ok := qemuVersions.Load(key); ok {
+		return v.(string), nil
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", bin, err)
+	}
+	v := key + " " + strings.SplitN(string(out), "\n", 2)[0]
+	qemuVersions.Store(key, v)
+	return v, nil
+}
+
+// TemplateKey hashes the QEMU command line of cfg with every per-VM value
+// (name, paths, MAC) taken out, plus QEMU's version.
+func (q *QEMU) TemplateKey(cfg VMConfig) (string, error) {
+	v, err := q.version()
+	if err != nil {
+		return "", err
+	}
+	shape := cfg
+	shape.ID, shape.Dir, shape.MAC, shape.Logger = "template", "", "", nil
+	shape.Kernel, shape.Initramfs = "kernel", "initramfs"
+	shape.Disks = append([]Disk(nil), cfg.Disks...)
+	for i := range shape.Disks {
+		shape.Disks[i].Path = fmt.Sprintf("disk%d", i)
+	}
+	shape.Volumes = append([]Volume(nil), cfg.Volumes...)
+	for i := range shape.Volumes {
+		shape.Volumes[i].HostPath = fmt.Sprintf("vol%d", i)
+	}
+	shape.memFile, shape.memShared, shape.incoming = templateRAM, false, nil
+	h := sha256.New()
+	fmt.Fprintf(h, "format %d\n%s\n%q\n", templateFormat, v, q.Args(shape))
+	return hex.EncodeToString(h.Sum(nil))[:24], nil
+}
+
+// StartTemplate boots cfg with its RAM in cfg.Dir/ram, shared.
+func (q *QEMU) StartTemplate(ctx context.Context, cfg VMConfig) (VM, error) {
+	cfg.memFile, cfg.memShared = filepath.Join(cfg.Dir, templateRAM), true
+	os.Remove(cfg.memFile)
+	return q.Start(ctx, cfg)
+}
+
+// SaveTemplate stops the template VM, migrates its device state to
+// dir/state and kills it.
+func (q *QEMU) SaveTemplate(ctx context.Context, vm VM) error {
+	v, ok := vm.(*qemuVM)
+	if !ok {
+		return errdefs.New(errdefs.RuntimeError, "not a QEMU VM")
+	}
+	defer v.Kill()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	c, err := dialQMP(ctx, v.dir)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	tmp := filepath.Join(v.dir, templateState+".tmp")
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	defer f.Close()
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+	for _, step := range []struct {
+		cmd  string
+		args any
+		fd   bool
+	}{
+		{"stop", nil, false},
+		{"migrate-set-capabilities", caps, false},
+		{"getfd", map[string]any{"fdname": "snapshot"}, true},
+		{"migrate", map[string]any{"uri": "fd:snapshot"}, false},
+	} {
+		var fd *os.File
+		if step.fd {
+			fd = f
+		}
+		if _, err := c.execute(step.cmd, step.args, fd); err != nil {
+			return err
+		}
+	}
+	err = poll(ctx, func() (bool, error) {
+		st, desc, err := c.migration()
+		switch {
+		case err != nil:
+			return false, err
+		case st == "completed":
+			return true, nil
+		case st == "failed" || st == "cancelled":
+			return false, fmt.Errorf("saving the template: migration %s: %s", st, desc)
+		}
+		return false, nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := v.Kill(); err != nil {
+		return err
+	}
+	// The RAM file was written through the shared mapping: make both it
+	// and the state durable before the template counts as made.
+	for _, p := range []string{filepath.Join(v.dir, templateRAM), tmp} {
+		if err := syncFile(p); err != nil {
+			return err
+		}
+	}
+	return os.Rename(tmp, filepath.Join(v.dir, templateState))
+}
+
+func syncFile(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// Restore starts cfg from the template in dir and waits until the guest
+// runs. A template that cannot be loaded fails Restore (QEMU exits), and
+// leaves nothing behind.
+func (q *QEMU) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error) {
+	state, err := os.Open(filepath.Join(dir, templateState))
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "template")
+	}
+	defer state.Close()
+	cfg.memFile, cfg.memShared, cfg.incoming = filepath.Join(dir, templateRAM), false, state
+	if _, err := os.Stat(cfg.memFile); err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "template")
+	}
+	vm, err := q.Start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	v := vm.(*qemuVM)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err = func() error {
+		c, err := dialQMP(wctx, v.dir)
+		if err != nil {
+			return err
+		}
+		defer c.close()
+		caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+		if _, err := c.execute("migrate-set-capabilities", caps, nil); err != nil {
+			return err
+		}
+		// fd 3 is the state file (Start passes cfg.incoming as fd 3).
+		if _, err := c.execute("migrate-incoming", map[string]any{"uri": "fd:3"}, nil); err != nil {
+			return err
+		}
+		return poll(wctx, func() (bool, error) {
+			if v.exited() {
+				return false, fmt.Errorf("qemu exited")
+			}
+			st, err := c.status()
+			switch {
+			case err != nil:
+				return false, err
+			case st == "paused" || st == "postmigrate":
+				// Loaded. The template was saved stopped, so the
+				// guest stays paused until told to run.
+				_, err := c.execute("cont", nil, nil)
+				return err == nil, err
+			case st == "inmigrate":
+				return false, nil
+			}
+			return st == "running", nil
+		})
+	}()
+	if err != nil {
+		v.Kill()
+		<-v.done
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "restore from template: %s",
+			strings.TrimSpace(tail(filepath.Join(cfg.Dir, "qemu.log"), 1024)))
+	}
+	return vm, nil
+}
+
+var _ DiskSwapper = (*qemuVM)(nil)
+
+// SwapDisks puts each disk's file under the VM's raw node diskN
+// (blockdev-add, blockdev-reopen, blockdev-del of the stand-in): a few
+// milliseconds, before the guest's virtio-blk driver reads the capacity.
+func (v *qemuVM) SwapDisks(ctx context.Context, disks []Disk) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := dialQMP(ctx, v.dir)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	v.swaps++
+	for i, d := range disks {
+		old := fmt.Sprintf("file%d", i)
+		if v.swaps > 1 {
+			old = fmt.Sprintf("file%d-%d", i, v.swaps-1)
+		}
+		node := fmt.Sprintf("file%d-%d", i, v.swaps)
+		if _, err := c.execute("blockdev-add", map[string]any{
+			"driver": "file", "filename": d.Path, "node-name": node,
+			"cache": map[string]any{"direct": true}, "aio": "threads", "read-only": d.ReadOnly,
+		}, nil); err != nil {
+			return err
+		}
+		if _, err := c.execute("blockdev-reopen", map[string]any{"options": []map[string]any{{
+			"driver": "raw", "node-name": fmt.Sprintf("disk%d", i), "file": node, "read-only": d.ReadOnly,
+		}}}, nil); err != nil {
+			c.execute("blockdev-del", map[string]any{"node-name": node}, nil)
+			return err
+		}
+		if _, err := c.execute("blockdev-del", map[string]any{"node-name": old}, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,379 @@
+package boxrun
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	agentexec "github.com/boxrun/boxrun/exec"
+	"github.com/boxrun/boxrun/runtime"
+)
+
+// The warm start. The first box of a shape (driver and its version,
+// acceleration, kernel, initramfs with its agent, CPUs, memory, device
+// layout) boots a template VM with stand-in disks and shares, up to where
+// its agent waits for the host's Hello, having touched none of them; the
+// driver saves it (runtime.Snapshotter). That box and every later box of
+// the shape are restored from the template and get their own disks,
+// shares, NIC backend, clock, entropy, hostname and MAC: the agent does
+// the rest of its boot when the Hello comes. Anything wrong with a
+// template (it cannot be built, loaded, or its guest does not answer)
+// costs a cold boot, logged, never the box.
+
+// Toggle is a feature switch whose zero value is the feature's default.
+type Toggle int
+
+const (
+	Default Toggle = iota
+	Enabled
+	Disabled
+)
+
+// BootStats counts how boxes started since the engine was opened.
+type BootStats struct {
+	Cold      int64 // booted from scratch
+	Warm      int64 // restored from a template
+	Pooled    int64 // handed a VM restored ahead of time (Config.Pool)
+	Templates int64 // templates made
+	Fallbacks int64 // warm starts that failed and booted cold instead
+}
+
+// warmHelloTimeout bounds the Hello of a restored VM, which answers in
+// well under a second: a template whose guest does not is broken, and the
+// box boots cold instead of waiting out BootTimeout.
+const warmHelloTimeout = 30 * time.Second
+
+// defaultTemplateCacheMB bounds the templates' disk use.
+const defaultTemplateCacheMB = 2048
+
+type warmStart struct {
+	dir      string // DataDir/cache/templates
+	maxBytes int64
+	snap     runtime.Snapshotter // nil: warm start off
+
+	mu    sync.Mutex
+	locks map[string]*sync.Mutex // per template key: one build at a time
+
+	cold, warm, pooled, templates, fallbacks atomic.Int64
+}
+
+func (w *warmStart) stats() BootStats {
+	return BootStats{Cold: w.cold.Load(), Warm: w.warm.Load(), Pooled: w.pooled.Load(),
+		Templates: w.templates.Load(), Fallbacks: w.fallbacks.Load()}
+}
+
+// warmEnabled reads Config.WarmStart and $BOXRUN_WARM_START.
+func warmEnabled(t Toggle) bool {
+	switch t {
+	case Enabled:
+		return true
+	case Disabled:
+		return false
+	}
+	switch os.Getenv("BOXRUN_WARM_START") {
+	case "0", "false", "off", "no":
+		return false
+	}
+	return true
+}
+
+// templateMeta is a template's meta.json.
+type templateMeta struct {
+	Key     string    `json:"key"`
+	Family  string    `json:"family"` // the shape without versions: a newer template of it replaces this one
+	Created time.Time `json:"created"`
+	BootMS  int64     `json:"boot_ms"` // cold boot of the template to its agent's first answer
+	SaveMS  int64     `json:"save_ms"`
+}
+
+// startVM starts the VM of a box: restored from its shape's template when
+// the warm start is on and works, else booted cold. key is the template
+// used ("" for a cold boot).
+func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets) (vm runtime.VM, key string, err error) {
+	if w := e.warm; w.snap != nil {
+		key, family, kerr := w.key(cfg, boot)
+		if kerr == nil {
+			var dir string
+			dir, err = w.ensure(ctx, e, key, family, cfg)
+			if err == nil {
+				vm, err = w.snap.Restore(ctx, cfg, dir)
+				if err == nil {
+					now := time.Now()
+					os.Chtimes(filepath.Join(dir, "meta.json"), now, now) // LRU
+					return vm, key, nil
+				}
+				e.log.Warn("restoring from the template failed; booting cold", "box", cfg.ID, "template", key, "err", err)
+				w.invalidate(key)
+			} else if ctx.Err() == nil {
+				e.log.Warn("no template; booting cold", "box", cfg.ID, "err", err)
+			}
+			if ctx.Err() != nil {
+				return nil, "", ctx.Err()
+			}
+			w.fallbacks.Add(1)
+		} else {
+			e.log.Warn("template key; booting cold", "err", kerr)
+		}
+	}
+	vm, err = e.hv.Start(ctx, cfg)
+	return vm, "", err
+}
+
+// key returns the template key of cfg (everything the template depends
+// on) and its family (the shape alone).
+func (w *warmStart) key(cfg runtime.VMConfig, boot *bootAssets) (key, family string, err error) {
+	dk, err := w.snap.TemplateKey(cfg)
+	if err != nil {
+		return "", "", err
+	}
+	kid, err := fileID(boot.kernel.Vmlinux)
+	if err != nil {
+		return "", "", err
+	}
+	iid, err := fileID(boot.initramfs)
+	if err != nil {
+		return "", "", err
+	}
+	h := sha256.Sum256([]byte(dk + "\x00" + kid + "\x00" + iid))
+	key = hex.EncodeToString(h[:12])
+	f := fmt.Sprintf("%s cpus=%d mem=%d net=%v", w.snap.Name(), cfg.CPUs, cfg.MemoryMB, cfg.Network)
+	for _, d := range cfg.Disks {
+		f += fmt.Sprintf(" disk(ro=%v)", d.ReadOnly)
+	}
+	for _, v := range cfg.Volumes {
+		f += fmt.Sprintf(" vol(ro=%v)", v.ReadOnly)
+	}
+	fh := sha256.Sum256([]byte(f))
+	return key, hex.EncodeToString(fh[:12]), nil
+}
+
+// fileID identifies a boot file's content: cached boot files are named by
+// their content hash already; any other is named by path, size and time.
+func fileID(path string) (string, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s %d %d", path, st.Size(), st.ModTime().UnixNano()), nil
+}
+
+func (w *warmStart) lock(key string) *sync.Mutex {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	l := w.locks[key]
+	if l == nil {
+		l = new(sync.Mutex)
+		w.locks[key] = l
+	}
+	return l
+}
+
+// ensure returns the dir of the template key, building it first if there
+// is none. Concurrent creates of one shape build it once: the others wait.
+func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig) (string, error) {
+	dir := filepath.Join(w.dir, key)
+	l := w.lock(key)
+	l.Lock()
+	defer l.Unlock()
+	if complete(dir) {
+		return dir, nil
+	}
+	os.RemoveAll(dir) // a build that was interrupted
+	if err := w.build(ctx, e, key, family, cfg); err != nil {
+		return "", err
+	}
+	w.evict(key)
+	return dir, nil
+}
+
+func complete(dir string) bool {
+	for _, f := range append(runtime.TemplateFiles, "meta.json") {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// build boots a template VM of cfg's shape in a fresh dir, waits until its
+// agent answers, saves it and moves the dir into place.
+func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig) error {
+	if err := os.MkdirAll(w.dir, 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(w.dir, ".build-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	// Stand-ins with the box's device layout. The guest never probes
+	// them: its agent loads the disk, NIC and share drivers at the Hello.
+	t := cfg
+	t.ID, t.Dir, t.MAC = "tpl-"+key[:12], tmp, "52:54:00:00:00:01"
+	t.Disks = append([]runtime.Disk(nil), cfg.Disks...)
+	for i := range t.Disks {
+		p := filepath.Join(tmp, fmt.Sprintf("disk%d", i))
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			return err
+		}
+		if err := os.Truncate(p, 1<<20); err != nil {
+			return err
+		}
+		t.Disks[i].Path = p
+	}
+	t.Volumes = append([]runtime.Volume(nil), cfg.Volumes...)
+	for i := range t.Volumes {
+		p := filepath.Join(tmp, fmt.Sprintf("vol%d", i))
+		if err := os.Mkdir(p, 0o700); err != nil {
+			return err
+		}
+		t.Volumes[i].HostPath = p
+	}
+	start := time.Now()
+	vm, err := w.snap.StartTemplate(ctx, t)
+	if err != nil {
+		return err
+	}
+	defer vm.Kill()
+	bctx, cancel := context.WithTimeout(ctx, e.cfg.BootTimeout)
+	defer cancel()
+	conn, err := vm.DialAgent(bctx)
+	if err != nil {
+		return err
+	}
+	agent := agentexec.NewClient(conn, e.log.With("template", key))
+	err = agent.Probe(bctx)
+	agent.Close()
+	if err != nil {
+		return fmt.Errorf("template VM did not come up: %w; console:\n%s", err, vm.Console())
+	}
+	booted := time.Since(start)
+	if err := w.snap.SaveTemplate(ctx, vm); err != nil {
+		return fmt.Errorf("saving the template: %w", err)
+	}
+	meta := templateMeta{Key: key, Family: family, Created: time.Now().UTC(),
+		BootMS: booted.Milliseconds(), SaveMS: (time.Since(start) - booted).Milliseconds()}
+	b, _ := json.Marshal(meta)
+	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), b, 0o600); err != nil {
+		return err
+	}
+	// Only the template's files stay: the stand-ins, logs and sockets go.
+	keep := map[string]bool{"meta.json": true}
+	for _, f := range runtime.TemplateFiles {
+		keep[f] = true
+	}
+	ents, _ := os.ReadDir(tmp)
+	for _, en := range ents {
+		if !keep[en.Name()] {
+			os.RemoveAll(filepath.Join(tmp, en.Name()))
+		}
+	}
+	if err := os.Rename(tmp, filepath.Join(w.dir, key)); err != nil {
+		return err
+	}
+	w.templates.Add(1)
+	e.log.Info("warm-start template made", "template", key, "boot", booted.Round(time.Millisecond),
+		"save", time.Duration(meta.SaveMS)*time.Millisecond)
+	return nil
+}
+
+// invalidate removes a template that failed.
+func (w *warmStart) invalidate(key string) {
+	l := w.lock(key)
+	l.Lock()
+	defer l.Unlock()
+	os.RemoveAll(filepath.Join(w.dir, key))
+}
+
+// evict removes the templates that the one just made replaces (same
+// family, other inputs: a new kernel, agent or QEMU), then the least
+// recently used ones until the rest fit in maxBytes. Boxes running from
+// a removed template are unaffected: their VMM keeps its mapping.
+func (w *warmStart) evict(current string) {
+	ents, err := os.ReadDir(w.dir)
+	if err != nil {
+		return
+	}
+	type tpl struct {
+		key   string
+		meta  templateMeta
+		used  time.Time
+		bytes int64
+	}
+	var cur templateMeta
+	if b, err := os.ReadFile(filepath.Join(w.dir, current, "meta.json")); err == nil {
+		json.Unmarshal(b, &cur)
+	}
+	var all []tpl
+	var total int64
+	for _, en := range ents {
+		if !en.IsDir() || en.Name() == current || en.Name()[0] == '.' {
+			continue
+		}
+		dir := filepath.Join(w.dir, en.Name())
+		var t tpl
+		t.key = en.Name()
+		if b, err := os.ReadFile(filepath.Join(dir, "meta.json")); err == nil && json.Unmarshal(b, &t.meta) == nil {
+			if st, err := os.Stat(filepath.Join(dir, "meta.json")); err == nil {
+				t.used = st.ModTime()
+			}
+		}
+		if t.meta.Family == cur.Family && cur.Family != "" {
+			w.remove(t.key)
+			continue
+		}
+		t.bytes = diskUse(dir)
+		total += t.bytes
+		all = append(all, t)
+	}
+	total += diskUse(filepath.Join(w.dir, current))
+	sort.Slice(all, func(i, j int) bool { return all[i].used.Before(all[j].used) })
+	for _, t := range all {
+		if total <= w.maxBytes {
+			break
+		}
+		w.remove(t.key)
+		total -= t.bytes
+	}
+}
+
+func (w *warmStart) remove(key string) {
+	l := w.lock(key)
+	if l.TryLock() { // being built or used: leave it to a later eviction
+		os.RemoveAll(filepath.Join(w.dir, key))
+		l.Unlock()
+	}
+}
+
+// diskUse is the space a dir's files take on disk (the RAM file is sparse).
+func diskUse(dir string) int64 {
+	var n int64
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if info, err := d.Info(); err == nil {
+				if st, ok := info.Sys().(*syscall.Stat_t); ok {
+					n += st.Blocks * 512
+				}
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+// entropy is fresh host randomness for a box's Hello.
+func entropy() []byte {
+	b := make([]byte, 64)
+	rand.Read(b)
+	return b
+}
