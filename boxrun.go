@@ -89,13 +89,14 @@ type Config struct {
 	// Disabled, or $BOXRUN_WARM_START=0, turns it off. Drivers without
 	// snapshots (Cloud Hypervisor, for now) always boot cold.
 	WarmStart Toggle
-	// Pool keeps this many VMs per box shape (CPUs, memory, network)
-	// restored from the shape's template ahead of time, so that Create only
-	// hands one its disks: the shape's first box makes the template and
-	// starts the filling, each box taken from the pool starts a refill.
-	// Boxes with volumes never come from the pool. Pooled VMs use memory
-	// and a little CPU while they wait, count against no cap and are
-	// killed by Close. Default 0: no pool.
+	// Pool keeps this many boxes ready per image and shape (CPUs, memory,
+	// disk size, network on or off), made ahead of time after a Create of
+	// that image and shape, so that the next such Create only assigns one
+	// (its record, network policy and ports): its first command answers
+	// as fast as any later one. Boxes with volumes never come from the
+	// pool. Pooled boxes use memory and a little CPU while they wait, count
+	// against no cap, pin their image, and Close kills them. Default 0:
+	// no pool. See pool.go.
 	Pool int
 	// TemplateCacheMB bounds the disk space of the warm-start templates
 	// (least recently used go first); default 2048.
@@ -185,7 +186,7 @@ type Info struct {
 	// Boots counts how boxes started: cold, warm (Config.WarmStart) or
 	// pooled (Config.Pool).
 	Boots BootStats
-	// PoolVMs is the VMs waiting in the pool (Config.Pool).
+	// PoolVMs is the boxes waiting in the pool (Config.Pool).
 	PoolVMs int
 }
 

@@ -201,15 +201,15 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err := e.open(); err != nil {
 		return nil, err
 	}
-	// A VM restored ahead of time for a box of this shape (Config.Pool)
-	// decides the box's id: the VM was started in that box's dir.
+	// A box made ahead of time for this image and shape (Config.Pool)
+	// decides the box's id: it was set up as that box.
 	var id string
-	if pv := e.pool.take(e, &spec); pv != nil {
-		id = pv.id
+	if pb := e.pool.take(&spec); pb != nil {
+		id = pb.id
 	} else {
 		id = newID("box_")
 	}
-	defer e.pool.release(id) // kills it unless the box booted on it
+	defer e.pool.release(e, id) // discards it unless the box booted on it
 	now := time.Now().UTC()
 	rec := state.Box{
 		ID: id, Name: spec.Name, Status: state.Creating, Image: spec.Image,
@@ -241,7 +241,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	}
 	defer unpin()
 	rec.ImageID = img.ID
-	lb, err := e.bootBox(ctx, &rec, true)
+	lb, err := e.bootBox(ctx, &rec, true, true)
 	if err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
 		os.RemoveAll(dir)
@@ -353,8 +353,21 @@ func (e *Engine) watch(id string, lb *liveBox) {
 // bootBox boots a box's VM: the image (rec.ImageID, which Create pulled;
 // pulled here only for a record without one), its base disk, the box disk (made when fresh, else reused with
 // everything the box wrote) and the boot assets.
-func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
+// bootBox boots rec's VM on its disks (fresh: a new box disk). With
+// hostNet false the box's NIC (rec.Network) is left without its host end:
+// a pooled box's is attached when a Create takes it (pool.go).
+func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh, hostNet bool) (*liveBox, error) {
 	dir := e.boxDir(rec.ID)
+	if fresh {
+		// A box made ahead of time for this Create (Config.Pool).
+		if pb := e.pool.claimed(rec.ID); pb != nil {
+			lb, err := e.pool.assign(ctx, e, rec, pb)
+			if err == nil {
+				return lb, nil
+			}
+			e.log.Warn("pooled box not usable; booting one", "box", rec.ID, "err", err)
+		}
+	}
 	var img *image.Image
 	var err error
 	if rec.ImageID == "" {
@@ -393,7 +406,7 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 	} else if _, err := os.Stat(data); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box disk")
 	}
-	lb, err := e.boot(ctx, rec, dir, base, data, boot)
+	lb, err := e.boot(ctx, rec, dir, base, data, boot, hostNet)
 	if err != nil {
 		return nil, err
 	}
@@ -402,25 +415,17 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 }
 
 // boot starts the VM and waits for its agent's hello.
-func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
+func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets, hostNet bool) (*liveBox, error) {
 	cfg := e.vmConfig(rec, dir, boot)
 	cfg.Disks[0].Path, cfg.Disks[1].Path = base, data
-	// A VM restored ahead of time for this box (Config.Pool), else one
-	// restored from the template now (Config.WarmStart), else a cold boot.
-	if pv := e.pool.claimed(rec.ID); pv != nil {
-		lb, err := e.bootVM(ctx, rec, cfg, boot, pv)
-		if err == nil || ctx.Err() != nil {
-			return lb, err
-		}
-		e.log.Warn("pooled VM did not come up; restoring another", "box", rec.ID, "err", err)
-		e.warm.fallbacks.Add(1)
-	}
-	lb, err := e.bootVM(ctx, rec, cfg, boot, nil)
+	// Restored from the shape's template (Config.WarmStart), else booted
+	// cold; a restored VM that does not come up costs a cold boot.
+	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil, hostNet)
 	if wf, ok := err.(*warmFailure); ok {
 		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.key, "err", wf.err)
 		e.warm.invalidate(wf.key)
 		e.warm.fallbacks.Add(1)
-		lb, err = e.bootVM(ctx, rec, cfg, boot, coldBoot)
+		lb, err = e.bootVM(ctx, rec, cfg, boot, false, hostNet)
 	}
 	return lb, err
 }
@@ -447,18 +452,14 @@ type warmFailure struct {
 
 func (w *warmFailure) Error() string { return w.err.Error() }
 
-// coldBoot, as bootVM's pv, boots the VM cold.
-var coldBoot = &pooledVM{}
-
-// bootVM starts the box's network and VM and says Hello to its agent,
-// which sets the box up. The VM is pv's when pv is a pooled VM; with pv
-// nil it is restored from the template (warm.go) when the warm start is
-// on; with pv coldBoot, or else, booted cold.
-func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, pv *pooledVM) (*liveBox, error) {
+// bootVM starts the box's network and VM, restored from its template when
+// warm (warm.go), else booted cold, and says Hello to its agent, which
+// sets the box up.
+func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, warm, hostNet bool) (*liveBox, error) {
 	// The network first: a published port already in use fails the box
 	// before any VM starts.
 	var nw *network.Network
-	if rec.Network {
+	if rec.Network && hostNet {
 		var err error
 		if nw, err = e.newNetwork(rec); err != nil {
 			return nil, err
@@ -472,13 +473,10 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	var vm runtime.VM
 	var key string
 	var err error
-	switch {
-	case pv != nil && pv.vm != nil:
-		vm, key = pv.vm, pv.key
-		err = e.pool.assign(ctx, pv, cfg)
-	case pv == nil && e.warm.snap != nil:
+	t0 := time.Now()
+	if warm {
 		vm, key, err = e.startVM(ctx, cfg, boot)
-	default:
+	} else {
 		vm, err = e.hv.Start(ctx, cfg)
 	}
 	if err != nil {
@@ -490,6 +488,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		closeNet()
 		return nil, err
 	}
+	t1 := time.Now()
 	timeout := e.cfg.BootTimeout
 	if key != "" {
 		timeout = min(timeout, warmHelloTimeout)
@@ -513,7 +512,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		// A restored guest that does not answer, or cannot set the box
 		// up, may be the template's fault: boot cold. One that fails on
 		// the box's configuration (info set) would fail cold too.
-		if key != "" && ctx.Err() == nil && info == nil && (pv == nil || pv.vm == nil) {
+		if key != "" && ctx.Err() == nil && info == nil {
 			fail(err)
 			return nil, &warmFailure{key: key, err: err}
 		}
@@ -525,12 +524,10 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		}
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
-	switch {
-	case pv != nil && pv.vm != nil:
-		e.warm.pooled.Add(1)
-	case key != "":
+	e.log.Debug("box booted", "box", rec.ID, "vm", t1.Sub(t0).Round(time.Millisecond), "hello", time.Since(t1).Round(time.Millisecond))
+	if key != "" {
 		e.warm.warm.Add(1)
-	default:
+	} else {
 		e.warm.cold.Add(1)
 	}
 	return &liveBox{vm: vm, agent: agent, net: nw}, nil

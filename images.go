@@ -148,6 +148,31 @@ func (e *Engine) pullPinned(ctx context.Context, ref string, policy PullPolicy) 
 	return nil, nil, errdefs.New(errdefs.ImagePullFailed, "pull %q: the image was removed while it was being pulled", ref)
 }
 
+// pin pins a stored image against Prune and RemoveImage, as a Create in
+// flight does; false if the image is gone.
+func (e *Engine) pin(id string) (unpin func(), ok bool) {
+	u := &e.imgs
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !e.images.Has(id) {
+		return nil, false
+	}
+	if u.pins == nil {
+		u.pins = map[string]int{}
+	}
+	u.pins[id]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			u.mu.Lock()
+			if u.pins[id]--; u.pins[id] <= 0 {
+				delete(u.pins, id)
+			}
+			u.mu.Unlock()
+		})
+	}, true
+}
+
 // imageUsers maps image ids to the boxes that use them (any status); an
 // image pinned by a Create in flight maps to "" among them. Called with
 // imgs.mu held.

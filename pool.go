@@ -3,38 +3,48 @@ package boxrun
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
-	"path/filepath"
 	"sync"
+	"time"
 
-	"github.com/boxrun/boxrun/runtime"
+	"github.com/boxrun/boxrun/network"
 	"github.com/boxrun/boxrun/state"
 )
 
-// The pool (Config.Pool): VMs restored from a template ahead of time, with
-// stand-in disks, waiting for a box. A Create whose box has the shape of
-// one (and no volumes: a virtio-9p share cannot be changed in a running
-// VM) takes it: the box gets the VM's id, its dir is the VM's, its disks
-// are put under the VM's disk devices (runtime.DiskSwapper) before the
-// guest ever probed them, and the Hello does the rest. Each box taken,
-// and each warm create of a shape, refills that shape in the background.
+// The pool (Config.Pool): boxes made ahead of time, ready but unassigned.
+// After a Create, the pool makes up to Config.Pool more boxes of the same
+// image and shape (CPUs, memory, disk size, network on or off) in the
+// background, each restored from its template (warm.go), set up by its
+// Hello (own id, hostname, entropy, MAC, disks) and warmed by one `true`
+// in it: under TCG a VM translates every code path once, so the first
+// command of a fresh VM costs several times the next. A later Create of
+// that image and shape takes one: the box gets the pooled box's id, its
+// record and its network (with its own policy and ports, attached only
+// now: until then a pooled box reaches nothing), and its first command
+// answers at once. Boxes with volumes never come from the pool (a share cannot be
+// added to a running VM), nor does a Create whose image resolves to
+// another image than the pooled box's by then.
 //
-// Pooled VMs are not boxes: they count against no cap (MaxCPU,
-// MaxMemoryMB), have no record, and Close kills them; one an engine left
-// behind when it died is killed when the next engine opens the data dir.
+// Pooled boxes are not boxes yet: they have no record, count against no
+// cap (MaxCPU, MaxMemoryMB) and pin their image against Prune; Close
+// kills them; one an engine left behind when it died is removed when the
+// next engine opens the data dir (reconcile.go).
 
-type pooledVM struct {
-	id  string // the box id the VM was started for
-	key string // its template
-	vm  runtime.VM
+type pooledBox struct {
+	id      string // the box id it was made for, and its hostname
+	key     string // poolKey
+	imageID string
+	lb      *liveBox
+	unpin   func()
 }
 
 type pool struct {
-	size int // VMs kept per shape; 0: no pool
+	size int // boxes kept per image and shape; 0: no pool
 
 	mu      sync.Mutex
-	idle    map[string][]*pooledVM // by pool shape (poolShape)
-	taken   map[string]*pooledVM   // by box id: claimed by a Create, not yet booted
+	idle    map[string][]*pooledBox // by poolKey
+	taken   map[string]*pooledBox   // by box id: taken by a Create, not yet claimed by its boot
 	filling map[string]bool
 	closed  bool
 	ctx     context.Context
@@ -44,163 +54,191 @@ type pool struct {
 
 func newPool(size int) *pool {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &pool{size: size, idle: map[string][]*pooledVM{}, taken: map[string]*pooledVM{},
+	return &pool{size: size, idle: map[string][]*pooledBox{}, taken: map[string]*pooledBox{},
 		filling: map[string]bool{}, ctx: ctx, cancel: cancel}
 }
 
-// poolShape is what a pooled VM must match besides its template: a box
-// with volumes never comes from the pool.
-func poolShape(cpu, memMB int, network bool) string {
-	return fmt.Sprintf("%d/%d/%v", cpu, memMB, network)
+// poolKey is what a pooled box must share with a Create to serve it.
+func poolKey(image string, cpu, memMB, diskGB int, network bool) string {
+	return fmt.Sprintf("%s\x00%d/%d/%d/%v", image, cpu, memMB, diskGB, network)
 }
 
-// take hands out an idle VM for a box of spec, or nil. The caller uses its
-// id for the box; boot finds it with claimed, and release kills it if the
-// Create fails before.
-func (p *pool) take(e *Engine, spec *BoxSpec) *pooledVM {
-	if p.size == 0 || len(spec.Volumes) > 0 || e.warm.snap == nil {
+// take hands out an idle box for spec, or nil. The Create uses its id; its
+// boot claims it (claimed), and release kills it if the Create failed
+// before.
+func (p *pool) take(spec *BoxSpec) *pooledBox {
+	if p.size == 0 || len(spec.Volumes) > 0 {
 		return nil
 	}
-	shape := poolShape(spec.CPU, spec.MemoryMB, spec.Network)
+	key := poolKey(spec.Image, spec.CPU, spec.MemoryMB, spec.DiskSizeGB, spec.Network)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for len(p.idle[shape]) > 0 {
-		pv := p.idle[shape][0]
-		p.idle[shape] = p.idle[shape][1:]
+	for len(p.idle[key]) > 0 {
+		pb := p.idle[key][0]
+		p.idle[key] = p.idle[key][1:]
 		select {
-		case <-pv.vm.Done(): // died while waiting
-			os.RemoveAll(e.boxDir(pv.id))
+		case <-pb.lb.vm.Done(): // died while waiting
+			go p.discard(pb, "")
 			continue
 		default:
 		}
-		p.taken[pv.id] = pv
-		return pv
+		p.taken[pb.id] = pb
+		return pb
 	}
 	return nil
 }
 
-// claimed returns the pooled VM taken for box id, once.
-func (p *pool) claimed(id string) *pooledVM {
+// claimed returns the pooled box taken for box id, once.
+func (p *pool) claimed(id string) *pooledBox {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	pv := p.taken[id]
+	pb := p.taken[id]
 	delete(p.taken, id)
-	return pv
+	return pb
 }
 
-// release kills the VM taken for box id if boot did not claim it.
-func (p *pool) release(id string) {
-	if pv := p.claimed(id); pv != nil {
-		pv.vm.Kill()
+// release discards the box taken for id if its Create did not claim it.
+func (p *pool) release(e *Engine, id string) {
+	if pb := p.claimed(id); pb != nil {
+		p.discard(pb, e.boxDir(id))
 	}
 }
 
-// assign gives a pooled VM the box's disks.
-func (p *pool) assign(ctx context.Context, pv *pooledVM, cfg runtime.VMConfig) error {
-	sw, ok := pv.vm.(runtime.DiskSwapper)
-	if !ok {
-		return fmt.Errorf("the VM cannot take disks")
+// discard kills a pooled box's VM and, when dir is set, removes its dir.
+func (p *pool) discard(pb *pooledBox, dir string) {
+	pb.lb.close()
+	pb.lb.vm.Kill()
+	if dir != "" {
+		os.RemoveAll(dir)
 	}
-	if err := sw.SwapDisks(ctx, cfg.Disks); err != nil {
-		return err
-	}
-	for i := range cfg.Disks {
-		os.Remove(filepath.Join(cfg.Dir, fmt.Sprintf("standin%d", i)))
-	}
-	return nil
+	pb.unpin()
 }
 
-// refill restores VMs for rec's shape in the background until the pool
-// holds size of them.
+// assign makes the pooled box rec's: its image must be the one rec's
+// reference resolved to, and it gets rec's network. On failure the pooled
+// box is gone and rec's dir is empty again.
+func (p *pool) assign(ctx context.Context, e *Engine, rec *state.Box, pb *pooledBox) (*liveBox, error) {
+	err := func() error {
+		if pb.imageID != rec.ImageID {
+			return fmt.Errorf("pooled box has image %s, the box wants %s", pb.imageID, rec.ImageID)
+		}
+		if !rec.Network {
+			return nil
+		}
+		// The pooled box's own network (which denies everything) goes;
+		// QEMU takes one connection at a time.
+		if pb.lb.net != nil {
+			pb.lb.net.Close()
+			pb.lb.net = nil
+		}
+		nw, err := e.newNetwork(rec)
+		if err != nil {
+			return err
+		}
+		conn, err := pb.lb.vm.DialNetwork(ctx)
+		if err != nil {
+			nw.Close()
+			return err
+		}
+		nw.Attach(conn)
+		pb.lb.net = nw
+		return nil
+	}()
+	if err != nil {
+		p.discard(pb, e.boxDir(rec.ID))
+		return nil, err
+	}
+	pb.unpin()
+	e.warm.pooled.Add(1)
+	return pb.lb, nil
+}
+
+// refill makes boxes of rec's image and shape in the background until the
+// pool holds size of them.
 func (p *pool) refill(e *Engine, rec *state.Box) {
-	if p.size == 0 || len(rec.Volumes) > 0 || e.warm.snap == nil {
+	if p.size == 0 || len(rec.Volumes) > 0 {
 		return
 	}
-	shape := poolShape(rec.CPU, rec.MemoryMB, rec.Network)
+	key := poolKey(rec.Image, rec.CPU, rec.MemoryMB, rec.DiskSizeGB, rec.Network)
 	p.mu.Lock()
-	if p.closed || p.filling[shape] || len(p.idle[shape]) >= p.size {
+	if p.closed || p.filling[key] || len(p.idle[key]) >= p.size {
 		p.mu.Unlock()
 		return
 	}
-	p.filling[shape] = true
+	p.filling[key] = true
 	p.wg.Add(1)
 	p.mu.Unlock()
-	shapeRec := state.Box{CPU: rec.CPU, MemoryMB: rec.MemoryMB, Network: rec.Network}
+	shape := state.Box{Image: rec.Image, ImageID: rec.ImageID, CPU: rec.CPU, MemoryMB: rec.MemoryMB,
+		DiskSizeGB: rec.DiskSizeGB, Network: rec.Network}
 	go func() {
 		defer p.wg.Done()
 		defer func() {
 			p.mu.Lock()
-			delete(p.filling, shape)
+			delete(p.filling, key)
 			p.mu.Unlock()
 		}()
 		for {
 			p.mu.Lock()
-			n := len(p.idle[shape])
+			n := len(p.idle[key])
 			p.mu.Unlock()
 			if n >= p.size || p.ctx.Err() != nil {
 				return
 			}
-			pv, err := p.restore(e, shapeRec)
+			pb, err := p.make(e, key, shape)
 			if err != nil {
 				if p.ctx.Err() == nil {
-					e.log.Warn("pool: restoring a VM failed", "err", err)
+					e.log.Warn("pool: making a box failed", "image", shape.Image, "err", err)
 				}
 				return
 			}
 			p.mu.Lock()
 			if p.closed {
 				p.mu.Unlock()
-				pv.vm.Kill()
-				os.RemoveAll(e.boxDir(pv.id))
+				p.discard(pb, e.boxDir(pb.id))
 				return
 			}
-			p.idle[shape] = append(p.idle[shape], pv)
+			p.idle[key] = append(p.idle[key], pb)
 			p.mu.Unlock()
 		}
 	}()
 }
 
-// restore starts one pooled VM of shape rec from its template, in the dir
-// of a box id of its own, with stand-in disks.
-func (p *pool) restore(e *Engine, rec state.Box) (*pooledVM, error) {
-	boot, err := e.bootAssets(p.ctx)
-	if err != nil {
-		return nil, err
+// make boots one box of shape for the pool: as Create would, without a
+// record and without a host network, then runs `true` in it once.
+func (p *pool) make(e *Engine, key string, shape state.Box) (*pooledBox, error) {
+	unpin, ok := e.pin(shape.ImageID)
+	if !ok {
+		return nil, fmt.Errorf("image %s is gone", shape.ImageID)
 	}
+	rec := shape
 	rec.ID = newID("box_")
-	dir := e.boxDir(rec.ID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	cfg := e.vmConfig(&rec, dir, boot)
-	for i := range cfg.Disks {
-		path := filepath.Join(dir, fmt.Sprintf("standin%d", i))
-		if err := os.WriteFile(path, nil, 0o600); err == nil {
-			err = os.Truncate(path, 1<<20)
-		}
-		if err != nil {
-			os.RemoveAll(dir)
-			return nil, err
-		}
-		cfg.Disks[i].Path = path
-	}
-	key, family, err := e.warm.key(cfg, boot)
+	// Its NIC's host end until a Create takes it: a network that lets
+	// nothing out. (A NIC without one would do, but QEMU then holds the
+	// guest's frames back and the link stays wedged once connected.)
+	rec.NetworkPolicy = network.Policy{Deny: []string{"0.0.0.0/0", "::/0"}}
+	lb, err := e.bootBox(p.ctx, &rec, true, true)
 	if err != nil {
-		os.RemoveAll(dir)
+		os.RemoveAll(e.boxDir(rec.ID))
+		unpin()
 		return nil, err
 	}
-	tdir, err := e.warm.ensure(p.ctx, e, key, family, cfg)
+	pb := &pooledBox{id: rec.ID, key: key, imageID: rec.ImageID, lb: lb, unpin: unpin}
+	ctx, cancel := context.WithTimeout(p.ctx, time.Minute)
+	defer cancel()
+	proc, err := lb.agent.Start(ctx, e.command(rec, lb, ExecSpec{Cmd: []string{"true"}}))
 	if err == nil {
-		var vm runtime.VM
-		if vm, err = e.warm.snap.Restore(p.ctx, cfg, tdir); err == nil {
-			return &pooledVM{id: rec.ID, key: key, vm: vm}, nil
+		if st := proc.Wait(io.Discard, io.Discard); st == nil || st.Code != 0 {
+			err = fmt.Errorf("warm-up `true` failed: %+v", st)
 		}
 	}
-	os.RemoveAll(dir)
-	return nil, err
+	if err != nil {
+		p.discard(pb, e.boxDir(rec.ID))
+		return nil, err
+	}
+	return pb, nil
 }
 
-// count returns the idle VMs.
+// count returns the idle pooled boxes.
 func (p *pool) count() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -211,7 +249,7 @@ func (p *pool) count() int {
 	return n
 }
 
-// close stops refilling and kills every idle VM.
+// close stops refilling and kills every idle pooled box.
 func (p *pool) close(e *Engine) {
 	p.mu.Lock()
 	p.closed = true
@@ -221,10 +259,9 @@ func (p *pool) close(e *Engine) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, l := range p.idle {
-		for _, pv := range l {
-			pv.vm.Kill()
-			os.RemoveAll(e.boxDir(pv.id))
+		for _, pb := range l {
+			p.discard(pb, e.boxDir(pb.id))
 		}
 	}
-	p.idle = map[string][]*pooledVM{}
+	p.idle = map[string][]*pooledBox{}
 }

@@ -43,7 +43,7 @@ const (
 type BootStats struct {
 	Cold      int64 // booted from scratch
 	Warm      int64 // restored from a template
-	Pooled    int64 // handed a VM restored ahead of time (Config.Pool)
+	Pooled    int64 // taken ready from the pool (Config.Pool)
 	Templates int64 // templates made
 	Fallbacks int64 // warm starts that failed and booted cold instead
 }

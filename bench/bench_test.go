@@ -31,7 +31,7 @@ var env struct {
 	err     error
 	tmp     string
 	kernel  *runtime.Kernel
-	initrd  string // pinginit initramfs
+	initrd  string         // pinginit initramfs
 	eng     *boxrun.Engine // the default: warm start
 	cold    *boxrun.Engine // WarmStart: Disabled
 	pooled  *boxrun.Engine // Pool: 2
@@ -75,7 +75,7 @@ func setup(b *testing.B) {
 				return err
 			}
 			env.image = "oci:" + layout + ":latest"
-			if env.eng, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "data")}); err != nil {
+			if env.eng, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "data"), MaxCPU: 64}); err != nil {
 				return err
 			}
 			env.cleanup = append(env.cleanup, func() { env.eng.Close() })
@@ -92,12 +92,12 @@ func setup(b *testing.B) {
 				return fmt.Errorf("no agent in the engine's cache")
 			}
 			if env.cold, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "cold"),
-				AgentPath: agents[0], WarmStart: boxrun.Disabled}); err != nil {
+				AgentPath: agents[0], WarmStart: boxrun.Disabled, MaxCPU: 64}); err != nil {
 				return err
 			}
 			env.cleanup = append(env.cleanup, func() { env.cold.Close() })
 			if env.pooled, err = boxrun.New(context.Background(), boxrun.Config{DataDir: filepath.Join(tmp, "pooled"),
-				AgentPath: agents[0], Pool: 2}); err != nil {
+				AgentPath: agents[0], Pool: 2, MaxCPU: 64}); err != nil {
 				return err
 			}
 			env.cleanup = append(env.cleanup, func() { env.pooled.Close() })

@@ -224,11 +224,7 @@ func TestWarmStartTemplateFollowsAgentAndSwitch(t *testing.T) {
 		}
 	}
 	// The first engine's agent: the one the suite's engine uses.
-	agents, _ := filepath.Glob(filepath.Join(fx.dataDir, "cache", "agent-*"))
-	if len(agents) == 0 {
-		t.Fatal("no agent in the suite's cache")
-	}
-	agentA := agents[0]
+	agentA := suiteAgent(t)
 	eng := open(agentA, boxrun.Default)
 	run(eng)
 	if b := eng.Info().Boots; b.Templates != 1 || b.Warm != 1 {
@@ -272,6 +268,18 @@ func TestWarmStartTemplateFollowsAgentAndSwitch(t *testing.T) {
 	}
 }
 
+// suiteAgent returns the agent binary the suite's engine built (booting
+// the shared box first, if no box booted yet).
+func suiteAgent(t *testing.T) string {
+	t.Helper()
+	sharedBox(t)
+	agents, _ := filepath.Glob(filepath.Join(fx.dataDir, "cache", "agent-*"))
+	if len(agents) == 0 {
+		t.Fatal("no agent in the suite's cache")
+	}
+	return agents[0]
+}
+
 // newestTemplate returns the most recently made template in dir.
 func newestTemplate(t *testing.T, dir string) string {
 	t.Helper()
@@ -296,19 +304,25 @@ func newestTemplate(t *testing.T, dir string) string {
 	return best
 }
 
-// Config.Pool: a VM restored ahead of time becomes the next box of its
-// shape. It gets the box's own disks although it was restored with
-// stand-ins, and the box's own hostname and MAC; Close kills what the
-// pool still holds.
-func TestPoolHandsOutRestoredVMs(t *testing.T) {
+// Config.Pool: a box made ahead of time becomes the next box of its image
+// and shape. It is the box's own (id, hostname, MAC), gets the box's own
+// network policy only when taken, and Close kills what the pool holds.
+func TestPoolHandsOutReadyBoxes(t *testing.T) {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, "pooled hi")
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	port := ln.Addr().(*net.TCPAddr).Port
+
 	ctx := ctxT(t, 5*time.Minute)
 	dataDir := filepath.Join(t.TempDir(), "data")
-	agents, _ := filepath.Glob(filepath.Join(fx.dataDir, "cache", "agent-*"))
-	if len(agents) == 0 {
-		t.Fatal("no agent in the suite's cache")
-	}
 	eng, err := boxrun.New(ctx, boxrun.Config{
-		DataDir: dataDir, RegistriesConf: fx.registriesConf, AgentPath: agents[0], Pool: 1,
+		DataDir: dataDir, RegistriesConf: fx.registriesConf, AgentPath: suiteAgent(t), Pool: 1,
 		Hypervisor: fx.hypervisor, MaxCPU: 64, MaxMemoryMB: 64 << 10,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
@@ -321,10 +335,8 @@ func TestPoolHandsOutRestoredVMs(t *testing.T) {
 			eng.Close()
 		}
 	})
-	spec := func(diskGB int) boxrun.BoxSpec {
-		return boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: diskGB, Network: true}
-	}
-	a, err := eng.Create(ctx, spec(1))
+	spec := boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 2, Network: true}
+	a, err := eng.Create(ctx, spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,16 +351,27 @@ func TestPoolHandsOutRestoredVMs(t *testing.T) {
 		}
 	}
 	waitFor("the pool fills", func() bool { return eng.Info().PoolVMs == 1 })
-	b, err := eng.Create(ctx, spec(3))
+	// Another shape (disk size) or volumes: not from the pool.
+	if _, err := eng.Run(ctx, boxrun.BoxSpec{Image: spec.Image, CPU: 1, MemoryMB: 256, DiskSizeGB: 1},
+		boxrun.ExecSpec{Cmd: []string{"true"}}); err != nil {
+		t.Fatal(err)
+	}
+	if boots := eng.Info().Boots; boots.Pooled != 0 {
+		t.Fatalf("boots %+v: a box of another shape came from the pool", boots)
+	}
+	withPolicy := spec
+	withPolicy.NetworkPolicy = boxrun.NetworkPolicy{AllowHostPorts: []int{port}}
+	b, err := eng.Create(ctx, withPolicy)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if boots := eng.Info().Boots; boots.Pooled != 1 || boots.Warm != 1 {
-		t.Fatalf("boots %+v: want the first box warm, the second from the pool", boots)
+	if boots := eng.Info().Boots; boots.Pooled != 1 {
+		t.Fatalf("boots %+v: want the box from the pool", boots)
 	}
 	probe := func(box *boxrun.Box) []string {
 		res, err := eng.Exec(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c",
-			"echo " + box.ID + " > /root/owner; cat /root/owner; df -k / | awk 'NR==2{print $2}'; hostname; cat /sys/class/net/eth0/address"}})
+			"echo " + box.ID + " > /root/owner; cat /root/owner; hostname; cat /sys/class/net/eth0/address; " +
+				"wget -qO- http://10.0.2.2:" + strconv.Itoa(port) + "/ || echo unreachable"}})
 		if err != nil || res.ExitCode != 0 {
 			t.Fatalf("probe %s: %v %+v", box.ID, err, res)
 		}
@@ -356,19 +379,21 @@ func TestPoolHandsOutRestoredVMs(t *testing.T) {
 	}
 	pa, pb := probe(a), probe(b)
 	t.Logf("A %v, B %v", pa, pb)
-	if len(pb) != 4 || pb[0] != b.ID || pb[2] != b.ID {
+	if len(pb) != 5 || pb[0] != b.ID || pb[1] != b.ID {
 		t.Fatalf("pooled box: %v", pb)
 	}
-	if size, _ := strconv.Atoi(pb[1]); size < 2_700_000 || size > 3_200_000 {
-		t.Errorf("pooled box's disk: %s KiB, want ~3 GiB (its own disk, not the 1 MiB stand-in)", pb[1])
+	if pa[2] == pb[2] || pb[2] == "52:54:00:00:00:01" {
+		t.Errorf("MACs: A %s, B %s", pa[2], pb[2])
 	}
-	if pa[3] == pb[3] || pb[3] == "52:54:00:00:00:01" {
-		t.Errorf("MACs: A %s, B %s", pa[3], pb[3])
+	// Each box has its own policy: B may reach the host's port, A not.
+	if strings.Join(pb[3:], " ") != "pooled hi" || pa[3] != "unreachable" {
+		t.Errorf("network: A %v, B %v", pa[3:], pb[3:])
 	}
-	// Taking a VM refills the pool; Close kills what it holds.
-	waitFor("the pool refills", func() bool { return eng.Info().PoolVMs == 1 })
-	if left := vmmProcesses(dataDir); len(left) != 3 {
-		t.Errorf("VMMs: %v, want two boxes and one pooled VM", left)
+	// Taking a box refills the pool (and the Run of the other shape made
+	// one of that shape); Close kills what it holds.
+	waitFor("the pool refills", func() bool { return eng.Info().PoolVMs == 2 })
+	if left := vmmProcesses(dataDir); len(left) != 4 {
+		t.Errorf("VMMs: %v, want two boxes and two pooled ones", left)
 	}
 	closed = true
 	if err := eng.Close(); err != nil {
@@ -376,5 +401,9 @@ func TestPoolHandsOutRestoredVMs(t *testing.T) {
 	}
 	if left := vmmProcesses(dataDir); len(left) > 0 {
 		t.Fatalf("VMMs left after Close: %v", left)
+	}
+	ents, _ := os.ReadDir(filepath.Join(dataDir, "boxes"))
+	if len(ents) != 2 {
+		t.Errorf("box dirs after Close: %d, want the two boxes' (the pooled ones removed)", len(ents))
 	}
 }

@@ -145,9 +145,9 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 		args = append(args, "-accel", fmt.Sprintf("tcg,thread=multi,tb-size=%d", tcgCacheMB), "-cpu", "max")
 	}
 	for i, d := range cfg.Disks {
-		// A file node under a raw node, named, so that SwapDisks can put
-		// another file under the raw node (a pooled VM's stand-ins).
-		// cache.direct: no host page cache (the guest has its own).
+		// A file node under a raw node (-blockdev: what -drive makes,
+		// with names of our own). cache.direct: no host page cache (the
+		// guest has its own).
 		ro := ""
 		if d.ReadOnly {
 			ro = ",read-only=on"
@@ -292,7 +292,6 @@ type qemuVM struct {
 	waitErr error
 	once    sync.Once
 	relay   *consoleRelay // nil when the console could not be connected
-	swaps   int           // SwapDisks calls: names the file nodes
 }
 
 func (v *qemuVM) PID() int              { return v.pid }

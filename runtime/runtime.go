@@ -76,15 +76,6 @@ type Snapshotter interface {
 	Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error)
 }
 
-// DiskSwapper is a VM whose disks can be replaced while its guest has not
-// probed them yet: a VM restored ahead of time (a pool) with stand-in
-// disks gets a box's disks when the box is created.
-type DiskSwapper interface {
-	// SwapDisks replaces the files under the VM's disks, in order; the
-	// disks' number and read-only flags must be the VM's.
-	SwapDisks(ctx context.Context, disks []Disk) error
-}
-
 // TemplateFiles are the files of a template, in its dir.
 var TemplateFiles = []string{templateRAM, templateState}
 

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 	"unsafe"
@@ -74,36 +76,42 @@ func mountEarly() error {
 	return nil
 }
 
-// lateModules are the drivers of devices that differ from box to box (its
-// disks, NIC and shares): boot leaves them to setup, so that a VM
-// snapshotted before its Hello has never probed a disk (no capacity, no
-// partition table, no block cache of the template's disks) or read a MAC.
-var lateModules = map[string]bool{
-	"virtio_blk": true, "virtio_net": true, "9pnet_virtio": true, "virtiofs": true,
-}
+// perBoxDevices are the virtio device types that differ from box to box
+// (virtio spec device IDs): disks, NIC, 9p shares, virtio-fs. boot loads
+// their drivers but binds none of them: the virtio bus's autoprobe is
+// off from the moment the bus exists, so that a VM snapshotted before its
+// Hello has never probed a disk (no capacity, no partition table, no
+// block cache of the template's stand-ins) or read a MAC; setup binds
+// them. Every other virtio device (the agent's port, the RNG, vsock) is
+// bound at boot.
+var perBoxDevices = map[uint64]bool{1: true, 2: true, 9: true, 26: true}
+
+const virtioBus = "/sys/bus/virtio"
 
 // loadModules loads the modules listed in /etc/boxrun/modules, in order,
-// except lateModules, which it returns for loadLate. A module that fails
-// is logged and skipped: the boot fails later, with a clearer message, if
-// it mattered.
-func loadModules(log *slog.Logger) (late []string) {
+// with the virtio bus's autoprobe off, then binds the devices that are not
+// per box. A module that fails is logged and skipped: the boot fails
+// later, with a clearer message, if it mattered. It reports whether the
+// per-box devices were held back (false: the virtio bus is built into the
+// kernel and probed them before we ran).
+func loadModules(log *slog.Logger) (heldBack bool) {
+	builtin := false
+	if _, err := os.Stat(virtioBus); err == nil {
+		builtin = true // the kernel probed its devices before init ran
+	}
 	list, err := os.ReadFile("/etc/boxrun/modules")
-	if errors.Is(err, os.ErrNotExist) {
-		return nil // drivers built in
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.Error("reading the module list", "err", err)
-		return nil
 	}
+	autoprobeOff := false
 	n := 0
 	for _, line := range strings.Split(string(list), "\n") {
 		name := strings.TrimSpace(line)
 		if name == "" || strings.HasPrefix(name, "#") {
 			continue
 		}
-		if lateModules[moduleName(name)] {
-			late = append(late, name)
-			continue
+		if !autoprobeOff {
+			autoprobeOff = setAutoprobe(false)
 		}
 		if err := loadModule(filepath.Join("/lib/modules", name)); err != nil {
 			log.Warn("loading module", "module", name, "err", err)
@@ -111,23 +119,82 @@ func loadModules(log *slog.Logger) (late []string) {
 		}
 		n++
 	}
-	log.Debug("modules loaded", "count", n, "late", len(late))
-	return late
+	if !autoprobeOff {
+		autoprobeOff = setAutoprobe(false)
+	}
+	for _, d := range virtioDevices() {
+		if !perBoxDevices[d.kind] {
+			probe(log, d.name)
+		}
+	}
+	log.Debug("modules loaded", "count", n, "autoprobe_off", autoprobeOff, "builtin", builtin)
+	return autoprobeOff && !builtin
 }
 
-// loadLate loads the device drivers boot held back. A driver built into
-// the kernel has bound its devices before boot: those are unbound and
-// bound again, so that the driver probes them afresh (capacity, caches).
-func loadLate(log *slog.Logger, late []string) {
-	loaded := map[string]bool{}
-	for _, name := range late {
-		if err := loadModule(filepath.Join("/lib/modules", name)); err != nil {
-			log.Warn("loading module", "module", name, "err", err)
-		}
-		loaded[moduleName(name)] = true
+// bindPerBox binds the per-box devices boot held back, in device order
+// (the disks become vda, vdb, ... in the order the host attached them).
+// When boot could not hold them back, the disks' driver has bound them
+// before init: they are unbound and bound again, so that the driver
+// probes them afresh (capacity, caches).
+func bindPerBox(log *slog.Logger, heldBack bool) {
+	if !heldBack {
+		rebind(log, virtioBus+"/drivers/virtio_blk")
 	}
-	if !loaded["virtio_blk"] {
-		rebind(log, "/sys/bus/virtio/drivers/virtio_blk")
+	for _, d := range virtioDevices() {
+		if perBoxDevices[d.kind] {
+			probe(log, d.name)
+		}
+	}
+}
+
+// setAutoprobe sets the virtio bus's drivers_autoprobe; false when the bus
+// does not exist (yet).
+func setAutoprobe(on bool) bool {
+	v := "0"
+	if on {
+		v = "1"
+	}
+	return os.WriteFile(virtioBus+"/drivers_autoprobe", []byte(v), 0) == nil
+}
+
+type virtioDevice struct {
+	name string // virtioN
+	kind uint64 // virtio device ID
+}
+
+// virtioDevices lists the virtio devices in the order they were added.
+func virtioDevices() []virtioDevice {
+	ents, _ := os.ReadDir(virtioBus + "/devices")
+	var devs []virtioDevice
+	for _, e := range ents {
+		if _, err := strconv.Atoi(strings.TrimPrefix(e.Name(), "virtio")); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(virtioBus, "devices", e.Name(), "device"))
+		if err != nil {
+			continue
+		}
+		kind, err := strconv.ParseUint(strings.TrimSpace(string(b)), 0, 32)
+		if err != nil {
+			continue
+		}
+		devs = append(devs, virtioDevice{name: e.Name(), kind: kind})
+	}
+	sort.Slice(devs, func(i, j int) bool {
+		a, _ := strconv.Atoi(strings.TrimPrefix(devs[i].name, "virtio"))
+		b, _ := strconv.Atoi(strings.TrimPrefix(devs[j].name, "virtio"))
+		return a < b
+	})
+	return devs
+}
+
+// probe binds a device to its driver (drivers_probe), unless bound.
+func probe(log *slog.Logger, name string) {
+	if _, err := os.Stat(filepath.Join(virtioBus, "devices", name, "driver")); err == nil {
+		return
+	}
+	if err := os.WriteFile(virtioBus+"/drivers_probe", []byte(name), 0); err != nil {
+		log.Warn("binding", "device", name, "err", err)
 	}
 }
 
@@ -144,15 +211,6 @@ func rebind(log *slog.Logger, driver string) {
 			log.Warn("binding", "device", name, "err", err)
 		}
 	}
-}
-
-// moduleName turns "kernel/fs/ext4/ext4.ko.xz" into "ext4".
-func moduleName(path string) string {
-	base := filepath.Base(path)
-	if i := strings.Index(base, ".ko"); i >= 0 {
-		base = base[:i]
-	}
-	return strings.ReplaceAll(base, "-", "_")
 }
 
 // reseed mixes the host's bytes into the kernel's pool and reseeds the
@@ -241,7 +299,10 @@ func (a *agent) mountBox() error {
 		if err := waitFor(a.cfg.data, deviceTimeout); err != nil {
 			return fmt.Errorf("data disk: %w", err)
 		}
-		if err := a.mount(a.cfg.data, dataDir, "ext4", unix.MS_NOATIME, ""); err != nil {
+		// noinit_itable: no background zeroing of inode tables (the
+		// host made the disk as a sparse file: they read as zeros), which
+		// would compete with the box's first commands.
+		if err := a.mount(a.cfg.data, dataDir, "ext4", unix.MS_NOATIME, "noinit_itable"); err != nil {
 			return err
 		}
 	} else {

@@ -133,8 +133,8 @@ type agent struct {
 	cgroup  string // exec cgroups' parent (cgroup.go); "" for none
 	pidsMax int    // each exec's task limit
 
-	late  []string // device driver modules loaded by setup (see lateModules)
-	ready bool     // setup done: the box root is mounted
+	heldBack bool // boot held the per-box devices back (see perBoxDevices)
+	ready    bool // setup done: the box root is mounted
 }
 
 func main() {
@@ -194,7 +194,7 @@ func (a *agent) boot() error {
 		a.level.Set(slog.LevelDebug)
 	}
 	a.log.Info("booting", "version", agentVersion(), "kernel", kernelRelease())
-	a.late = loadModules(a.log)
+	a.heldBack = loadModules(a.log)
 	if err := loopbackUp(); err != nil {
 		a.log.Warn("bringing up lo", "err", err)
 	}
@@ -205,9 +205,9 @@ func (a *agent) boot() error {
 
 // setup makes the box: called by every Hello, it acts on the first. The
 // entropy comes first, so that nothing below draws on a pool that other
-// VMs restored from the same snapshot share. Then the device drivers that
-// boot held back are loaded, probing the box's own disks and NIC, and the
-// box root is mounted.
+// VMs restored from the same snapshot share. Then the devices that boot
+// held back are bound, probing the box's own disks and NIC, and the box
+// root is mounted.
 func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -232,8 +232,8 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	if err := unix.Sethostname([]byte(host)); err != nil {
 		a.log.Warn("setting hostname", "err", err)
 	}
-	loadLate(a.log, a.late)
-	a.late = nil
+	bindPerBox(a.log, a.heldBack)
+	drivers := time.Since(start)
 	if err := a.mountBox(); err != nil {
 		// Leave nothing half-mounted: the host fails the box, and a retry
 		// starts clean.
@@ -241,7 +241,8 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 		return err
 	}
 	a.ready = true
-	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond))
+	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond),
+		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond))
 	return nil
 }
 

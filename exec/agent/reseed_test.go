@@ -24,25 +24,16 @@ func TestReseed(t *testing.T) {
 	}
 }
 
-func TestModuleNames(t *testing.T) {
-	for path, want := range map[string]string{
-		"kernel/drivers/block/virtio_blk.ko.xz": "virtio_blk",
-		"kernel/net/9p/9pnet_virtio.ko":         "9pnet_virtio",
-		"kernel/fs/ext4/ext4.ko.zst":            "ext4",
-		"kernel/drivers/net/virtio-net.ko":      "virtio_net",
-	} {
-		if got := moduleName(path); got != want {
-			t.Errorf("moduleName(%q) = %q, want %q", path, got, want)
+func TestPerBoxDevices(t *testing.T) {
+	// virtio device IDs: net 1, block 2, console 3, rng 4, 9p 9, vsock 19, fs 26.
+	for _, id := range []uint64{1, 2, 9, 26} {
+		if !perBoxDevices[id] {
+			t.Errorf("virtio device %d must wait for the Hello (it is the box's own)", id)
 		}
 	}
-	for _, m := range []string{"virtio_blk", "virtio_net", "9pnet_virtio", "virtiofs"} {
-		if !lateModules[m] {
-			t.Errorf("%s must wait for the Hello (it probes per-box devices)", m)
-		}
-	}
-	for _, m := range []string{"virtio_pci", "virtio_console", "virtio_rng", "vmw_vsock_virtio_transport"} {
-		if lateModules[m] {
-			t.Errorf("%s must load at boot (the agent's channel needs it)", m)
+	for _, id := range []uint64{3, 4, 19} {
+		if perBoxDevices[id] {
+			t.Errorf("virtio device %d must be bound at boot (the agent needs it)", id)
 		}
 	}
 }
