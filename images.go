@@ -379,7 +379,8 @@ const staleAfter = time.Hour
 
 // pruneCache removes the cache's kernel, initramfs and agent files other
 // than those this engine boots with (preparing them if needed, as a Create
-// would), and leftovers of interrupted builds. Unknown files stay.
+// would), warm-start templates made from other ones, and leftovers of
+// interrupted builds. Unknown files stay.
 func (e *Engine) pruneCache(ctx context.Context, rep *PruneReport) error {
 	assets, err := e.bootAssets(ctx)
 	if err != nil {
@@ -424,6 +425,10 @@ func (e *Engine) pruneCache(ctx context.Context, rep *PruneReport) error {
 		rep.CacheFiles = append(rep.CacheFiles, name)
 		rep.BytesFreed += u.Allocated
 	}
+	// Warm-start templates of other boot files (warm.go).
+	names, freed := e.warm.prune(assets)
+	rep.CacheFiles = append(rep.CacheFiles, names...)
+	rep.BytesFreed += freed
 	return nil
 }
 

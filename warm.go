@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -91,6 +92,7 @@ func warmEnabled(t Toggle) bool {
 type templateMeta struct {
 	Key     string    `json:"key"`
 	Family  string    `json:"family"` // the shape without versions: a newer template of it replaces this one
+	Boot    string    `json:"boot"`   // the kernel's and initramfs's ids (fileID): Prune drops templates of others
 	Created time.Time `json:"created"`
 	BootMS  int64     `json:"boot_ms"` // cold boot of the template to its agent's first answer
 	SaveMS  int64     `json:"save_ms"`
@@ -104,7 +106,7 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 		key, family, kerr := w.key(cfg, boot)
 		if kerr == nil {
 			var dir string
-			dir, err = w.ensure(ctx, e, key, family, cfg)
+			dir, err = w.ensure(ctx, e, key, family, cfg, boot)
 			if err == nil {
 				vm, err = w.snap.Restore(ctx, cfg, dir)
 				if err == nil {
@@ -144,7 +146,7 @@ func (w *warmStart) key(cfg runtime.VMConfig, boot *bootAssets) (key, family str
 	if err != nil {
 		return "", "", err
 	}
-	h := sha256.Sum256([]byte(dk + "\x00" + kid + "\x00" + iid))
+	h := sha256.Sum256([]byte(dk + "\x00" + bootID(kid, iid)))
 	key = hex.EncodeToString(h[:12])
 	f := fmt.Sprintf("%s cpus=%d mem=%d net=%v", w.snap.Name(), cfg.CPUs, cfg.MemoryMB, cfg.Network)
 	for _, d := range cfg.Disks {
@@ -156,6 +158,8 @@ func (w *warmStart) key(cfg runtime.VMConfig, boot *bootAssets) (key, family str
 	fh := sha256.Sum256([]byte(f))
 	return key, hex.EncodeToString(fh[:12]), nil
 }
+
+func bootID(kernelID, initramfsID string) string { return kernelID + "\x00" + initramfsID }
 
 // fileID identifies a boot file's content: cached boot files are named by
 // their content hash already; any other is named by path, size and time.
@@ -180,7 +184,7 @@ func (w *warmStart) lock(key string) *sync.Mutex {
 
 // ensure returns the dir of the template key, building it first if there
 // is none. Concurrent creates of one shape build it once: the others wait.
-func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig) (string, error) {
+func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets) (string, error) {
 	dir := filepath.Join(w.dir, key)
 	l := w.lock(key)
 	l.Lock()
@@ -189,7 +193,7 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 		return dir, nil
 	}
 	os.RemoveAll(dir) // a build that was interrupted
-	if err := w.build(ctx, e, key, family, cfg); err != nil {
+	if err := w.build(ctx, e, key, family, cfg, boot); err != nil {
 		return "", err
 	}
 	w.evict(key)
@@ -207,7 +211,7 @@ func complete(dir string) bool {
 
 // build boots a template VM of cfg's shape in a fresh dir, waits until its
 // agent answers, saves it and moves the dir into place.
-func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig) error {
+func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets) error {
 	if err := os.MkdirAll(w.dir, 0o700); err != nil {
 		return err
 	}
@@ -261,7 +265,9 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	if err := w.snap.SaveTemplate(ctx, vm); err != nil {
 		return fmt.Errorf("saving the template: %w", err)
 	}
-	meta := templateMeta{Key: key, Family: family, Created: time.Now().UTC(),
+	kid, _ := fileID(boot.kernel.Vmlinux)
+	iid, _ := fileID(boot.initramfs)
+	meta := templateMeta{Key: key, Family: family, Boot: bootID(kid, iid), Created: time.Now().UTC(),
 		BootMS: booted.Milliseconds(), SaveMS: (time.Since(start) - booted).Milliseconds()}
 	b, _ := json.Marshal(meta)
 	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), b, 0o600); err != nil {
@@ -369,6 +375,43 @@ func diskUse(dir string) int64 {
 		return nil
 	})
 	return n
+}
+
+// prune removes the templates made from other boot files than boot (a
+// kernel or agent no longer used) and builds interrupted long ago; it
+// returns their names and the bytes freed. Templates in use or being
+// built stay.
+func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
+	kid, err1 := fileID(boot.kernel.Vmlinux)
+	iid, err2 := fileID(boot.initramfs)
+	if err1 != nil || err2 != nil {
+		return nil, 0
+	}
+	ents, _ := os.ReadDir(w.dir)
+	for _, en := range ents {
+		dir := filepath.Join(w.dir, en.Name())
+		if strings.HasPrefix(en.Name(), ".build-") {
+			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > staleAfter {
+				freed += diskUse(dir)
+				os.RemoveAll(dir)
+				names = append(names, "templates/"+en.Name())
+			}
+			continue
+		}
+		var meta templateMeta
+		b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+		if err == nil && json.Unmarshal(b, &meta) == nil && meta.Boot == bootID(kid, iid) {
+			continue
+		}
+		l := w.lock(en.Name())
+		if l.TryLock() {
+			freed += diskUse(dir)
+			os.RemoveAll(dir)
+			names = append(names, "templates/"+en.Name())
+			l.Unlock()
+		}
+	}
+	return names, freed
 }
 
 // entropy is fresh host randomness for a box's Hello.

@@ -97,7 +97,6 @@ type server struct {
 	execs    int              // exec handlers that have not sent their Result
 	stopping bool
 
-	cgroupSeq int      // names exec cgroups
 	lingering []string // cgroups of finished execs whose processes still ran
 }
 

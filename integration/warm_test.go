@@ -262,10 +262,29 @@ func TestWarmStartTemplateFollowsAgentAndSwitch(t *testing.T) {
 	if b := eng.Info().Boots; b.Templates != 0 || b.Warm != 0 || b.Cold != 1 {
 		t.Fatalf("warm start off: boots %+v", b)
 	}
-	eng.Close()
 	if newestTemplate(t, templates) != second {
 		t.Fatal("templates changed with the warm start off")
 	}
+	// Prune drops templates of boot files this engine does not use (here
+	// one written by hand) and keeps the current one.
+	stale := filepath.Join(templates, "0123456789abcdef01234567")
+	os.MkdirAll(stale, 0o700)
+	os.WriteFile(filepath.Join(stale, "meta.json"), []byte(`{"boot":"an old kernel"}`), 0o600)
+	os.WriteFile(filepath.Join(stale, "ram"), make([]byte, 1<<20), 0o600)
+	rep, err := eng.Prune(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Errorf("stale template kept by Prune (report %+v)", rep)
+	}
+	if _, err := os.Stat(second); err != nil {
+		t.Errorf("Prune removed the current template: %v", err)
+	}
+	if !strings.Contains(strings.Join(rep.CacheFiles, " "), "templates/0123456789abcdef01234567") || rep.BytesFreed < 1<<20 {
+		t.Errorf("prune report: %+v", rep)
+	}
+	eng.Close()
 }
 
 // suiteAgent returns the agent binary the suite's engine built (booting

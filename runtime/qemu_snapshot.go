@@ -183,6 +183,13 @@ func (q *QEMU) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error
 	v := vm.(*qemuVM)
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	go func() { // a QEMU that exits (a template it cannot load) ends the wait
+		select {
+		case <-v.done:
+			cancel()
+		case <-wctx.Done():
+		}
+	}()
 	err = func() error {
 		c, err := dialQMP(wctx, v.dir)
 		if err != nil {

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -28,9 +30,18 @@ func dialQMP(ctx context.Context, dir string) (*qmp, error) {
 	path, release := dirRelative(dir, qmpSocket)
 	defer release()
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("qmp: %w", err)
+	var c net.Conn
+	var err error
+	for {
+		// QEMU may make its QMP socket after the agent's, which Start
+		// waits for.
+		if c, err = d.DialContext(ctx, "unix", path); err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ECONNREFUSED) || ctx.Err() != nil {
+			return nil, fmt.Errorf("qmp: %w", err)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	q := &qmp{conn: c.(*net.UnixConn), r: bufio.NewReaderSize(c, 64<<10)}
 	if dl, ok := ctx.Deadline(); ok {
