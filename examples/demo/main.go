@@ -79,6 +79,23 @@ func run(script string, verbose bool) error {
 	}
 	step("remove box", t)
 
+	// A second box of the same shape is restored from the template the
+	// first one made (the warm start), instead of booting.
+	t = time.Now()
+	box2, err := eng.Create(ctx, boxrun.BoxSpec{Image: "oci:" + layout + ":latest", CPU: 1, MemoryMB: 512, DiskSizeGB: 1})
+	if err != nil {
+		return err
+	}
+	if _, err := eng.Exec(ctx, box2.ID, boxrun.ExecSpec{Cmd: []string{"true"}}); err != nil {
+		return err
+	}
+	step("second box to first exec", t)
+	if err := eng.Remove(ctx, box2.ID, boxrun.Force); err != nil {
+		return err
+	}
+	b := eng.Info().Boots
+	fmt.Printf("boots: %d cold, %d warm (templates made: %d, fallbacks: %d)\n", b.Cold, b.Warm, b.Templates, b.Fallbacks)
+
 	fmt.Printf("\n--- output (exit code %d) ---\n%s", res.ExitCode, res.Stdout)
 	if res.Stderr != "" {
 		fmt.Printf("--- stderr ---\n%s", res.Stderr)
