@@ -140,6 +140,22 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		execs:  map[string]*liveExec{},
 		busy:   map[string]bool{},
 	}
+	if os.Geteuid() != 0 {
+		// Not root: the image store could not chown the layers' files
+		// (they are all the caller's), so the base disks take their
+		// owners from the layers' tar headers.
+		e.bases.Owners = func(ctx context.Context, imageID string) (map[string]disk.Owner, error) {
+			owners, err := e.images.Owners(ctx, imageID)
+			if err != nil {
+				return nil, err
+			}
+			out := make(map[string]disk.Owner, len(owners))
+			for p, o := range owners {
+				out[p] = disk.Owner{UID: o.UID, GID: o.GID}
+			}
+			return out, nil
+		}
+	}
 	mb := cfg.TemplateCacheMB
 	if mb <= 0 {
 		mb = defaultTemplateCacheMB

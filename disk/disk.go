@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +23,12 @@ import (
 // Bases builds and caches base disks in Dir.
 type Bases struct {
 	Dir string
+	// Owners, when set, gives the owner of every path of the tree to build
+	// from (by absolute path; paths it does not list are root's): the
+	// owners the files on the host do not have because the caller could
+	// not chown them (an engine that is not root). They are written into
+	// the disk after mke2fs, with debugfs.
+	Owners func(ctx context.Context, key string) (map[string]Owner, error)
 
 	mu       sync.Mutex
 	building map[string]*sync.Mutex
@@ -76,6 +83,19 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 		return "", err
 	}
 	defer unmount()
+	// Not root (Owners set): mke2fs reads the tree as its owner, who may
+	// lack the read permission on a file (an image's 0000 /etc/shadow) or a
+	// directory. Those get it for the build, and their modes back after,
+	// in the tree and in the disk.
+	var modes map[string]uint32
+	if b.Owners != nil {
+		var restore func()
+		modes, restore, err = makeReadable(rootfs)
+		defer restore()
+		if err != nil {
+			return "", errdefs.Wrap(errdefs.RuntimeError, err, "read image rootfs")
+		}
+	}
 	size, inodes, err := treeSize(rootfs)
 	if err != nil {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "measure image rootfs")
@@ -93,11 +113,165 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 		os.Remove(tmp)
 		return "", err
 	}
+	if b.Owners != nil {
+		owners, err := b.Owners(ctx, key)
+		if err == nil {
+			err = setOwners(ctx, tmp, rootfs, owners, modes)
+		}
+		if err != nil {
+			os.Remove(tmp)
+			return "", errdefs.Wrap(errdefs.RuntimeError, err, "owners of the base disk")
+		}
+	}
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return "", err
 	}
 	return path, nil
+}
+
+// makeReadable gives its owner read (and, for directories, search)
+// permission on every file of the tree that lacks it, and returns their
+// full modes (st_mode) by path, with a func that puts them back.
+func makeReadable(root string) (map[string]uint32, func(), error) {
+	modes := map[string]uint32{}
+	restore := func() {
+		// Deepest first: a directory gets its mode back after its files.
+		paths := make([]string, 0, len(modes))
+		for p := range modes {
+			paths = append(paths, p)
+		}
+		sort.Sort(sort.Reverse(sort.StringSlice(paths)))
+		for _, p := range paths {
+			os.Chmod(p, fs.FileMode(modes[p]&0o7777)|modeBits(modes[p]))
+		}
+	}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type()&fs.ModeSymlink != 0 || !(d.IsDir() || d.Type().IsRegular()) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st, ok := info.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		need := uint32(0o400)
+		if d.IsDir() {
+			need = 0o500
+		}
+		if st.Mode&need == need {
+			return nil
+		}
+		modes[p] = st.Mode
+		return os.Chmod(p, info.Mode().Perm()|fs.FileMode(need)|(info.Mode()&(fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)))
+	})
+	return modes, restore, err
+}
+
+// modeBits turns st_mode's setuid, setgid and sticky bits into FileMode's.
+func modeBits(m uint32) fs.FileMode {
+	var f fs.FileMode
+	if m&syscall.S_ISUID != 0 {
+		f |= fs.ModeSetuid
+	}
+	if m&syscall.S_ISGID != 0 {
+		f |= fs.ModeSetgid
+	}
+	if m&syscall.S_ISVTX != 0 {
+		f |= fs.ModeSticky
+	}
+	return f
+}
+
+// lookSbin finds an e2fsprogs tool in PATH, else in /usr/sbin and /sbin:
+// an ordinary user's PATH often lacks them.
+func lookSbin(name string) (string, error) {
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p, nil
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if p, err2 := exec.LookPath(filepath.Join(dir, name)); err2 == nil {
+			return p, nil
+		}
+	}
+	return "", err
+}
+
+// Owner is a file's owner.
+type Owner struct{ UID, GID int }
+
+// setOwners gives every file of the ext4 image img built from rootfs the
+// owner that owners says (root's when not listed), where mke2fs gave it
+// another (the host file's): one debugfs run, set_inode_field per file.
+func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner, modes map[string]uint32) error {
+	var script strings.Builder
+	n := 0
+	err := filepath.WalkDir(rootfs, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(rootfs, p)
+		if err != nil || rel == "." {
+			return err // the root: mke2fs's root_owner
+		}
+		name := "/" + filepath.ToSlash(rel)
+		want := owners[name]
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st, ok := info.Sys().(*syscall.Stat_t)
+		mode, fixMode := modes[p]
+		if ok && int(st.Uid) == want.UID && int(st.Gid) == want.GID && !fixMode {
+			return nil
+		}
+		if strings.ContainsAny(name, "\"\n\\") {
+			return fmt.Errorf("cannot set the owner of %q (a quote, backslash or newline in its name)", name)
+		}
+		fmt.Fprintf(&script, "sif \"%s\" uid %d\nsif \"%s\" gid %d\n", name, want.UID, name, want.GID)
+		if fixMode {
+			fmt.Fprintf(&script, "sif \"%s\" mode 0%o\n", name, mode)
+		}
+		n++
+		return nil
+	})
+	if err != nil || n == 0 {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(img), ".owners-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.WriteString(script.String()); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	bin, err := lookSbin("debugfs")
+	if err != nil {
+		return fmt.Errorf("debugfs not found (install e2fsprogs): %w", err)
+	}
+	out, err := exec.CommandContext(ctx, bin, "-w", "-f", f.Name(), img).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("debugfs: %v: %s", err, out)
+	}
+	// debugfs reports a failed command on its output and exits 0: every
+	// line but its banner and the echoed commands is a failure.
+	for _, line := range strings.Split(string(out), "\n") {
+		if line == "" || strings.HasPrefix(line, "debugfs") {
+			continue
+		}
+		return fmt.Errorf("debugfs: %s", line)
+	}
+	return nil
 }
 
 // Remove deletes the base disk for key, if any, with its lock file. The
@@ -219,7 +393,7 @@ func mkfs(ctx context.Context, path string, size int64, args ...string) error {
 	if err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "size disk")
 	}
-	bin, err := exec.LookPath("mkfs.ext4")
+	bin, err := lookSbin("mkfs.ext4")
 	if err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "mkfs.ext4 not found (install e2fsprogs)")
 	}

@@ -147,3 +147,81 @@ func TestUsageKeysRemove(t *testing.T) {
 		}
 	}
 }
+
+// Owners (an engine that is not root: the tree on the host is the
+// caller's) become the owners in the disk, files not listed become root's,
+// and a symlink's owner is its own, not its target's.
+func TestBaseTakesOwnersFromTheImage(t *testing.T) {
+	needTool(t, "mkfs.ext4")
+	needTool(t, "debugfs")
+	src := t.TempDir()
+	os.MkdirAll(filepath.Join(src, "home", "app dir"), 0o755)
+	os.WriteFile(filepath.Join(src, "home", "app dir", "f"), []byte("x"), 0o640)
+	os.Symlink("f", filepath.Join(src, "home", "app dir", "link"))
+	os.WriteFile(filepath.Join(src, "unlisted"), []byte("y"), 0o644)
+	// Files their owner cannot read: mke2fs reads them all the same, and
+	// they keep their modes in the disk and in the tree.
+	os.WriteFile(filepath.Join(src, "shadow"), []byte("secret"), 0o644)
+	os.Mkdir(filepath.Join(src, "locked"), 0o755)
+	os.WriteFile(filepath.Join(src, "locked", "in"), []byte("z"), 0o644)
+	os.Chmod(filepath.Join(src, "shadow"), 0)
+	os.Chmod(filepath.Join(src, "locked"), 0o100|os.ModeSticky)
+	if os.Geteuid() == 0 {
+		// As root, give the tree a non-root owner, as an ordinary user's
+		// extraction would have.
+		filepath.Walk(src, func(p string, _ os.FileInfo, _ error) error { return os.Lchown(p, 4242, 4242) })
+	}
+	b := &Bases{Dir: t.TempDir(), Owners: func(ctx context.Context, key string) (map[string]Owner, error) {
+		return map[string]Owner{
+			"/home":              {0, 0},
+			"/home/app dir":      {1000, 1000},
+			"/home/app dir/f":    {1000, 70000},
+			"/home/app dir/link": {33, 33},
+		}, nil
+	}}
+	p, err := b.Ensure(context.Background(), "img", func() (string, func(), error) { return src, func() {}, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{
+		"/home": "0 0", "/home/app dir": "1000 1000", "/home/app dir/f": "1000 70000",
+		"/home/app dir/link": "33 33", "/unlisted": "0 0",
+	} {
+		out, err := exec.Command("debugfs", "-R", `stat "`+path+`"`, p).CombinedOutput()
+		if err != nil {
+			t.Fatalf("debugfs: %v %s", err, out)
+		}
+		f := strings.Fields(string(out[strings.Index(string(out), "User:"):]))
+		if got := f[1] + " " + f[3]; got != want {
+			t.Errorf("%s: owner %s, want %s", path, got, want)
+		}
+	}
+	for path, want := range map[string]string{"/shadow": "0000", "/locked": "01100", "/locked/in": "0644"} {
+		out, _ := exec.Command("debugfs", "-R", `stat "`+path+`"`, p).CombinedOutput()
+		if !strings.Contains(strings.Join(strings.Fields(string(out)), " "), "Mode: "+want+" ") {
+			t.Errorf("%s: want mode %s in the disk:\n%s", path, want, out)
+		}
+	}
+	if out, _ := exec.Command("debugfs", "-R", "cat /shadow", p).CombinedOutput(); !strings.Contains(string(out), "secret") {
+		t.Errorf("/shadow's content not in the disk: %s", out)
+	}
+	for path, want := range map[string]os.FileMode{"shadow": 0, "locked": 0o100 | os.ModeSticky | os.ModeDir} {
+		if st, err := os.Stat(filepath.Join(src, path)); err != nil || st.Mode() != want {
+			t.Errorf("%s on the host: %v %v, want its mode back (%v)", path, st.Mode(), err, want)
+		}
+	}
+	if out, err := exec.Command("e2fsck", "-fn", p).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck: %v\n%s", err, out)
+	}
+	// A name debugfs cannot take fails the build, leaving nothing.
+	os.WriteFile(filepath.Join(src, `bad"name`), nil, 0o644)
+	if os.Geteuid() == 0 {
+		os.Lchown(filepath.Join(src, `bad"name`), 4242, 4242)
+	}
+	if _, err := b.Ensure(context.Background(), "img2", func() (string, func(), error) { return src, func() {}, nil }); err == nil {
+		t.Fatal("a name with a quote was accepted")
+	}
+	if _, err := os.Stat(b.Path("img2")); !os.IsNotExist(err) {
+		t.Fatal("a failed build left its disk")
+	}
+}

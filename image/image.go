@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 
@@ -26,6 +27,7 @@ import (
 	istorage "github.com/containers/image/v5/storage"
 	"github.com/containers/image/v5/types"
 	"github.com/containers/storage"
+	"github.com/containers/storage/pkg/idtools"
 	"github.com/containers/storage/pkg/reexec"
 	stypes "github.com/containers/storage/types"
 	"github.com/opencontainers/go-digest"
@@ -41,6 +43,7 @@ import (
 // than asking every main and TestMain to call reexec.Init, is safe because
 // package initialisation runs storage's registrations first.
 func init() {
+	rootlessWrap()
 	reexec.Init()
 }
 
@@ -173,14 +176,33 @@ func sysContext(registriesConf, blobInfoCacheDir string) *types.SystemContext {
 // that, for instance, an overlay-on-overlay container lacks.
 func openStorage(opts Options, log *slog.Logger) (storage.Store, error) {
 	open := func(driver string) (storage.Store, error) {
-		return storage.GetStore(stypes.StoreOptions{
+		so := stypes.StoreOptions{
 			GraphRoot:       opts.Root,
 			RunRoot:         opts.RunRoot,
 			GraphDriverName: driver,
-		})
+		}
+		if driver == "vfs" && os.Geteuid() != 0 {
+			// Not root: files cannot be given to their owners. They stay
+			// the caller's; the base disk takes the owners from the
+			// layers' tar headers instead (Owners). The mapping puts the
+			// image's root on the caller, so that the store's own
+			// chowns (of its directories, to the image's root) succeed;
+			// every other owner maps past the caller and its chown fails,
+			// which ignore_chown_errors ignores. No user namespace, no
+			// subordinate ids.
+			uid, gid := os.Geteuid(), os.Getegid()
+			so.UIDMap = []idtools.IDMap{{ContainerID: 0, HostID: uid, Size: maxID - uid}}
+			so.GIDMap = []idtools.IDMap{{ContainerID: 0, HostID: gid, Size: maxID - gid}}
+			so.GraphDriverOptions = []string{"vfs.ignore_chown_errors=true"}
+		}
+		return storage.GetStore(so)
 	}
 	if opts.Driver != "" {
 		return open(opts.Driver)
+	}
+	if os.Geteuid() != 0 {
+		// overlay needs root (or a user namespace) to mount.
+		return open("vfs")
 	}
 	store, err := open("overlay")
 	if err == nil {
@@ -189,6 +211,10 @@ func openStorage(opts Options, log *slog.Logger) (storage.Store, error) {
 	log.Warn("overlay storage driver unavailable, using vfs", "err", err)
 	return open("vfs")
 }
+
+// maxID bounds the ids a rootless store maps (2^32 - 2: the largest
+// valid uid).
+const maxID = 1<<32 - 2
 
 // Driver returns the name of the containers/storage driver in use.
 func (s *Store) Driver() string { return s.store.GraphDriverName() }
@@ -261,6 +287,15 @@ func (s *Store) Mount(ctx context.Context, imageID string) (rootfs string, err e
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "mount image %s", imageID)
 	}
 
+	if s.store.GraphDriverName() == "vfs" && os.Geteuid() != 0 {
+		// vfs keeps each layer as a whole tree: the top layer's directory
+		// is the image's root, read in place. (MountImage would make an
+		// id-mapped copy of it, which an ordinary user cannot.)
+		dir := filepath.Join(s.store.GraphRoot(), "vfs", "dir", img.TopLayer)
+		if st, err := os.Stat(dir); err == nil && st.IsDir() {
+			return dir, nil
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rootfs, err = s.store.MountImage(img.ID, nil, "")
@@ -285,6 +320,9 @@ func (s *Store) Unmount(imageID string) error {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.mounts[img.ID] == 0 && s.store.GraphDriverName() == "vfs" && os.Geteuid() != 0 {
+		return nil // Mount read the layer in place
+	}
 	if s.mounts[img.ID] == 0 {
 		return errdefs.New(errdefs.ValidationError, "unmount image %s: not mounted", imageID)
 	}

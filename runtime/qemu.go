@@ -157,10 +157,18 @@ func (q *QEMU) Args(cfg VMConfig) []string {
 			"-blockdev", fmt.Sprintf("driver=raw,file=file%d,node-name=disk%d%s", i, i, ro),
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
 	}
+	// passthrough keeps the host's owners and modes visible in the guest
+	// and gives files the guest creates its owners; that takes root. Not
+	// root, "none": the guest still sees the host's owners, and what it
+	// creates is the caller's (a chown in the guest is accepted and
+	// ignored).
+	model := "passthrough"
+	if os.Geteuid() != 0 {
+		model = "none"
+	}
 	for _, v := range cfg.Volumes {
-		// passthrough keeps the host's owners and modes visible in the
-		// guest; readonly=on makes QEMU itself refuse writes.
-		fsdev := "local,id=" + v.Tag + ",path=" + qemuEscape(v.HostPath) + ",security_model=passthrough"
+		// readonly=on makes QEMU itself refuse writes.
+		fsdev := "local,id=" + v.Tag + ",path=" + qemuEscape(v.HostPath) + ",security_model=" + model
 		if v.ReadOnly {
 			fsdev += ",readonly=on"
 		}

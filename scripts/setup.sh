@@ -41,6 +41,13 @@ fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
   systemctl stop docker-registry || true
 fi
+# An ordinary user for the rootless test pass (scripts/rootless-test.sh):
+# in group kvm, as the README asks of a user who wants KVM.
+if [ "$(id -u)" -eq 0 ] && ! id boxrun-test >/dev/null 2>&1; then
+  getent group kvm >/dev/null || groupadd --system kvm
+  useradd --create-home --shell /bin/bash --groups kvm boxrun-test
+  echo "setup: made user boxrun-test (group kvm) for the rootless tests" >&2
+fi
 command -v go >/dev/null 2>&1 || export PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null 2>&1 || { echo "setup: a Go toolchain (1.24+) is needed: https://go.dev/dl" >&2; exit 1; }
 ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "setup: no kernel in /boot after install" >&2; exit 1; }

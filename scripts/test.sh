@@ -12,6 +12,10 @@ scripts/setup.sh
 scripts/buildcheck.sh
 . scripts/env.sh
 go test -count=1 -timeout 40m "$@" ./...
+# What an ordinary user does, again as one (no root): scripts/rootless-test.sh.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/rootless-test.sh
+fi
 # The integration suite again on the other hypervisor driver (the one auto
 # did not pick), where the host can run it; else one line says what is missing.
 BOXRUN_TEST_OTHER_DRIVER=1 go test -count=1 -timeout 40m "$@" ./integration/
