@@ -151,7 +151,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 			}
 			out := make(map[string]disk.Owner, len(owners))
 			for p, o := range owners {
-				out[p] = disk.Owner{UID: o.UID, GID: o.GID}
+				out[p] = disk.Owner{UID: o.UID, GID: o.GID, Device: o.Device, Major: o.Major, Minor: o.Minor, Mode: o.Mode}
 			}
 			return out, nil
 		}

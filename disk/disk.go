@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -204,8 +205,14 @@ func lookSbin(name string) (string, error) {
 	return "", err
 }
 
-// Owner is a file's owner.
-type Owner struct{ UID, GID int }
+// Owner is a file's owner; for a device node the tree lacks (an ordinary
+// user cannot make one), also what it is: it is made in the disk.
+type Owner struct {
+	UID, GID     int
+	Device       byte // 'c' or 'b'; 0: not a device
+	Major, Minor int64
+	Mode         int64 // permission bits of a device
+}
 
 // setOwners gives every file of the ext4 image img built from rootfs the
 // owner that owners says (root's when not listed), where mke2fs gave it
@@ -242,8 +249,35 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 		n++
 		return nil
 	})
-	if err != nil || n == 0 {
+	if err != nil {
 		return err
+	}
+	// Device nodes the tree lacks, in path order (parents exist).
+	var devs []string
+	for name, o := range owners {
+		if o.Device == 'c' || o.Device == 'b' {
+			if _, err := os.Lstat(filepath.Join(rootfs, filepath.FromSlash(name))); os.IsNotExist(err) {
+				devs = append(devs, name)
+			}
+		}
+	}
+	sort.Strings(devs)
+	for _, name := range devs {
+		o := owners[name]
+		if strings.ContainsAny(name, "\"\n\\") {
+			return fmt.Errorf("cannot make the device %q (a quote, backslash or newline in its name)", name)
+		}
+		dir, base := path.Split(name)
+		typ := uint32(syscall.S_IFCHR)
+		if o.Device == 'b' {
+			typ = syscall.S_IFBLK
+		}
+		fmt.Fprintf(&script, "cd \"%s\"\nmknod \"%s\" %c %d %d\ncd /\n", path.Clean(dir), base, o.Device, o.Major, o.Minor)
+		fmt.Fprintf(&script, "sif \"%s\" uid %d\nsif \"%s\" gid %d\nsif \"%s\" mode 0%o\n", name, o.UID, name, o.GID, name, typ|uint32(o.Mode&0o7777))
+		n++
+	}
+	if n == 0 {
+		return nil
 	}
 	f, err := os.CreateTemp(filepath.Dir(img), ".owners-*")
 	if err != nil {
@@ -266,7 +300,7 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 	// debugfs reports a failed command on its output and exits 0: every
 	// line but its banner and the echoed commands is a failure.
 	for _, line := range strings.Split(string(out), "\n") {
-		if line == "" || strings.HasPrefix(line, "debugfs") {
+		if line == "" || strings.HasPrefix(line, "debugfs") || strings.HasPrefix(line, "Allocated inode") {
 			continue
 		}
 		return fmt.Errorf("debugfs: %s", line)

@@ -173,10 +173,11 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 	}
 	b := &Bases{Dir: t.TempDir(), Owners: func(ctx context.Context, key string) (map[string]Owner, error) {
 		return map[string]Owner{
-			"/home":              {0, 0},
-			"/home/app dir":      {1000, 1000},
-			"/home/app dir/f":    {1000, 70000},
-			"/home/app dir/link": {33, 33},
+			"/home":              {UID: 0, GID: 0},
+			"/home/app dir":      {UID: 1000, GID: 1000},
+			"/home/app dir/f":    {UID: 1000, GID: 70000},
+			"/home/app dir/link": {UID: 33, GID: 33},
+			"/home/tty0":         {UID: 0, GID: 5, Device: 'c', Major: 4, Minor: 0, Mode: 0o620},
 		}, nil
 	}}
 	p, err := b.Ensure(context.Background(), "img", func() (string, func(), error) { return src, func() {}, nil })
@@ -201,6 +202,10 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 		if !strings.Contains(strings.Join(strings.Fields(string(out)), " "), "Mode: "+want+" ") {
 			t.Errorf("%s: want mode %s in the disk:\n%s", path, want, out)
 		}
+	}
+	// A device node the tree lacks is made in the disk.
+	if out, _ := exec.Command("debugfs", "-R", "ls -l /home", p).CombinedOutput(); !strings.Contains(strings.Join(strings.Fields(string(out)), " "), "20620 (3) 0 5 0") {
+		t.Errorf("no /home/tty0 character device (4,0) 0620 0:5 in the disk:\n%s", out)
 	}
 	if out, _ := exec.Command("debugfs", "-R", "cat /shadow", p).CombinedOutput(); !strings.Contains(string(out), "secret") {
 		t.Errorf("/shadow's content not in the disk: %s", out)

@@ -29,6 +29,7 @@ import (
 	"github.com/containers/storage"
 	"github.com/containers/storage/pkg/idtools"
 	"github.com/containers/storage/pkg/reexec"
+	"github.com/containers/storage/pkg/unshare"
 	stypes "github.com/containers/storage/types"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -44,7 +45,12 @@ import (
 // package initialisation runs storage's registrations first.
 func init() {
 	rootlessWrap()
-	reexec.Init()
+	if reexec.Init() {
+		return // not reached: storage's routines exit
+	}
+	if os.Args[0] == pullHelper {
+		runPullHelper() // exits
+	}
 }
 
 // Options configures a Store.
@@ -180,6 +186,11 @@ func openStorage(opts Options, log *slog.Logger) (storage.Store, error) {
 			GraphRoot:       opts.Root,
 			RunRoot:         opts.RunRoot,
 			GraphDriverName: driver,
+		}
+		if driver == "vfs" && os.Geteuid() == 0 && unshare.IsRootless() {
+			// The pull child of an ordinary user (userns.go): root in a
+			// user namespace where the user is the only id.
+			so.GraphDriverOptions = []string{"vfs.ignore_chown_errors=true"}
 		}
 		if driver == "vfs" && os.Geteuid() != 0 {
 			// Not root: files cannot be given to their owners. They stay

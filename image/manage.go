@@ -3,6 +3,9 @@ package image
 import (
 	"context"
 	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -168,6 +171,9 @@ func (s *Store) Remove(id string) error {
 	if s.mounts[id] > 0 {
 		return errdefs.New(errdefs.ImageInUse, "image %s is mounted (a base disk is being built from it)", id)
 	}
+	if s.store.GraphDriverName() == "vfs" && os.Geteuid() != 0 {
+		s.makeRemovable(id)
+	}
 	if _, err := s.store.DeleteImage(id, true); err != nil {
 		if errors.Is(err, storage.ErrImageUnknown) || errors.Is(err, storage.ErrNotAnImage) {
 			return errdefs.Wrap(errdefs.ImageNotFound, err, "remove image %s", id)
@@ -180,3 +186,51 @@ func (s *Store) Remove(id string) error {
 
 // Root is the store's graph root, where layers and image records live.
 func (s *Store) Root() string { return s.store.GraphRoot() }
+
+// makeRemovable gives the caller write permission on every directory of
+// the image's layers that no other image shares: a layer holding a
+// directory its owner cannot write into (an image's 0555 /proc, say)
+// cannot be removed by an ordinary user otherwise. Layers other images
+// share are left as they are (their modes go into base disks).
+func (s *Store) makeRemovable(id string) {
+	img, err := s.store.Image(id)
+	if err != nil {
+		return
+	}
+	chain := func(top string) []string {
+		var ids []string
+		for top != "" {
+			l, err := s.store.Layer(top)
+			if err != nil {
+				break
+			}
+			ids = append(ids, l.ID)
+			top = l.Parent
+		}
+		return ids
+	}
+	shared := map[string]bool{}
+	if imgs, err := s.store.Images(); err == nil {
+		for _, other := range imgs {
+			if other.ID != img.ID {
+				for _, l := range chain(other.TopLayer) {
+					shared[l] = true
+				}
+			}
+		}
+	}
+	for _, l := range chain(img.TopLayer) {
+		if shared[l] {
+			continue
+		}
+		dir := filepath.Join(s.store.GraphRoot(), "vfs", "dir", l)
+		filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				if info, err := d.Info(); err == nil && info.Mode().Perm()&0o700 != 0o700 {
+					os.Chmod(p, info.Mode().Perm()|0o700)
+				}
+			}
+			return nil
+		})
+	}
+}

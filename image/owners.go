@@ -15,9 +15,15 @@ import (
 )
 
 // Owner is the owner of a path of an image's root filesystem, as its
-// layers' tar headers say.
+// layers' tar headers say; for a device node (which an ordinary user's
+// store cannot create) also what it is.
 type Owner struct {
 	UID, GID int
+	// Device is 'c' or 'b' for a character or block device node, with
+	// its numbers and permission bits; 0 otherwise.
+	Device       byte
+	Major, Minor int64
+	Mode         int64
 }
 
 // Owners returns the owner of every path of an image's root filesystem
@@ -86,7 +92,14 @@ func applyOwners(owners map[string]Owner, r io.Reader) error {
 		case strings.HasPrefix(base, ".wh."):
 			removed = append(removed, path.Join(dir, strings.TrimPrefix(base, ".wh.")))
 		default:
-			layer[name] = Owner{UID: hdr.Uid, GID: hdr.Gid}
+			o := Owner{UID: hdr.Uid, GID: hdr.Gid}
+			switch hdr.Typeflag {
+			case tar.TypeChar:
+				o.Device, o.Major, o.Minor, o.Mode = 'c', hdr.Devmajor, hdr.Devminor, hdr.Mode&0o7777
+			case tar.TypeBlock:
+				o.Device, o.Major, o.Minor, o.Mode = 'b', hdr.Devmajor, hdr.Devminor, hdr.Mode&0o7777
+			}
+			layer[name] = o
 		}
 	}
 	for p := range owners {

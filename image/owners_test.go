@@ -43,6 +43,7 @@ func TestApplyOwners(t *testing.T) {
 			tar.Header{Name: "var/cache/.wh..wh..opq"},
 			tar.Header{Name: "var/cache/b", Uid: 8},
 			tar.Header{Name: "./usr/bin/tool", Uid: 2, Gid: 3},
+			tar.Header{Name: "dev/null", Typeflag: tar.TypeChar, Devmajor: 1, Devminor: 3, Mode: 0o666},
 		),
 	}
 	for _, s := range steps {
@@ -51,10 +52,11 @@ func TestApplyOwners(t *testing.T) {
 		}
 	}
 	want := map[string]Owner{
-		"/etc": {0, 0}, "/etc/passwd": {0, 42},
-		"/home/app": {1000, 1000}, "/home/app/.profile": {1000, 100},
-		"/var/cache": {0, 0}, "/var/cache/b": {8, 0},
-		"/usr/bin/tool": {2, 3},
+		"/etc": {UID: 0, GID: 0}, "/etc/passwd": {UID: 0, GID: 42},
+		"/home/app": {UID: 1000, GID: 1000}, "/home/app/.profile": {UID: 1000, GID: 100},
+		"/var/cache": {UID: 0, GID: 0}, "/var/cache/b": {UID: 8, GID: 0},
+		"/usr/bin/tool": {UID: 2, GID: 3},
+		"/dev/null":     {Device: 'c', Major: 1, Minor: 3, Mode: 0o666},
 	}
 	if len(owners) != len(want) {
 		t.Errorf("owners %v, want %v", owners, want)

@@ -274,11 +274,7 @@ func (s *Store) pullNamed(ctx context.Context, ref string, named reference.Named
 		s.log.Info("image changed in the registry; pulling", "ref", ref, "name", name, "old", img.Digest, "new", remote)
 	}
 
-	dst, err := istorage.Transport.NewStoreReference(s.store, named, "")
-	if err != nil {
-		return nil, err
-	}
-	if err := s.copy(ctx, ref, src, dst); err != nil {
+	if err := s.copy(ctx, ref, src, named, ""); err != nil {
 		return nil, err
 	}
 	rec, err := s.store.Image(name)
@@ -323,11 +319,7 @@ func (s *Store) pullLocal(ctx context.Context, ref string, src types.ImageRefere
 	if policy == PullNever {
 		return nil, errNotPresent
 	}
-	dst, err := istorage.Transport.NewStoreReference(s.store, nil, id)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.copy(ctx, ref, src, dst); err != nil {
+	if err := s.copy(ctx, ref, src, nil, id); err != nil {
 		return nil, err
 	}
 	s.nameLocal(id, name)
@@ -377,8 +369,21 @@ func (s *Store) localImageID(ctx context.Context, src types.ImageReference) (str
 	return config.Encoded(), nil
 }
 
-// copy runs containers/image's copy from src into the store.
-func (s *Store) copy(ctx context.Context, ref string, src, dst types.ImageReference) error {
+// copy runs containers/image's copy from src into the store: in this
+// process, or, for an ordinary user, in a child in a user namespace
+// (userns.go).
+func (s *Store) copy(ctx context.Context, ref string, src types.ImageReference, named reference.Named, id string) error {
+	if s.rootless() {
+		return s.copyInUserNS(ctx, ref, src, named, id)
+	}
+	dst, err := istorage.Transport.NewStoreReference(s.store, named, id)
+	if err != nil {
+		return err
+	}
+	return s.copyHere(ctx, ref, src, dst)
+}
+
+func (s *Store) copyHere(ctx context.Context, ref string, src, dst types.ImageReference) error {
 	// PolicyContext is stateful and not safe for concurrent use: one per copy.
 	policy, err := signature.NewPolicyContext(&signature.Policy{
 		Default: signature.PolicyRequirements{signature.NewPRInsecureAcceptAnything()},

@@ -1,9 +1,11 @@
 package image
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
+	"strings"
 	"syscall"
 )
 
@@ -30,10 +32,24 @@ func rootlessWrap() {
 	if err != nil {
 		self = "/proc/self/exe"
 	}
+	// The unpacker skips device nodes in a user namespace (it cannot make
+	// them there): say it is in one. The base disk makes them (Owners).
+	env := os.Environ()
+	for i, kv := range env {
+		if opt, ok := strings.CutPrefix(kv, "OPT="); ok {
+			var o map[string]any
+			if json.Unmarshal([]byte(opt), &o) == nil && o != nil {
+				o["InUserNS"] = true
+				if b, err := json.Marshal(o); err == nil {
+					env[i] = "OPT=" + string(b)
+				}
+			}
+		}
+	}
 	cmd := &exec.Cmd{
 		Path:   self,
 		Args:   os.Args,
-		Env:    append(os.Environ(), rootlessWrapped+"=1"),
+		Env:    append(env, rootlessWrapped+"=1"),
 		Stdin:  os.Stdin,
 		Stdout: os.Stdout,
 		Stderr: os.Stderr,

@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 go test -c -o "$work/integration.test" ./integration/
 CGO_ENABLED=0 GOOS=linux go build -tags= -trimpath -o "$work/agent" ./exec/agent
 chown -R boxrun-test "$work"
-tests='^(TestImageOwnership|TestCreateFromRegistry|TestExecOutputAndExitCodes|TestStreamOrder|TestCopyLargeFileBothWays|TestCopyDirectoryTree|TestStopStartKeepsDisk|TestVolumesReadWriteAndReadOnly|TestNetworkOffHasOnlyLoopback|TestPublishedPort|TestWarmStartTwoBoxesFromOneTemplate)$'
+tests='^(TestImageOwnership|TestImageLayersAsTheImageSays|TestCreateFromRegistry|TestExecOutputAndExitCodes|TestStreamOrder|TestCopyLargeFileBothWays|TestCopyDirectoryTree|TestStopStartKeepsDisk|TestVolumesReadWriteAndReadOnly|TestNetworkOffHasOnlyLoopback|TestPublishedPort|TestWarmStartTwoBoxesFromOneTemplate)$'
 echo "rootless-test: running as boxrun-test: $tests" >&2
 su boxrun-test -s /bin/bash -c "cd '$work' && exec env -i HOME=/home/boxrun-test PATH=/usr/local/bin:/usr/bin:/bin TMPDIR='$work' \
   BOXRUN_AGENT='$work/agent' ./integration.test -test.run '$tests' -test.count=1 -test.v -test.timeout=30m"

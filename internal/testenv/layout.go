@@ -53,6 +53,16 @@ type LayoutOptions struct {
 	// Tag is recorded in index.json as the org.opencontainers.image.ref.name
 	// annotation, so the layout can be addressed as oci:DIR:TAG; "" = "latest".
 	Tag string
+	// Layer, when set, is a second layer on top of busybox's, in this
+	// order: headers (owners, modes, devices, whiteouts "dir/.wh.name")
+	// with their contents.
+	Layer []LayerEntry
+}
+
+// LayerEntry is one entry of LayoutOptions.Layer.
+type LayerEntry struct {
+	Header tar.Header
+	Data   []byte
 }
 
 // LayoutOption customises the image built by BusyboxLayout: a
@@ -78,6 +88,7 @@ func (o LayoutOptions) apply(dst *LayoutOptions) {
 	if o.Tag != "" {
 		dst.Tag = o.Tag
 	}
+	dst.Layer = append(dst.Layer, o.Layer...)
 }
 
 type optionFunc func(*LayoutOptions)
@@ -181,6 +192,18 @@ func writeLayout(dir string, cfg LayoutOptions) error {
 	if err != nil {
 		return err
 	}
+	layers, diffIDs := []ocispec.Descriptor{layerDesc}, []digest.Digest{layer.diffID}
+	if len(cfg.Layer) > 0 {
+		gz, diffID, err := packLayer(cfg.Layer)
+		if err != nil {
+			return err
+		}
+		d, err := writeBlob(ocispec.MediaTypeImageLayerGzip, gz)
+		if err != nil {
+			return err
+		}
+		layers, diffIDs = append(layers, d), append(diffIDs, diffID)
+	}
 	created := epoch
 	config, err := json.Marshal(ocispec.Image{
 		Created:  &created,
@@ -192,7 +215,7 @@ func writeLayout(dir string, cfg LayoutOptions) error {
 			Cmd:        cfg.Cmd,
 			WorkingDir: cfg.WorkingDir,
 		},
-		RootFS:  ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{layer.diffID}},
+		RootFS:  ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 		History: []ocispec.History{{Created: &created, CreatedBy: "boxrun testenv: busybox-static"}},
 	})
 	if err != nil {
@@ -206,7 +229,7 @@ func writeLayout(dir string, cfg LayoutOptions) error {
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
 		Config:    configDesc,
-		Layers:    []ocispec.Descriptor{layerDesc},
+		Layers:    layers,
 	})
 	if err != nil {
 		return err
@@ -310,6 +333,39 @@ func buildLayer() ([]byte, digest.Digest, error) {
 
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz) // zero header: no name, no mtime
+	if _, err := zw.Write(raw.Bytes()); err != nil {
+		return nil, "", err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, "", err
+	}
+	return gz.Bytes(), digest.FromBytes(raw.Bytes()), nil
+}
+
+// packLayer makes a gzip-compressed layer of entries, in order, and
+// returns it with its diffID.
+func packLayer(entries []LayerEntry) ([]byte, digest.Digest, error) {
+	var raw bytes.Buffer
+	tw := tar.NewWriter(&raw)
+	for _, e := range entries {
+		h := e.Header
+		h.ModTime = epoch
+		h.Format = tar.FormatPAX
+		if h.Typeflag == tar.TypeReg || h.Typeflag == 0 {
+			h.Size = int64(len(e.Data))
+		}
+		if err := tw.WriteHeader(&h); err != nil {
+			return nil, "", err
+		}
+		if _, err := tw.Write(e.Data); err != nil {
+			return nil, "", err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, "", err
+	}
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
 	if _, err := zw.Write(raw.Bytes()); err != nil {
 		return nil, "", err
 	}

@@ -1,0 +1,174 @@
+package image
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+
+	"github.com/containers/image/v5/docker/reference"
+	istorage "github.com/containers/image/v5/storage"
+	"github.com/containers/image/v5/transports"
+	"github.com/containers/image/v5/types"
+)
+
+// An ordinary user's pulls run in a child process in a user namespace of
+// its own, where the user is root (its one id mapped to 0: no subordinate
+// ids, no setuid helper): containers/storage then unpacks and copies
+// layers as it does for root, with the CAP_DAC_OVERRIDE of that namespace
+// over the user's own files (a layer with a read-only directory, which
+// the vfs driver copies into the next layer), and chowns to ids other than
+// the image's root, which the namespace does not have, are ignored
+// (ignore_chown_errors). The owners the files should have come from the
+// layers' tar headers instead (Owners, for the base disk). The parent
+// keeps the same store open and sees the pulled image when the child is
+// done (containers/storage reloads what another process wrote).
+
+// pullHelper is the child's argv[0] (see init).
+const pullHelper = "boxrun-image-pull"
+
+const pullJobEnv = "BOXRUN_PULL_JOB"
+
+type pullJob struct {
+	Root, RunRoot  string
+	RegistriesConf string
+	Ref            string // for progress and logs
+	Src            string // transports.ImageName of the source
+	DstName        string // the destination's name, if any
+	DstID          string // the destination's image id, if any
+	Progress       bool
+}
+
+// pullMsg is a line the child writes on its stdout.
+type pullMsg struct {
+	Progress *Progress `json:",omitempty"`
+	Done     bool      `json:",omitempty"`
+	Error    string    `json:",omitempty"`
+}
+
+// rootless reports whether this Store belongs to an ordinary user.
+func (s *Store) rootless() bool {
+	return os.Geteuid() != 0 && s.store.GraphDriverName() == "vfs"
+}
+
+func (s *Store) copyInUserNS(ctx context.Context, ref string, src types.ImageReference, named reference.Named, id string) error {
+	job := pullJob{Root: s.store.GraphRoot(), RunRoot: s.store.RunRoot(), RegistriesConf: s.sys.SystemRegistriesConfPath,
+		Ref: ref, Src: transports.ImageName(src), DstID: id}
+	if named != nil {
+		job.DstName = named.String()
+	}
+	fn := s.progressFor(ctx)
+	job.Progress = fn != nil
+	b, err := json.Marshal(job)
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		self = "/proc/self/exe"
+	}
+	cmd := exec.CommandContext(ctx, self)
+	cmd.Args = []string{pullHelper}
+	cmd.Env = append(os.Environ(), pullJobEnv+"="+string(b))
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
+		Pdeathsig:   syscall.SIGKILL,
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	s.log.Info("pulling image in a user namespace", "ref", ref, "source", job.Src)
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("pull in a user namespace (an ordinary user needs unprivileged user namespaces): %w", err)
+	}
+	var result *pullMsg
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var m pullMsg
+		if json.Unmarshal(sc.Bytes(), &m) != nil {
+			continue
+		}
+		switch {
+		case m.Progress != nil && fn != nil:
+			fn(*m.Progress)
+		case m.Done:
+			result = &m
+		}
+	}
+	io.Copy(io.Discard, out)
+	werr := cmd.Wait()
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case result != nil && result.Error != "":
+		return errors.New(result.Error)
+	case werr != nil:
+		return fmt.Errorf("pull in a user namespace: %w", werr)
+	case result == nil:
+		return errors.New("pull in a user namespace: no result")
+	}
+	return nil
+}
+
+// runPullHelper is the child: it pulls the job into the store and says
+// how it went on stdout.
+func runPullHelper() {
+	enc := json.NewEncoder(os.Stdout)
+	fail := func(err error) {
+		enc.Encode(pullMsg{Done: true, Error: err.Error()})
+		os.Exit(0)
+	}
+	var job pullJob
+	if err := json.Unmarshal([]byte(os.Getenv(pullJobEnv)), &job); err != nil {
+		fail(fmt.Errorf("bad pull job: %w", err))
+	}
+	opts := Options{Root: job.Root, RunRoot: job.RunRoot, Driver: "vfs", RegistriesConf: job.RegistriesConf,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	if job.Progress {
+		opts.Progress = func(p Progress) { enc.Encode(pullMsg{Progress: &p}) }
+	}
+	s, err := Open(opts)
+	if err != nil {
+		fail(err)
+	}
+	defer s.Close()
+	// transports.ImageName's form: "docker://host/repo:tag", "oci:/dir:tag".
+	tname, rest, _ := strings.Cut(job.Src, ":")
+	t := transports.Get(tname)
+	if t == nil {
+		fail(fmt.Errorf("unknown transport in %q", job.Src))
+	}
+	src, err := t.ParseReference(rest)
+	if err != nil {
+		fail(err)
+	}
+	var named reference.Named
+	if job.DstName != "" {
+		if named, err = reference.ParseNormalizedNamed(job.DstName); err != nil {
+			fail(err)
+		}
+	}
+	dst, err := istorage.Transport.NewStoreReference(s.store, named, job.DstID)
+	if err != nil {
+		fail(err)
+	}
+	if err := s.copyHere(context.Background(), job.Ref, src, dst); err != nil {
+		s.Close()
+		fail(err)
+	}
+	s.Close()
+	enc.Encode(pullMsg{Done: true})
+	os.Exit(0)
+}
