@@ -227,6 +227,9 @@ func (a *API) info(w http.ResponseWriter, r *http.Request) error {
 		MaxCPU: in.MaxCPU, MaxMemoryMB: in.MaxMemoryMB, UsedCPU: in.UsedCPU, UsedMemoryMB: in.UsedMemoryMB,
 		RunningBoxes: in.Boxes, Hypervisor: in.Hypervisor, Version: Version,
 		HypervisorVersion: in.HypervisorVersion, Acceleration: in.Acceleration,
+		Boots: bootsJSON{Cold: in.Boots.Cold, Warm: in.Boots.Warm, Pooled: in.Boots.Pooled,
+			Templates: in.Boots.Templates, Fallbacks: in.Boots.Fallbacks},
+		PoolReady: in.PoolVMs,
 	})
 	return nil
 }

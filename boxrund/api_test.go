@@ -25,6 +25,10 @@ func TestNoVM(t *testing.T) {
 		if info["max_cpu"].(float64) != 64 || info["max_memory_mb"].(float64) != 64<<10 {
 			t.Errorf("info %v", info)
 		}
+		boots, ok := info["boots"].(map[string]any)
+		if !ok || len(boots) != 5 || boots["warm"] == nil || boots["cold"] == nil || info["pool_ready"] == nil {
+			t.Errorf("info boots %v, pool_ready %v", info["boots"], info["pool_ready"])
+		}
 		if info["hypervisor"] != fx.eng.Info().Hypervisor || info["hypervisor"] == "" {
 			t.Errorf("info hypervisor %v", info["hypervisor"])
 		}

@@ -68,6 +68,18 @@ type infoJSON struct {
 	// guests' CPUs ("kvm", "tcg").
 	HypervisorVersion string `json:"hypervisor_version"`
 	Acceleration      string `json:"acceleration"`
+	// How boxes started since the server did (warm start and pool), and
+	// the ready boxes waiting in the pool.
+	Boots     bootsJSON `json:"boots"`
+	PoolReady int       `json:"pool_ready"`
+}
+
+type bootsJSON struct {
+	Cold      int64 `json:"cold"`
+	Warm      int64 `json:"warm"`
+	Pooled    int64 `json:"pooled"`
+	Templates int64 `json:"templates"`
+	Fallbacks int64 `json:"fallbacks"`
 }
 
 type runJSON struct {

@@ -31,6 +31,7 @@ func Main(args []string, stderr io.Writer) int {
 	socket := fs.String("socket", "", "Unix socket; '' turns it off (default <data dir>/boxrun.sock)")
 	token := fs.String("token", os.Getenv("BOXRUN_TOKEN"), "bearer token required on TCP ($BOXRUN_TOKEN)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	pool := fs.Int("pool", envIntQuiet("BOXRUN_POOL"), "ready boxes kept per image and shape, made ahead of time ($BOXRUN_POOL; 0: none)")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -56,6 +57,7 @@ func Main(args []string, stderr io.Writer) int {
 		RegistriesConf: os.Getenv("CONTAINERS_REGISTRIES_CONF"),
 		MaxCPU:         envInt(log, "BOXRUN_MAX_CPU"),
 		MaxMemoryMB:    envInt(log, "BOXRUN_MAX_MEMORY_MB"),
+		Pool:           *pool,
 		Logger:         log,
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -118,6 +120,16 @@ func envInt(log *slog.Logger, name string) int {
 	n, err := strconv.Atoi(s)
 	if err != nil || n <= 0 {
 		log.Warn("ignoring invalid value", "var", name, "value", s)
+		return 0
+	}
+	return n
+}
+
+// envIntQuiet is envInt before the logger exists: an invalid value is 0
+// (flag parsing then reports a bad --pool as usual).
+func envIntQuiet(name string) int {
+	n, err := strconv.Atoi(os.Getenv(name))
+	if err != nil || n < 0 {
 		return 0
 	}
 	return n
