@@ -21,6 +21,11 @@
 //	          Images, RemoveImage, Prune, DiskUsage
 //	engine    Info, Close
 //
+// The first box of a shape (CPUs, memory, devices) boots; later ones are
+// restored from a snapshot of that boot in about a second under TCG
+// (Config.WarmStart, warm.go), or taken ready from a pool at once
+// (Config.Pool, pool.go). An ordinary user runs all of it: no root needed.
+//
 // A box with Network reaches the public internet only, unless its
 // NetworkPolicy says otherwise (package network). Package boxrund serves
 // all of it over the BoxRun REST API.
