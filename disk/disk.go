@@ -256,9 +256,19 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 	var devs []string
 	for name, o := range owners {
 		if o.Device == 'c' || o.Device == 'b' {
-			if _, err := os.Lstat(filepath.Join(rootfs, filepath.FromSlash(name))); os.IsNotExist(err) {
-				devs = append(devs, name)
+			host := filepath.Join(rootfs, filepath.FromSlash(name))
+			if _, err := os.Lstat(host); !os.IsNotExist(err) {
+				continue
 			}
+			// Its directory must be one in the tree, not a symlink: the
+			// node goes where the image put it, nowhere else.
+			if st, err := os.Lstat(filepath.Dir(host)); err != nil || !st.IsDir() {
+				continue
+			}
+			if real, err := filepath.EvalSymlinks(filepath.Dir(host)); err != nil || real != filepath.Dir(host) {
+				continue
+			}
+			devs = append(devs, name)
 		}
 	}
 	sort.Strings(devs)

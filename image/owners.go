@@ -73,7 +73,7 @@ func (s *Store) Owners(ctx context.Context, imageID string) (map[string]Owner, e
 // remove what lower layers put there, then its entries are added.
 func applyOwners(owners map[string]Owner, r io.Reader) error {
 	layer := map[string]Owner{}
-	var removed, opaque []string
+	var removed, opaque, replaced []string
 	tr := tar.NewReader(r)
 	for {
 		hdr, err := tr.Next()
@@ -100,6 +100,9 @@ func applyOwners(owners map[string]Owner, r io.Reader) error {
 				o.Device, o.Major, o.Minor, o.Mode = 'b', hdr.Devmajor, hdr.Devminor, hdr.Mode&0o7777
 			}
 			layer[name] = o
+			if hdr.Typeflag != tar.TypeDir {
+				replaced = append(replaced, name)
+			}
 		}
 	}
 	for p := range owners {
@@ -110,6 +113,15 @@ func applyOwners(owners map[string]Owner, r io.Reader) error {
 		}
 		for _, d := range opaque {
 			if strings.HasPrefix(p, strings.TrimSuffix(d, "/")+"/") {
+				delete(owners, p)
+			}
+		}
+	}
+	// An entry that is not a directory replaces whatever a lower layer
+	// had there, a directory's contents included.
+	for p := range owners {
+		for _, r := range replaced {
+			if strings.HasPrefix(p, r+"/") {
 				delete(owners, p)
 			}
 		}

@@ -23,7 +23,8 @@ func layerTar(t *testing.T, entries ...tar.Header) *bytes.Buffer {
 
 // Owners follow the layers: an upper layer's entry replaces a lower one's,
 // a whiteout removes a path and what is below it, an opaque directory
-// hides the lower layers' contents but keeps its own layer's.
+// hides the lower layers' contents but keeps its own layer's, and a
+// non-directory replacing a directory takes its contents away.
 func TestApplyOwners(t *testing.T) {
 	owners := map[string]Owner{}
 	steps := []*bytes.Buffer{
@@ -44,6 +45,7 @@ func TestApplyOwners(t *testing.T) {
 			tar.Header{Name: "var/cache/b", Uid: 8},
 			tar.Header{Name: "./usr/bin/tool", Uid: 2, Gid: 3},
 			tar.Header{Name: "dev/null", Typeflag: tar.TypeChar, Devmajor: 1, Devminor: 3, Mode: 0o666},
+			tar.Header{Name: "home/app", Typeflag: tar.TypeSymlink, Linkname: "/tmp"},
 		),
 	}
 	for _, s := range steps {
@@ -53,7 +55,7 @@ func TestApplyOwners(t *testing.T) {
 	}
 	want := map[string]Owner{
 		"/etc": {UID: 0, GID: 0}, "/etc/passwd": {UID: 0, GID: 42},
-		"/home/app": {UID: 1000, GID: 1000}, "/home/app/.profile": {UID: 1000, GID: 100},
+		"/home/app":  {},
 		"/var/cache": {UID: 0, GID: 0}, "/var/cache/b": {UID: 8, GID: 0},
 		"/usr/bin/tool": {UID: 2, GID: 3},
 		"/dev/null":     {Device: 'c', Major: 1, Minor: 3, Mode: 0o666},
