@@ -90,6 +90,11 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 	// in the tree and in the disk.
 	var modes map[string]uint32
 	if b.Owners != nil {
+		// One such build at a time: two images on one top layer read
+		// the same tree, and one's restore must not close what the
+		// other's mke2fs is reading.
+		ownersBuild.Lock()
+		defer ownersBuild.Unlock()
 		var restore func()
 		modes, restore, err = makeReadable(rootfs)
 		defer restore()
@@ -205,13 +210,16 @@ func lookSbin(name string) (string, error) {
 	return "", err
 }
 
+// ownersBuild serialises the builds that open up a tree (makeReadable).
+var ownersBuild sync.Mutex
+
 // Owner is a file's owner; for a device node the tree lacks (an ordinary
 // user cannot make one), also what it is: it is made in the disk.
 type Owner struct {
 	UID, GID     int
 	Device       byte // 'c' or 'b'; 0: not a device
 	Major, Minor int64
-	Mode         int64 // permission bits of a device
+	Mode         int64 // permission bits (with setuid, setgid, sticky); -1: leave as in the tree
 }
 
 // setOwners gives every file of the ext4 image img built from rootfs the
@@ -219,8 +227,20 @@ type Owner struct {
 // another (the host file's): one debugfs run, set_inode_field per file.
 func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner, modes map[string]uint32) error {
 	var script strings.Builder
+	expected := map[string]bool{} // what debugfs echoes of a command that worked
+	line := func(cmd string) {
+		script.WriteString(cmd + "\n")
+		expected["debugfs: "+cmd] = true
+	}
+	// Device nodes go only into real directories of the tree: compare
+	// against the tree's own resolved path (the data dir may sit behind
+	// a symlink, /home on Fedora Atomic).
+	realRoot, err := filepath.EvalSymlinks(rootfs)
+	if err != nil {
+		return err
+	}
 	n := 0
-	err := filepath.WalkDir(rootfs, func(p string, d fs.DirEntry, err error) error {
+	err = filepath.WalkDir(rootfs, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
@@ -229,22 +249,38 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 			return err // the root: mke2fs's root_owner
 		}
 		name := "/" + filepath.ToSlash(rel)
-		want := owners[name]
+		want, listed := owners[name]
 		info, err := d.Info()
 		if err != nil {
 			return err
 		}
 		st, ok := info.Sys().(*syscall.Stat_t)
-		mode, fixMode := modes[p]
-		if ok && int(st.Uid) == want.UID && int(st.Gid) == want.GID && !fixMode {
+		if !ok {
 			return nil
 		}
-		if strings.ContainsAny(name, "\"\n\\") {
-			return fmt.Errorf("cannot set the owner of %q (a quote, backslash or newline in its name)", name)
+		// The mode: the image's (its tar header), whatever the tree says
+		// now (makeReadable may have opened it, an earlier build that
+		// crashed may not have put it back); else the one makeReadable
+		// recorded. A symlink's mode means nothing.
+		var mode uint32
+		fixMode := false
+		if d.Type()&fs.ModeSymlink == 0 {
+			if listed && want.Mode >= 0 && uint32(want.Mode)&0o7777 != st.Mode&0o7777 {
+				mode, fixMode = st.Mode&syscall.S_IFMT|uint32(want.Mode)&0o7777, true
+			} else if m, ok := modes[p]; ok && !listed {
+				mode, fixMode = m, true
+			}
 		}
-		fmt.Fprintf(&script, "sif \"%s\" uid %d\nsif \"%s\" gid %d\n", name, want.UID, name, want.GID)
+		if int(st.Uid) == want.UID && int(st.Gid) == want.GID && !fixMode {
+			return nil
+		}
+		if !debugfsName(name) {
+			return fmt.Errorf("cannot set the owner of %q (a quote, backslash or control character in its name)", name)
+		}
+		line(fmt.Sprintf("sif \"%s\" uid %d", name, want.UID))
+		line(fmt.Sprintf("sif \"%s\" gid %d", name, want.GID))
 		if fixMode {
-			fmt.Fprintf(&script, "sif \"%s\" mode 0%o\n", name, mode)
+			line(fmt.Sprintf("sif \"%s\" mode 0%o", name, mode))
 		}
 		n++
 		return nil
@@ -265,7 +301,8 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 			if st, err := os.Lstat(filepath.Dir(host)); err != nil || !st.IsDir() {
 				continue
 			}
-			if real, err := filepath.EvalSymlinks(filepath.Dir(host)); err != nil || real != filepath.Dir(host) {
+			rel, _ := filepath.Rel(rootfs, filepath.Dir(host))
+			if real, err := filepath.EvalSymlinks(filepath.Dir(host)); err != nil || real != filepath.Join(realRoot, rel) {
 				continue
 			}
 			devs = append(devs, name)
@@ -274,16 +311,20 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 	sort.Strings(devs)
 	for _, name := range devs {
 		o := owners[name]
-		if strings.ContainsAny(name, "\"\n\\") {
-			return fmt.Errorf("cannot make the device %q (a quote, backslash or newline in its name)", name)
+		if !debugfsName(name) {
+			return fmt.Errorf("cannot make the device %q (a quote, backslash or control character in its name)", name)
 		}
 		dir, base := path.Split(name)
 		typ := uint32(syscall.S_IFCHR)
 		if o.Device == 'b' {
 			typ = syscall.S_IFBLK
 		}
-		fmt.Fprintf(&script, "cd \"%s\"\nmknod \"%s\" %c %d %d\ncd /\n", path.Clean(dir), base, o.Device, o.Major, o.Minor)
-		fmt.Fprintf(&script, "sif \"%s\" uid %d\nsif \"%s\" gid %d\nsif \"%s\" mode 0%o\n", name, o.UID, name, o.GID, name, typ|uint32(o.Mode&0o7777))
+		line(fmt.Sprintf("cd \"%s\"", path.Clean(dir)))
+		line(fmt.Sprintf("mknod \"%s\" %c %d %d", base, o.Device, o.Major, o.Minor))
+		line("cd /")
+		line(fmt.Sprintf("sif \"%s\" uid %d", name, o.UID))
+		line(fmt.Sprintf("sif \"%s\" gid %d", name, o.GID))
+		line(fmt.Sprintf("sif \"%s\" mode 0%o", name, typ|uint32(o.Mode&0o7777)))
 		n++
 	}
 	if n == 0 {
@@ -307,15 +348,35 @@ func setOwners(ctx context.Context, img, rootfs string, owners map[string]Owner,
 	if err != nil {
 		return fmt.Errorf("debugfs: %v: %s", err, out)
 	}
-	// debugfs reports a failed command on its output and exits 0: every
-	// line but its banner and the echoed commands is a failure.
-	for _, line := range strings.Split(string(out), "\n") {
-		if line == "" || strings.HasPrefix(line, "debugfs") || strings.HasPrefix(line, "Allocated inode") {
-			continue
+	// debugfs reports a failed command on its output and exits 0: a line
+	// that is not its banner, the echo of one of our commands or mknod's
+	// inode number is a failure, and every command must have been echoed.
+	seen := 0
+	for _, l := range strings.Split(string(out), "\n") {
+		switch {
+		case l == "", strings.HasPrefix(l, "debugfs 1."), strings.HasPrefix(l, "Allocated inode: "):
+		case expected[l]:
+			seen++
+		default:
+			return fmt.Errorf("debugfs: %s", l)
 		}
-		return fmt.Errorf("debugfs: %s", line)
+	}
+	if want := strings.Count(script.String(), "\n"); seen != want {
+		return fmt.Errorf("debugfs ran %d of %d commands", seen, want)
 	}
 	return nil
+}
+
+// debugfsName reports whether debugfs can take name in a quoted argument:
+// no quote, backslash or control character (debugfs cuts a line at \r,
+// and a line starting with ! would be a shell command).
+func debugfsName(name string) bool {
+	for _, r := range name {
+		if r == '"' || r == '\\' || r < 0x20 || r == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // Remove deletes the base disk for key, if any, with its lock file. The

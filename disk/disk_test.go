@@ -165,6 +165,7 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 	os.Mkdir(filepath.Join(src, "locked"), 0o755)
 	os.WriteFile(filepath.Join(src, "locked", "in"), []byte("z"), 0o644)
 	os.Chmod(filepath.Join(src, "shadow"), 0)
+	os.WriteFile(filepath.Join(src, "leftover"), []byte("l"), 0o400)
 	os.Chmod(filepath.Join(src, "locked"), 0o100|os.ModeSticky)
 	if os.Geteuid() == 0 {
 		// As root, give the tree a non-root owner, as an ordinary user's
@@ -173,11 +174,14 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 	}
 	b := &Bases{Dir: t.TempDir(), Owners: func(ctx context.Context, key string) (map[string]Owner, error) {
 		return map[string]Owner{
-			"/home":              {UID: 0, GID: 0},
-			"/home/app dir":      {UID: 1000, GID: 1000},
-			"/home/app dir/f":    {UID: 1000, GID: 70000},
+			"/home":              {UID: 0, GID: 0, Mode: 0o755},
+			"/home/app dir":      {UID: 1000, GID: 1000, Mode: 0o755},
+			"/home/app dir/f":    {UID: 1000, GID: 70000, Mode: 0o640},
 			"/home/app dir/link": {UID: 33, GID: 33},
 			"/home/tty0":         {UID: 0, GID: 5, Device: 'c', Major: 4, Minor: 0, Mode: 0o620},
+			// The image says 0000; the tree says 0400 (a build that crashed
+			// before it put the mode back): the image wins.
+			"/leftover": {Mode: 0},
 		}, nil
 	}}
 	p, err := b.Ensure(context.Background(), "img", func() (string, func(), error) { return src, func() {}, nil })
@@ -197,7 +201,7 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 			t.Errorf("%s: owner %s, want %s", path, got, want)
 		}
 	}
-	for path, want := range map[string]string{"/shadow": "0000", "/locked": "01100", "/locked/in": "0644"} {
+	for path, want := range map[string]string{"/shadow": "0000", "/locked": "01100", "/locked/in": "0644", "/leftover": "0000"} {
 		out, _ := exec.Command("debugfs", "-R", `stat "`+path+`"`, p).CombinedOutput()
 		if !strings.Contains(strings.Join(strings.Fields(string(out)), " "), "Mode: "+want+" ") {
 			t.Errorf("%s: want mode %s in the disk:\n%s", path, want, out)
@@ -218,15 +222,29 @@ func TestBaseTakesOwnersFromTheImage(t *testing.T) {
 	if out, err := exec.Command("e2fsck", "-fn", p).CombinedOutput(); err != nil {
 		t.Fatalf("e2fsck: %v\n%s", err, out)
 	}
-	// A name debugfs cannot take fails the build, leaving nothing.
-	os.WriteFile(filepath.Join(src, `bad"name`), nil, 0o644)
-	if os.Geteuid() == 0 {
-		os.Lchown(filepath.Join(src, `bad"name`), 4242, 4242)
+	// A name debugfs cannot take (a quote; a carriage return, at which
+	// debugfs would cut the line) fails the build, leaving nothing.
+	for _, bad := range []string{`bad"name`, "bad\rname"} {
+		os.WriteFile(filepath.Join(src, bad), nil, 0o644)
+		if os.Geteuid() == 0 {
+			os.Lchown(filepath.Join(src, bad), 4242, 4242)
+		}
 	}
 	if _, err := b.Ensure(context.Background(), "img2", func() (string, func(), error) { return src, func() {}, nil }); err == nil {
 		t.Fatal("a name with a quote was accepted")
 	}
 	if _, err := os.Stat(b.Path("img2")); !os.IsNotExist(err) {
 		t.Fatal("a failed build left its disk")
+	}
+}
+
+func TestDebugfsName(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"/etc/passwd": true, "/a b/c": true, "/ünï": true,
+		`/a"b`: false, `/a\b`: false, "/a\rb": false, "/a\nb": false, "/a\x7fb": false, "/a\x01": false,
+	} {
+		if debugfsName(name) != ok {
+			t.Errorf("debugfsName(%q) = %v, want %v", name, !ok, ok)
+		}
 	}
 }

@@ -29,7 +29,6 @@ import (
 	"github.com/containers/storage"
 	"github.com/containers/storage/pkg/idtools"
 	"github.com/containers/storage/pkg/reexec"
-	"github.com/containers/storage/pkg/unshare"
 	stypes "github.com/containers/storage/types"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -55,6 +54,9 @@ func init() {
 
 // Options configures a Store.
 type Options struct {
+	// userNSChild: this is the pull child of an ordinary user (userns.go).
+	userNSChild bool
+
 	Root    string // containers/storage graph root (required), e.g. <datadir>/storage
 	RunRoot string // containers/storage run root (required), e.g. /run/boxrun/storage
 
@@ -187,7 +189,7 @@ func openStorage(opts Options, log *slog.Logger) (storage.Store, error) {
 			RunRoot:         opts.RunRoot,
 			GraphDriverName: driver,
 		}
-		if driver == "vfs" && os.Geteuid() == 0 && unshare.IsRootless() {
+		if driver == "vfs" && opts.userNSChild {
 			// The pull child of an ordinary user (userns.go): root in a
 			// user namespace where the user is the only id.
 			so.GraphDriverOptions = []string{"vfs.ignore_chown_errors=true"}
@@ -259,6 +261,9 @@ func (s *Store) Close() error {
 	var errs []error
 	for id, n := range s.mounts {
 		for range n {
+			if s.rootless() {
+				break // read in place: nothing mounted
+			}
 			if _, err := s.store.UnmountImage(id, false); err != nil {
 				errs = append(errs, fmt.Errorf("unmount image %s: %w", id, err))
 				break
@@ -298,17 +303,25 @@ func (s *Store) Mount(ctx context.Context, imageID string) (rootfs string, err e
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "mount image %s", imageID)
 	}
 
-	if s.store.GraphDriverName() == "vfs" && os.Geteuid() != 0 {
-		// vfs keeps each layer as a whole tree: the top layer's directory
-		// is the image's root, read in place. (MountImage would make an
-		// id-mapped copy of it, which an ordinary user cannot.)
-		dir := filepath.Join(s.store.GraphRoot(), "vfs", "dir", img.TopLayer)
-		if st, err := os.Stat(dir); err == nil && st.IsDir() {
-			return dir, nil
-		}
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.rootless() {
+		// vfs keeps each layer as a whole tree: the top layer's directory
+		// is the image's root, read in place. (MountImage would make an
+		// id-mapped copy of it, which an ordinary user cannot.) An image
+		// without layers is an empty tree.
+		dir := filepath.Join(s.store.GraphRoot(), "boxrun-empty-rootfs")
+		if img.TopLayer != "" {
+			dir = filepath.Join(s.store.GraphRoot(), "vfs", "dir", img.TopLayer)
+		} else if err := os.MkdirAll(dir, 0o755); err != nil {
+			return "", errdefs.Wrap(errdefs.RuntimeError, err, "mount image %s", imageID)
+		}
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+			return "", errdefs.New(errdefs.RuntimeError, "mount image %s: no layer directory %s", imageID, dir)
+		}
+		s.mounts[img.ID]++
+		return dir, nil
+	}
 	rootfs, err = s.store.MountImage(img.ID, nil, "")
 	if err != nil {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "mount image %s", imageID)
@@ -331,13 +344,12 @@ func (s *Store) Unmount(imageID string) error {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.mounts[img.ID] == 0 && s.store.GraphDriverName() == "vfs" && os.Geteuid() != 0 {
-		return nil // Mount read the layer in place
-	}
 	if s.mounts[img.ID] == 0 {
 		return errdefs.New(errdefs.ValidationError, "unmount image %s: not mounted", imageID)
 	}
-	if _, err := s.store.UnmountImage(img.ID, false); err != nil {
+	if s.rootless() {
+		// Read in place (Mount): nothing to unmount.
+	} else if _, err := s.store.UnmountImage(img.ID, false); err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "unmount image %s", imageID)
 	}
 	if s.mounts[img.ID]--; s.mounts[img.ID] == 0 {

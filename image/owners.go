@@ -19,11 +19,11 @@ import (
 // store cannot create) also what it is.
 type Owner struct {
 	UID, GID int
+	Mode     int64 // permission bits, with setuid, setgid and sticky
 	// Device is 'c' or 'b' for a character or block device node, with
-	// its numbers and permission bits; 0 otherwise.
+	// its numbers; 0 otherwise.
 	Device       byte
 	Major, Minor int64
-	Mode         int64
 }
 
 // Owners returns the owner of every path of an image's root filesystem
@@ -37,6 +37,13 @@ func (s *Store) Owners(ctx context.Context, imageID string) (map[string]Owner, e
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
 	}
 	defer s.busy.Done()
+	if s.rootless() {
+		owners, err := s.ownersInUserNS(ctx, imageID)
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
+		}
+		return owners, nil
+	}
 	img, err := s.store.Image(imageID)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
@@ -70,10 +77,15 @@ func (s *Store) Owners(ctx context.Context, imageID string) (map[string]Owner, e
 }
 
 // applyOwners applies one layer's tar stream to owners: its whiteouts
-// remove what lower layers put there, then its entries are added.
+// remove what lower layers put there (opaque directories their contents,
+// a non-directory whatever was below it), then its entries are added.
+// Each recorded path is checked against the layer's removals by walking
+// up its parents: the cost is the paths times their depth, never the
+// product of two layers' sizes.
 func applyOwners(owners map[string]Owner, r io.Reader) error {
 	layer := map[string]Owner{}
-	var removed, opaque, replaced []string
+	removed := map[string]bool{} // this path and all below it
+	below := map[string]bool{}   // all below this path, not itself
 	tr := tar.NewReader(r)
 	for {
 		hdr, err := tr.Next()
@@ -88,41 +100,39 @@ func applyOwners(owners map[string]Owner, r io.Reader) error {
 		dir = path.Clean(dir)
 		switch {
 		case base == ".wh..wh..opq":
-			opaque = append(opaque, dir)
+			below[dir] = true
 		case strings.HasPrefix(base, ".wh."):
-			removed = append(removed, path.Join(dir, strings.TrimPrefix(base, ".wh.")))
+			removed[path.Join(dir, strings.TrimPrefix(base, ".wh."))] = true
 		default:
-			o := Owner{UID: hdr.Uid, GID: hdr.Gid}
+			o := Owner{UID: hdr.Uid, GID: hdr.Gid, Mode: hdr.Mode & 0o7777}
 			switch hdr.Typeflag {
+			case tar.TypeLink:
+				o.Mode = -1 // the target's inode: its own entry says
 			case tar.TypeChar:
-				o.Device, o.Major, o.Minor, o.Mode = 'c', hdr.Devmajor, hdr.Devminor, hdr.Mode&0o7777
+				o.Device, o.Major, o.Minor = 'c', hdr.Devmajor, hdr.Devminor
 			case tar.TypeBlock:
-				o.Device, o.Major, o.Minor, o.Mode = 'b', hdr.Devmajor, hdr.Devminor, hdr.Mode&0o7777
+				o.Device, o.Major, o.Minor = 'b', hdr.Devmajor, hdr.Devminor
 			}
 			layer[name] = o
 			if hdr.Typeflag != tar.TypeDir {
-				replaced = append(replaced, name)
+				below[name] = true
 			}
 		}
 	}
-	for p := range owners {
-		for _, r := range removed {
-			if p == r || strings.HasPrefix(p, r+"/") {
+	if len(removed) > 0 || len(below) > 0 {
+		for p := range owners {
+			if removed[p] {
 				delete(owners, p)
+				continue
 			}
-		}
-		for _, d := range opaque {
-			if strings.HasPrefix(p, strings.TrimSuffix(d, "/")+"/") {
-				delete(owners, p)
-			}
-		}
-	}
-	// An entry that is not a directory replaces whatever a lower layer
-	// had there, a directory's contents included.
-	for p := range owners {
-		for _, r := range replaced {
-			if strings.HasPrefix(p, r+"/") {
-				delete(owners, p)
+			for d := path.Dir(p); ; d = path.Dir(d) {
+				if removed[d] || below[d] {
+					delete(owners, p)
+					break
+				}
+				if d == "/" {
+					break
+				}
 			}
 		}
 	}

@@ -10,8 +10,10 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containers/image/v5/docker/reference"
 	istorage "github.com/containers/image/v5/storage"
@@ -44,13 +46,15 @@ type pullJob struct {
 	DstName        string // the destination's name, if any
 	DstID          string // the destination's image id, if any
 	Progress       bool
+	Owners         string // instead of a pull: the owners of this image (Owners)
 }
 
 // pullMsg is a line the child writes on its stdout.
 type pullMsg struct {
-	Progress *Progress `json:",omitempty"`
-	Done     bool      `json:",omitempty"`
-	Error    string    `json:",omitempty"`
+	Progress *Progress        `json:",omitempty"`
+	Done     bool             `json:",omitempty"`
+	Error    string           `json:",omitempty"`
+	Owners   map[string]Owner `json:",omitempty"`
 }
 
 // rootless reports whether this Store belongs to an ordinary user.
@@ -59,16 +63,30 @@ func (s *Store) rootless() bool {
 }
 
 func (s *Store) copyInUserNS(ctx context.Context, ref string, src types.ImageReference, named reference.Named, id string) error {
-	job := pullJob{Root: s.store.GraphRoot(), RunRoot: s.store.RunRoot(), RegistriesConf: s.sys.SystemRegistriesConfPath,
-		Ref: ref, Src: transports.ImageName(src), DstID: id}
+	job := pullJob{Ref: ref, Src: transports.ImageName(src), DstID: id}
 	if named != nil {
 		job.DstName = named.String()
 	}
 	fn := s.progressFor(ctx)
 	job.Progress = fn != nil
+	s.log.Info("pulling image in a user namespace", "ref", ref, "source", job.Src)
+	_, err := s.inUserNS(ctx, job, fn)
+	return err
+}
+
+// ownersInUserNS is Owners for an ordinary user: reading a lower layer's
+// tar stream opens its files, and one its owner may not read (a 0000
+// /etc/shadow) is readable in the user namespace only.
+func (s *Store) ownersInUserNS(ctx context.Context, imageID string) (map[string]Owner, error) {
+	return s.inUserNS(ctx, pullJob{Owners: imageID}, nil)
+}
+
+// inUserNS runs job in a child in a user namespace and returns its result.
+func (s *Store) inUserNS(ctx context.Context, job pullJob, fn func(Progress)) (map[string]Owner, error) {
+	job.Root, job.RunRoot, job.RegistriesConf = s.store.GraphRoot(), s.store.RunRoot(), s.sys.SystemRegistriesConfPath
 	b, err := json.Marshal(job)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -84,21 +102,24 @@ func (s *Store) copyInUserNS(ctx context.Context, ref string, src types.ImageRef
 		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
 		Pdeathsig:   syscall.SIGKILL,
 	}
+	// Canceled: SIGTERM, so that the child stops the copy and lets
+	// storage remove the half-made layer (in the namespace, where it
+	// can), then SIGKILL if it takes too long.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 20 * time.Second
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	s.log.Info("pulling image in a user namespace", "ref", ref, "source", job.Src)
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("pull in a user namespace (an ordinary user needs unprivileged user namespaces): %w", err)
+		return nil, fmt.Errorf("run in a user namespace (an ordinary user needs unprivileged user namespaces): %w", err)
 	}
 	var result *pullMsg
-	sc := bufio.NewScanner(out)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
+	dec := json.NewDecoder(bufio.NewReaderSize(out, 64<<10))
+	for {
 		var m pullMsg
-		if json.Unmarshal(sc.Bytes(), &m) != nil {
-			continue
+		if err := dec.Decode(&m); err != nil {
+			break
 		}
 		switch {
 		case m.Progress != nil && fn != nil:
@@ -110,16 +131,16 @@ func (s *Store) copyInUserNS(ctx context.Context, ref string, src types.ImageRef
 	io.Copy(io.Discard, out)
 	werr := cmd.Wait()
 	switch {
-	case ctx.Err() != nil:
-		return ctx.Err()
 	case result != nil && result.Error != "":
-		return errors.New(result.Error)
+		return nil, errors.New(result.Error)
+	case result != nil && werr == nil:
+		return result.Owners, nil
+	case ctx.Err() != nil:
+		return nil, ctx.Err()
 	case werr != nil:
-		return fmt.Errorf("pull in a user namespace: %w", werr)
-	case result == nil:
-		return errors.New("pull in a user namespace: no result")
+		return nil, fmt.Errorf("user namespace child: %w", werr)
 	}
-	return nil
+	return nil, errors.New("user namespace child: no result")
 }
 
 // runPullHelper is the child: it pulls the job into the store and says
@@ -134,7 +155,7 @@ func runPullHelper() {
 	if err := json.Unmarshal([]byte(os.Getenv(pullJobEnv)), &job); err != nil {
 		fail(fmt.Errorf("bad pull job: %w", err))
 	}
-	opts := Options{Root: job.Root, RunRoot: job.RunRoot, Driver: "vfs", RegistriesConf: job.RegistriesConf,
+	opts := Options{Root: job.Root, RunRoot: job.RunRoot, Driver: "vfs", RegistriesConf: job.RegistriesConf, userNSChild: true,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	if job.Progress {
 		opts.Progress = func(p Progress) { enc.Encode(pullMsg{Progress: &p}) }
@@ -143,32 +164,46 @@ func runPullHelper() {
 	if err != nil {
 		fail(err)
 	}
-	defer s.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if job.Owners != "" {
+		owners, err := s.Owners(ctx, job.Owners)
+		s.Close()
+		if err != nil {
+			fail(err)
+		}
+		enc.Encode(pullMsg{Done: true, Owners: owners})
+		os.Exit(0)
+	}
 	// transports.ImageName's form: "docker://host/repo:tag", "oci:/dir:tag".
 	tname, rest, _ := strings.Cut(job.Src, ":")
 	t := transports.Get(tname)
 	if t == nil {
+		s.Close()
 		fail(fmt.Errorf("unknown transport in %q", job.Src))
 	}
 	src, err := t.ParseReference(rest)
 	if err != nil {
+		s.Close()
 		fail(err)
 	}
 	var named reference.Named
 	if job.DstName != "" {
 		if named, err = reference.ParseNormalizedNamed(job.DstName); err != nil {
+			s.Close()
 			fail(err)
 		}
 	}
 	dst, err := istorage.Transport.NewStoreReference(s.store, named, job.DstID)
 	if err != nil {
-		fail(err)
-	}
-	if err := s.copyHere(context.Background(), job.Ref, src, dst); err != nil {
 		s.Close()
 		fail(err)
 	}
-	s.Close()
+	err = s.copyHere(ctx, job.Ref, src, dst)
+	s.Close() // also removes a layer left incomplete by a failure
+	if err != nil {
+		fail(err)
+	}
 	enc.Encode(pullMsg{Done: true})
 	os.Exit(0)
 }

@@ -39,33 +39,39 @@ func TestImageOwnership(t *testing.T) {
 	}
 }
 
-// An image whose second layer holds what an ordinary user's store cannot
-// make as such: files of other owners, a file nobody may read, a
-// read-only directory, a device node, a whiteout of a lower file. The box
-// sees each exactly as the image says, as root and as an ordinary user
+// An image whose upper layers hold what an ordinary user's store cannot
+// make as such: files of other owners, a file nobody may read (in a lower
+// layer, which the owners are read from too), a read-only directory, a
+// device node, a whiteout of a lower file. The box sees each exactly as
+// the image says, as root and as an ordinary user
 // (scripts/rootless-test.sh), and the image can then be removed.
 func TestImageLayersAsTheImageSays(t *testing.T) {
 	dir := func(name string, mode int64) testenv.LayerEntry {
 		return testenv.LayerEntry{Header: tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: mode}}
 	}
 	layout := filepath.Join(t.TempDir(), "layers")
-	err := testenv.WriteBusyboxLayout(layout, testenv.LayoutOptions{Tag: "layers", Layer: []testenv.LayerEntry{
+	err := testenv.WriteBusyboxLayout(layout, testenv.LayoutOptions{Tag: "layers", Layers: [][]testenv.LayerEntry{{
 		dir("srv/", 0o755),
 		dir("srv/ro/", 0o555),
 		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "srv/ro/file", Mode: 0o444}, Data: []byte("read only")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "etc/secret", Mode: 0}, Data: []byte("s3cr3t")},
+		dir("old/", 0o755),
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "old/file", Mode: 0o644, Uid: 7}, Data: []byte("old")},
+	}, {
 		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "srv/owned", Mode: 0o640, Uid: 1234, Gid: 5678}, Data: []byte("x")},
 		{Header: tar.Header{Typeflag: tar.TypeFifo, Name: "srv/pipe", Mode: 0o600}},
-		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "etc/secret", Mode: 0}, Data: []byte("s3cr3t")},
 		dir("devices/", 0o755),
 		{Header: tar.Header{Typeflag: tar.TypeChar, Name: "devices/null", Mode: 0o666, Devmajor: 1, Devminor: 3}},
 		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "etc/.wh.group"}},
-	}})
+		// A file where a lower layer had a directory: its contents go.
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "old", Mode: 0o600, Uid: 9, Gid: 9}, Data: []byte("new")},
+	}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ref := "oci:" + layout + ":layers"
 	box := newBox(t, boxrun.BoxSpec{Image: ref, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
-	res := sh(t, box, "stat -c '%u:%g %a %F %n' /srv/ro /srv/ro/file /srv/owned /srv/pipe /etc/secret /devices/null; "+
+	res := sh(t, box, "stat -c '%u:%g %a %F %n' /srv/ro /srv/ro/file /srv/owned /srv/pipe /etc/secret /devices/null /old; "+
 		"stat -c '%t,%T' /devices/null; cat /srv/ro/file; echo; cat /etc/secret; echo; ls /etc/group 2>&1 || true")
 	want := strings.Join([]string{
 		"0:0 555 directory /srv/ro",
@@ -74,6 +80,7 @@ func TestImageLayersAsTheImageSays(t *testing.T) {
 		"0:0 600 fifo /srv/pipe",
 		"0:0 0 regular file /etc/secret",
 		"0:0 666 character special file /devices/null",
+		"9:9 600 regular file /old",
 		"1,3",
 		"read only",
 		"s3cr3t",

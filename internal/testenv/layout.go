@@ -53,10 +53,10 @@ type LayoutOptions struct {
 	// Tag is recorded in index.json as the org.opencontainers.image.ref.name
 	// annotation, so the layout can be addressed as oci:DIR:TAG; "" = "latest".
 	Tag string
-	// Layer, when set, is a second layer on top of busybox's, in this
-	// order: headers (owners, modes, devices, whiteouts "dir/.wh.name")
-	// with their contents.
-	Layer []LayerEntry
+	// Layers, when set, are more layers on top of busybox's, bottom first,
+	// each its entries in order: headers (owners, modes, devices,
+	// whiteouts "dir/.wh.name") with their contents.
+	Layers [][]LayerEntry
 }
 
 // LayerEntry is one entry of LayoutOptions.Layer.
@@ -88,7 +88,7 @@ func (o LayoutOptions) apply(dst *LayoutOptions) {
 	if o.Tag != "" {
 		dst.Tag = o.Tag
 	}
-	dst.Layer = append(dst.Layer, o.Layer...)
+	dst.Layers = append(dst.Layers, o.Layers...)
 }
 
 type optionFunc func(*LayoutOptions)
@@ -193,8 +193,8 @@ func writeLayout(dir string, cfg LayoutOptions) error {
 		return err
 	}
 	layers, diffIDs := []ocispec.Descriptor{layerDesc}, []digest.Digest{layer.diffID}
-	if len(cfg.Layer) > 0 {
-		gz, diffID, err := packLayer(cfg.Layer)
+	for _, entries := range cfg.Layers {
+		gz, diffID, err := packLayer(entries)
 		if err != nil {
 			return err
 		}
