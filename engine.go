@@ -220,7 +220,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	// A box made ahead of time for this image and shape (Config.Pool)
 	// decides the box's id: it was set up as that box.
 	var id string
-	if pb := e.pool.take(&spec); pb != nil {
+	if pb := e.pool.take(e, &spec); pb != nil {
 		id = pb.id
 	} else {
 		id = newID("box_")
@@ -257,7 +257,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	}
 	defer unpin()
 	rec.ImageID = img.ID
-	lb, err := e.bootBox(ctx, &rec, true, true)
+	lb, err := e.bootBox(ctx, &rec, true)
 	if err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
 		os.RemoveAll(dir)
@@ -367,12 +367,11 @@ func (e *Engine) watch(id string, lb *liveBox) {
 }
 
 // bootBox boots a box's VM: the image (rec.ImageID, which Create pulled;
-// pulled here only for a record without one), its base disk, the box disk (made when fresh, else reused with
-// everything the box wrote) and the boot assets.
-// bootBox boots rec's VM on its disks (fresh: a new box disk). With
-// hostNet false the box's NIC (rec.Network) is left without its host end:
-// a pooled box's is attached when a Create takes it (pool.go).
-func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh, hostNet bool) (*liveBox, error) {
+// pulled here only for a record without one), its base disk, the box disk
+// (made when fresh, else reused with everything the box wrote) and the
+// boot assets. A fresh box that a Create took from the pool (pool.go) is
+// only given its network.
+func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
 	dir := e.boxDir(rec.ID)
 	if fresh {
 		// A box made ahead of time for this Create (Config.Pool).
@@ -422,7 +421,7 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh, hostNet boo
 	} else if _, err := os.Stat(data); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box disk")
 	}
-	lb, err := e.boot(ctx, rec, dir, base, data, boot, hostNet)
+	lb, err := e.boot(ctx, rec, dir, base, data, boot)
 	if err != nil {
 		return nil, err
 	}
@@ -431,17 +430,17 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh, hostNet boo
 }
 
 // boot starts the VM and waits for its agent's hello.
-func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets, hostNet bool) (*liveBox, error) {
+func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
 	cfg := e.vmConfig(rec, dir, boot)
 	cfg.Disks[0].Path, cfg.Disks[1].Path = base, data
 	// Restored from the shape's template (Config.WarmStart), else booted
 	// cold; a restored VM that does not come up costs a cold boot.
-	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil, hostNet)
+	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil)
 	if wf, ok := err.(*warmFailure); ok {
-		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.key, "err", wf.err)
-		e.warm.invalidate(wf.key)
+		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.tpl.key, "err", wf.err)
+		e.warm.invalidate(wf.tpl.key, wf.tpl.ino)
 		e.warm.fallbacks.Add(1)
-		lb, err = e.bootVM(ctx, rec, cfg, boot, false, hostNet)
+		lb, err = e.bootVM(ctx, rec, cfg, boot, false)
 	}
 	return lb, err
 }
@@ -462,7 +461,7 @@ func (e *Engine) vmConfig(rec *state.Box, dir string, boot *bootAssets) runtime.
 
 // warmFailure is a restored VM that did not answer its Hello.
 type warmFailure struct {
-	key string
+	tpl template
 	err error
 }
 
@@ -471,11 +470,11 @@ func (w *warmFailure) Error() string { return w.err.Error() }
 // bootVM starts the box's network and VM, restored from its template when
 // warm (warm.go), else booted cold, and says Hello to its agent, which
 // sets the box up.
-func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, warm, hostNet bool) (*liveBox, error) {
+func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, warm bool) (*liveBox, error) {
 	// The network first: a published port already in use fails the box
 	// before any VM starts.
 	var nw *network.Network
-	if rec.Network && hostNet {
+	if rec.Network {
 		var err error
 		if nw, err = e.newNetwork(rec); err != nil {
 			return nil, err
@@ -487,11 +486,11 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		}
 	}
 	var vm runtime.VM
-	var key string
+	var tpl template
 	var err error
 	t0 := time.Now()
 	if warm {
-		vm, key, err = e.startVM(ctx, cfg, boot)
+		vm, tpl, err = e.startVM(ctx, cfg, boot)
 	} else {
 		vm, err = e.hv.Start(ctx, cfg)
 	}
@@ -506,7 +505,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	}
 	t1 := time.Now()
 	timeout := e.cfg.BootTimeout
-	if key != "" {
+	if tpl.key != "" {
 		timeout = min(timeout, warmHelloTimeout)
 	}
 	bctx, cancel := context.WithTimeout(ctx, timeout)
@@ -528,9 +527,12 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		// A restored guest that does not answer, or cannot set the box
 		// up, may be the template's fault: boot cold. One that fails on
 		// the box's configuration (info set) would fail cold too.
-		if key != "" && ctx.Err() == nil && info == nil {
+		// Only a guest that does not answer at all is the template's
+		// fault; an agent that answers with an error (a disk it cannot
+		// mount, a bad configuration) would fail a cold boot too.
+		if tpl.key != "" && ctx.Err() == nil && info == nil && !agentexec.AgentAnswered(err) && errdefs.CodeOf(err) != errdefs.ValidationError {
 			fail(err)
-			return nil, &warmFailure{key: key, err: err}
+			return nil, &warmFailure{tpl: tpl, err: err}
 		}
 		code := errdefs.RuntimeError
 		if ctx.Err() != nil {
@@ -541,7 +543,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		return fail(errdefs.Wrap(code, err, "box %s did not come up; console:\n%s", rec.ID, vm.Console()))
 	}
 	e.log.Debug("box booted", "box", rec.ID, "vm", t1.Sub(t0).Round(time.Millisecond), "hello", time.Since(t1).Round(time.Millisecond))
-	if key != "" {
+	if tpl.key != "" {
 		e.warm.warm.Add(1)
 	} else {
 		e.warm.cold.Add(1)

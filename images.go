@@ -243,6 +243,8 @@ func (e *Engine) RemoveImage(ctx context.Context, ref string, opts ...RemoveOpti
 	if err != nil {
 		return err
 	}
+	// The pool's ready boxes of the image are not boxes: they go.
+	e.pool.dropImage(e, id)
 	e.imgs.mu.Lock()
 	defer e.imgs.mu.Unlock()
 	names, err := e.images.Names(id)
@@ -307,6 +309,9 @@ func describeUsers(boxes []string) string {
 // booting, is touched.
 func (e *Engine) Prune(ctx context.Context) (PruneReport, error) {
 	var rep PruneReport
+	// The pool's ready boxes pin their images without using them: they go
+	// (Creates refill the pool).
+	e.pool.dropImage(e, "")
 	if err := e.pruneImages(ctx, &rep); err != nil {
 		return rep, err
 	}

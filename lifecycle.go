@@ -87,7 +87,7 @@ func (e *Engine) Start(ctx context.Context, idOrName string) (*Box, error) {
 	if err := e.reserve(rec.CPU, rec.MemoryMB); err != nil {
 		return nil, err
 	}
-	lb, err := e.bootBox(ctx, &rec, false, true)
+	lb, err := e.bootBox(ctx, &rec, false)
 	if err == nil {
 		err = e.markRunning(&rec, lb)
 		if err != nil {

@@ -26,17 +26,21 @@ import (
 // added to a running VM), nor does a Create whose image resolves to
 // another image than the pooled box's by then.
 //
-// Pooled boxes are not boxes yet: they have no record, count against no
-// cap (MaxCPU, MaxMemoryMB) and pin their image against Prune; Close
-// kills them; one an engine left behind when it died is removed when the
-// next engine opens the data dir (reconcile.go).
+// Pooled boxes are not boxes yet: they have no record, but they count
+// against the caps (MaxCPU, MaxMemoryMB: a pool is only filled while
+// there is room, and a Create that takes one takes over its share), pin
+// their image (RemoveImage and Prune drop the pool's boxes of an image
+// first), and Close kills them; one an engine left behind when it died is
+// removed when the next engine opens the data dir (reconcile.go).
 
 type pooledBox struct {
-	id      string // the box id it was made for, and its hostname
-	key     string // poolKey
-	imageID string
-	lb      *liveBox
-	unpin   func()
+	id       string // the box id it was made for, and its hostname
+	dir      string
+	key      string // poolKey
+	imageID  string
+	cpu, mem int
+	lb       *liveBox
+	unpin    func()
 }
 
 type pool struct {
@@ -66,7 +70,7 @@ func poolKey(image string, cpu, memMB, diskGB int, network bool) string {
 // take hands out an idle box for spec, or nil. The Create uses its id; its
 // boot claims it (claimed), and release kills it if the Create failed
 // before.
-func (p *pool) take(spec *BoxSpec) *pooledBox {
+func (p *pool) take(e *Engine, spec *BoxSpec) *pooledBox {
 	if p.size == 0 || len(spec.Volumes) > 0 {
 		return nil
 	}
@@ -78,10 +82,12 @@ func (p *pool) take(spec *BoxSpec) *pooledBox {
 		p.idle[key] = p.idle[key][1:]
 		select {
 		case <-pb.lb.vm.Done(): // died while waiting
-			go p.discard(pb, "")
+			go p.discard(e, pb)
 			continue
 		default:
 		}
+		// Its share of the caps goes to the Create, which reserves its own.
+		e.release(pb.cpu, pb.mem)
 		p.taken[pb.id] = pb
 		return pb
 	}
@@ -97,21 +103,71 @@ func (p *pool) claimed(id string) *pooledBox {
 	return pb
 }
 
-// release discards the box taken for id if its Create did not claim it.
+// release puts the box taken for id back in the pool if its Create did
+// not claim it (the Create failed before it booted: a name in use, no
+// room, an image it could not pull), or discards it if there is no room
+// for it any more or its VM died.
 func (p *pool) release(e *Engine, id string) {
-	if pb := p.claimed(id); pb != nil {
-		p.discard(pb, e.boxDir(id))
+	pb := p.claimed(id)
+	if pb == nil {
+		return
 	}
+	select {
+	case <-pb.lb.vm.Done():
+		p.discard(e, pb)
+		return
+	default:
+	}
+	if e.reserve(pb.cpu, pb.mem) != nil {
+		p.discard(e, pb)
+		return
+	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		e.release(pb.cpu, pb.mem)
+		p.discard(e, pb)
+		return
+	}
+	p.idle[pb.key] = append(p.idle[pb.key], pb)
+	p.mu.Unlock()
 }
 
-// discard kills a pooled box's VM and, when dir is set, removes its dir.
-func (p *pool) discard(pb *pooledBox, dir string) {
+// discard kills a pooled box's VM, removes its dir, gives back its share
+// of the caps (when it holds one: idle) and unpins its image.
+func (p *pool) discard(e *Engine, pb *pooledBox) {
 	pb.lb.close()
 	pb.lb.vm.Kill()
-	if dir != "" {
-		os.RemoveAll(dir)
-	}
+	os.RemoveAll(pb.dir)
 	pb.unpin()
+}
+
+// discardIdle discards an idle box: it holds a share of the caps.
+func (p *pool) discardIdle(e *Engine, pb *pooledBox) {
+	e.release(pb.cpu, pb.mem)
+	p.discard(e, pb)
+}
+
+// dropImage discards the idle boxes of an image (all when id is ""), so
+// that RemoveImage and Prune see only what boxes use.
+func (p *pool) dropImage(e *Engine, id string) {
+	p.mu.Lock()
+	var drop []*pooledBox
+	for key, l := range p.idle {
+		keep := l[:0]
+		for _, pb := range l {
+			if id == "" || pb.imageID == id {
+				drop = append(drop, pb)
+			} else {
+				keep = append(keep, pb)
+			}
+		}
+		p.idle[key] = keep
+	}
+	p.mu.Unlock()
+	for _, pb := range drop {
+		p.discardIdle(e, pb)
+	}
 }
 
 // assign makes the pooled box rec's: its image must be the one rec's
@@ -145,7 +201,7 @@ func (p *pool) assign(ctx context.Context, e *Engine, rec *state.Box, pb *pooled
 		return nil
 	}()
 	if err != nil {
-		p.discard(pb, e.boxDir(rec.ID))
+		p.discard(e, pb)
 		return nil, err
 	}
 	pb.unpin()
@@ -194,7 +250,7 @@ func (p *pool) refill(e *Engine, rec *state.Box) {
 			p.mu.Lock()
 			if p.closed {
 				p.mu.Unlock()
-				p.discard(pb, e.boxDir(pb.id))
+				p.discardIdle(e, pb)
 				return
 			}
 			p.idle[key] = append(p.idle[key], pb)
@@ -203,11 +259,16 @@ func (p *pool) refill(e *Engine, rec *state.Box) {
 	}()
 }
 
-// make boots one box of shape for the pool: as Create would, without a
-// record and without a host network, then runs `true` in it once.
+// make boots one box of shape for the pool, as Create would but without a
+// record, if there is room for it under the caps, then runs `true` in it
+// once: the first command of a fresh VM is the slow one.
 func (p *pool) make(e *Engine, key string, shape state.Box) (*pooledBox, error) {
+	if err := e.reserve(shape.CPU, shape.MemoryMB); err != nil {
+		return nil, err
+	}
 	unpin, ok := e.pin(shape.ImageID)
 	if !ok {
+		e.release(shape.CPU, shape.MemoryMB)
 		return nil, fmt.Errorf("image %s is gone", shape.ImageID)
 	}
 	rec := shape
@@ -216,24 +277,27 @@ func (p *pool) make(e *Engine, key string, shape state.Box) (*pooledBox, error) 
 	// nothing out. (A NIC without one would do, but QEMU then holds the
 	// guest's frames back and the link stays wedged once connected.)
 	rec.NetworkPolicy = network.Policy{Deny: []string{"0.0.0.0/0", "::/0"}}
-	lb, err := e.bootBox(p.ctx, &rec, true, true)
+	lb, err := e.bootBox(p.ctx, &rec, true)
 	if err != nil {
 		os.RemoveAll(e.boxDir(rec.ID))
 		unpin()
+		e.release(shape.CPU, shape.MemoryMB)
 		return nil, err
 	}
-	pb := &pooledBox{id: rec.ID, key: key, imageID: rec.ImageID, lb: lb, unpin: unpin}
+	pb := &pooledBox{id: rec.ID, dir: e.boxDir(rec.ID), key: key, imageID: rec.ImageID,
+		cpu: shape.CPU, mem: shape.MemoryMB, lb: lb, unpin: unpin}
 	ctx, cancel := context.WithTimeout(p.ctx, time.Minute)
 	defer cancel()
-	proc, err := lb.agent.Start(ctx, e.command(rec, lb, ExecSpec{Cmd: []string{"true"}}))
-	if err == nil {
-		if st := proc.Wait(io.Discard, io.Discard); st == nil || st.Code != 0 {
-			err = fmt.Errorf("warm-up `true` failed: %+v", st)
-		}
+	// The warm-up's outcome does not matter (an image may have no
+	// `true`); a VM that died during it does.
+	if proc, err := lb.agent.Start(ctx, e.command(rec, lb, ExecSpec{Cmd: []string{"true"}})); err == nil {
+		proc.Wait(io.Discard, io.Discard)
 	}
-	if err != nil {
-		p.discard(pb, e.boxDir(rec.ID))
-		return nil, err
+	select {
+	case <-lb.vm.Done():
+		p.discardIdle(e, pb)
+		return nil, fmt.Errorf("pooled box %s died while warming up", pb.id)
+	default:
 	}
 	return pb, nil
 }
@@ -260,7 +324,7 @@ func (p *pool) close(e *Engine) {
 	defer p.mu.Unlock()
 	for _, l := range p.idle {
 		for _, pb := range l {
-			p.discard(pb, e.boxDir(pb.id))
+			p.discardIdle(e, pb)
 		}
 	}
 	p.idle = map[string][]*pooledBox{}

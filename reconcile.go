@@ -3,8 +3,12 @@ package boxrun
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
@@ -71,7 +75,31 @@ func (e *Engine) reconcile(ctx context.Context) error {
 		os.RemoveAll(dir)
 		e.log.Warn("removed a pooled VM left by an earlier engine", "id", en.Name())
 	}
+	// A template being made when the engine died: its VM goes, and the
+	// half-made template.
+	builds, _ := filepath.Glob(filepath.Join(e.cfg.DataDir, "cache", "templates", ".build-*"))
+	for _, dir := range builds {
+		killVMIn(dir)
+		os.RemoveAll(dir)
+		e.log.Warn("removed a template build left by an earlier engine", "dir", dir)
+	}
 	return nil
+}
+
+// killVMIn kills the VMM whose pid file is in dir, if that process still
+// runs there (its working directory is dir: the pid was not reused).
+func killVMIn(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, "qemu.pid"))
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return
+	}
+	if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && cwd == dir {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
 
 // reattach adopts a running box's VM left by an earlier engine.

@@ -62,8 +62,9 @@ type warmStart struct {
 	maxBytes int64
 	snap     runtime.Snapshotter // nil: warm start off
 
-	mu    sync.Mutex
-	locks map[string]*sync.Mutex // per template key: one build at a time
+	mu       sync.Mutex
+	locks    map[string]*sync.Mutex // per template key: one build at a time
+	failures map[string]time.Time   // when a template of the key last failed
 
 	cold, warm, pooled, templates, fallbacks atomic.Int64
 }
@@ -101,34 +102,48 @@ type templateMeta struct {
 // startVM starts the VM of a box: restored from its shape's template when
 // the warm start is on and works, else booted cold. key is the template
 // used ("" for a cold boot).
-func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets) (vm runtime.VM, key string, err error) {
+func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets) (vm runtime.VM, tpl template, err error) {
 	if w := e.warm; w.snap != nil {
 		key, family, kerr := w.key(cfg, boot)
+		if kerr == nil && w.backingOff(key) {
+			kerr = fmt.Errorf("template %s failed less than %v ago", key, failBackoff)
+		}
 		if kerr == nil {
 			var dir string
 			dir, err = w.ensure(ctx, e, key, family, cfg, boot)
 			if err == nil {
+				ino := stateIno(dir)
 				vm, err = w.snap.Restore(ctx, cfg, dir)
 				if err == nil {
 					now := time.Now()
 					os.Chtimes(filepath.Join(dir, "meta.json"), now, now) // LRU
-					return vm, key, nil
+					return vm, template{key: key, ino: ino}, nil
+				}
+				if ctx.Err() != nil {
+					return nil, template{}, ctx.Err()
 				}
 				e.log.Warn("restoring from the template failed; booting cold", "box", cfg.ID, "template", key, "err", err)
-				w.invalidate(key)
+				w.invalidate(key, ino)
 			} else if ctx.Err() == nil {
 				e.log.Warn("no template; booting cold", "box", cfg.ID, "err", err)
+				w.failed(key)
 			}
 			if ctx.Err() != nil {
-				return nil, "", ctx.Err()
+				return nil, template{}, ctx.Err()
 			}
 			w.fallbacks.Add(1)
 		} else {
-			e.log.Warn("template key; booting cold", "err", kerr)
+			e.log.Debug("booting cold", "box", cfg.ID, "why", kerr)
 		}
 	}
 	vm, err = e.hv.Start(ctx, cfg)
-	return vm, "", err
+	return vm, template{}, err
+}
+
+// template names the template a VM was restored from.
+type template struct {
+	key string
+	ino uint64 // its state file's inode: which build of key
 }
 
 // key returns the template key of cfg (everything the template depends
@@ -191,6 +206,9 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 	defer l.Unlock()
 	if complete(dir) {
 		return dir, nil
+	}
+	if w.backingOff(key) { // the build that held the lock just failed
+		return "", fmt.Errorf("making template %s failed less than %v ago", key, failBackoff)
 	}
 	os.RemoveAll(dir) // a build that was interrupted
 	if err := w.build(ctx, e, key, family, cfg, boot); err != nil {
@@ -293,13 +311,53 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	return nil
 }
 
-// invalidate removes a template that failed.
-func (w *warmStart) invalidate(key string) {
+// invalidate removes the template that failed: the one whose state file
+// is the inode ino (0: whichever is there), not one rebuilt since.
+func (w *warmStart) invalidate(key string, ino uint64) {
 	l := w.lock(key)
 	l.Lock()
 	defer l.Unlock()
-	os.RemoveAll(filepath.Join(w.dir, key))
+	dir := filepath.Join(w.dir, key)
+	if ino != 0 && stateIno(dir) != ino {
+		return
+	}
+	os.RemoveAll(dir)
 }
+
+// stateIno is the inode of a template's state file (0 if none).
+func stateIno(dir string) uint64 {
+	st, err := os.Stat(filepath.Join(dir, runtime.TemplateFiles[1]))
+	if err != nil {
+		return 0
+	}
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return s.Ino
+	}
+	return 0
+}
+
+// failed notes that a template of key could not be made: for
+// failBackoff, boxes of its shape boot cold without trying again, instead
+// of each paying a template boot first. (A template that was made but
+// fails to load or come up is removed and made again by the next box.)
+func (w *warmStart) failed(key string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.failures == nil {
+		w.failures = map[string]time.Time{}
+	}
+	w.failures[key] = time.Now()
+}
+
+func (w *warmStart) backingOff(key string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	t, ok := w.failures[key]
+	return ok && time.Since(t) < failBackoff
+}
+
+// failBackoff is how long a shape whose template failed boots cold.
+const failBackoff = 10 * time.Minute
 
 // evict removes the templates that the one just made replaces (same
 // family, other inputs: a new kernel, agent or QEMU), then the least

@@ -18,6 +18,9 @@ import (
 type execCgroup struct {
 	path string
 	fd   int // the directory, for CLONE_INTO_CGROUP; -1 once closed
+
+	mu       sync.Mutex
+	released bool // given back: a late kill (timeout, cancel) must not reach the next exec
 }
 
 // newExecCgroup creates the cgroup of a new exec, or returns nil when
@@ -78,7 +81,12 @@ func (c *execCgroup) closeFD() {
 // exec's process group (kernel 5.14+; older kernels only get the group
 // kill).
 func (c *execCgroup) kill() {
-	if c != nil {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.released {
 		_ = os.WriteFile(filepath.Join(c.path, "cgroup.kill"), []byte("1"), 0)
 	}
 }
@@ -91,6 +99,9 @@ func (sv *server) release(c *execCgroup) {
 		return
 	}
 	c.closeFD()
+	c.mu.Lock()
+	c.released = true // from here on, kill is a no-op
+	c.mu.Unlock()
 	if ev, err := os.ReadFile(filepath.Join(c.path, "cgroup.events")); err == nil && bytes.Contains(ev, []byte("populated 0")) {
 		if freeCgroups.put(c.path) {
 			return

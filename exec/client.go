@@ -208,6 +208,19 @@ func (c *Client) Hello(ctx context.Context, req HelloRequest) (*HelloInfo, error
 	return info, nil
 }
 
+// agentReported is an error the agent answered with, as opposed to an
+// agent that did not answer (a lost connection, a timeout).
+type agentReported struct{ error }
+
+func (e agentReported) Unwrap() error { return e.error }
+
+// AgentAnswered reports whether err (from Hello) is one the agent itself
+// answered with: the guest runs, and what failed is the box's setup.
+func AgentAnswered(err error) bool {
+	var a agentReported
+	return errors.As(err, &a)
+}
+
 // Probe waits until the agent answers, without a Hello: the agent sets
 // nothing up. It is how the host knows that a VM booted to the point
 // where its agent waits for a Hello (a warm-start template).
@@ -281,6 +294,9 @@ func (c *Client) handshake(ctx context.Context, hello *request, now time.Time) (
 			if a.err != nil {
 				if ctx.Err() != nil {
 					return nil, ctxError(ctx.Err(), "hello")
+				}
+				if a.res != nil { // the agent answered, with an error
+					return nil, agentReported{a.err}
 				}
 				return nil, a.err
 			}

@@ -370,6 +370,17 @@ func TestPoolHandsOutReadyBoxes(t *testing.T) {
 		}
 	}
 	waitFor("the pool fills", func() bool { return eng.Info().PoolVMs == 1 })
+	// A Create that fails before it boots (a name in use) puts the
+	// pooled box back, its share of the caps with it.
+	used := eng.Info().UsedCPU
+	dup := spec
+	dup.Name = a.ID
+	if _, err := eng.Create(ctx, dup); boxrun.CodeOf(err) != boxrun.NameAlreadyExists {
+		t.Fatalf("create with a taken name: %v", err)
+	}
+	if in := eng.Info(); in.PoolVMs != 1 || in.UsedCPU != used {
+		t.Fatalf("after a failed create: %d pooled, %d CPUs used (was %d)", in.PoolVMs, in.UsedCPU, used)
+	}
 	// Another shape (disk size) or volumes: not from the pool.
 	if _, err := eng.Run(ctx, boxrun.BoxSpec{Image: spec.Image, CPU: 1, MemoryMB: 256, DiskSizeGB: 1},
 		boxrun.ExecSpec{Cmd: []string{"true"}}); err != nil {

@@ -236,7 +236,10 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if cfg.incoming != nil {
-		cmd.ExtraFiles = []*os.File{cfg.incoming} // fd 3: -incoming fd:3
+		cmd.ExtraFiles = []*os.File{cfg.incoming} // fd 3: migrate-incoming fd:3
+		if cfg.incomingRAM != nil {
+			cmd.ExtraFiles = append(cmd.ExtraFiles, cfg.incomingRAM) // fd 4: the RAM file
+		}
 	}
 	if err := cmd.Start(); err != nil {
 		logf.Close()

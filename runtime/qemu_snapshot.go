@@ -172,10 +172,15 @@ func (q *QEMU) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "template")
 	}
 	defer state.Close()
-	cfg.memFile, cfg.memShared, cfg.incoming = filepath.Join(dir, templateRAM), false, state
-	if _, err := os.Stat(cfg.memFile); err != nil {
+	// Both files by descriptor, opened together: a template removed and
+	// made again meanwhile cannot give QEMU the state of one build and
+	// the RAM of another.
+	ram, err := os.Open(filepath.Join(dir, templateRAM))
+	if err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "template")
 	}
+	defer ram.Close()
+	cfg.memFile, cfg.memShared, cfg.incoming, cfg.incomingRAM = "/proc/self/fd/4", false, state, ram
 	vm, err := q.Start(ctx, cfg)
 	if err != nil {
 		return nil, err
@@ -219,6 +224,8 @@ func (q *QEMU) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error
 				return err == nil, err
 			case st == "inmigrate":
 				return false, nil
+			case st == "shutdown" || st == "internal-error" || st == "guest-panicked" || st == "io-error":
+				return false, fmt.Errorf("the restored VM is %s", st)
 			}
 			return st == "running", nil
 		})

@@ -47,9 +47,10 @@ type VMConfig struct {
 	Logger  *slog.Logger
 
 	// Set by the Snapshotter methods of a driver (warm start).
-	memFile   string   // guest RAM is this file (mapped shared, or private for a clone)
-	memShared bool     // template: the guest's writes go to memFile
-	incoming  *os.File // restore the VM from this saved state
+	memFile     string   // guest RAM is this file (mapped shared, or private for a clone)
+	memShared   bool     // template: the guest's writes go to memFile
+	incoming    *os.File // restore the VM from this saved state (fd 3)
+	incomingRAM *os.File // its RAM file (fd 4, memFile /proc/self/fd/4)
 }
 
 // Snapshotter is a Hypervisor that can save a booted VM and start others
