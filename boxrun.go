@@ -99,9 +99,10 @@ type Config struct {
 	// that image and shape, so that the next such Create only assigns one
 	// (its record, network policy and ports): its first command answers
 	// as fast as any later one. Boxes with volumes never come from the
-	// pool. Pooled boxes use memory and a little CPU while they wait, count
-	// against no cap, pin their image, and Close kills them. Default 0:
-	// no pool. See pool.go.
+	// pool. Pooled boxes use memory and a little CPU while they wait and
+	// count against MaxCPU and MaxMemoryMB (the pool fills only while there
+	// is room); RemoveImage and Prune drop them; Close kills them. Default
+	// 0: no pool. See pool.go.
 	Pool int
 	// TemplateCacheMB bounds the disk space of the warm-start templates
 	// (least recently used go first); default 2048.
