@@ -90,3 +90,24 @@ func TestHelloRejectsBadSetup(t *testing.T) {
 		}
 	}
 }
+
+// The agent checks a Hello's setup itself, whatever the host did: a
+// request that skips the client's checks is refused by the server.
+func TestServerRejectsBadSetup(t *testing.T) {
+	var called atomic.Bool
+	c := startServer(t, ServerOptions{Setup: func(context.Context, Setup) error { called.Store(true); return nil }, Root: t.TempDir()})
+	called.Store(false) // startServer's own Hello
+	ctx := context.Background()
+	for _, req := range []*request{
+		{Op: "hello", Hostname: "a b"},
+		{Op: "hello", Hostname: "x/y"},
+		{Op: "hello", Entropy: make([]byte, maxEntropy+1)},
+	} {
+		if _, err := c.handshake(ctx, req, time.Time{}); errdefs.CodeOf(err) != errdefs.ValidationError || !AgentAnswered(err) {
+			t.Errorf("hello %+v: %v, want a validation error from the agent", req, err)
+		}
+	}
+	if called.Load() {
+		t.Error("Setup ran for a bad Hello")
+	}
+}

@@ -223,6 +223,8 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 			// Not fatal: the kernel reseeds on its own within a minute,
 			// and virtio-rng feeds it meanwhile.
 			a.log.Warn("reseeding the RNG", "err", err)
+		} else {
+			a.log.Info("RNG reseeded from the host", "bytes", len(s.Entropy))
 		}
 	}
 	host := s.Hostname
