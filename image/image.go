@@ -417,6 +417,20 @@ func (s *Store) layersSize(top string) int64 {
 	return size
 }
 
+// layerChain returns the ids of a layer and its parents, top first.
+func (s *Store) layerChain(top string) ([]string, error) {
+	var ids []string
+	for id := top; id != ""; {
+		l, err := s.store.Layer(id)
+		if err != nil {
+			return ids, err
+		}
+		ids = append(ids, l.ID)
+		id = l.Parent
+	}
+	return ids, nil
+}
+
 // keyedMutex is a set of mutexes by key whose Lock honours a context.
 type keyedMutex struct {
 	mu     sync.Mutex

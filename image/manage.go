@@ -198,15 +198,7 @@ func (s *Store) makeRemovable(id string) {
 		return
 	}
 	chain := func(top string) []string {
-		var ids []string
-		for top != "" {
-			l, err := s.store.Layer(top)
-			if err != nil {
-				break
-			}
-			ids = append(ids, l.ID)
-			top = l.Parent
-		}
+		ids, _ := s.layerChain(top) // what could be read
 		return ids
 	}
 	shared := map[string]bool{}

@@ -48,14 +48,9 @@ func (s *Store) Owners(ctx context.Context, imageID string) (map[string]Owner, e
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
 	}
-	var chain []string // top first
-	for id := img.TopLayer; id != ""; {
-		l, err := s.store.Layer(id)
-		if err != nil {
-			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
-		}
-		chain = append(chain, l.ID)
-		id = l.Parent
+	chain, err := s.layerChain(img.TopLayer) // top first
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "owners of image %s", imageID)
 	}
 	owners := map[string]Owner{}
 	uncompressed := archive.Uncompressed

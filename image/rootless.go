@@ -47,18 +47,13 @@ func rootlessWrap() {
 		}
 	}
 	cmd := &exec.Cmd{
-		Path:   self,
-		Args:   os.Args,
-		Env:    append(env, rootlessWrapped+"=1"),
-		Stdin:  os.Stdin,
-		Stdout: os.Stdout,
-		Stderr: os.Stderr,
-		SysProcAttr: &syscall.SysProcAttr{
-			Cloneflags:  syscall.CLONE_NEWUSER,
-			UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}},
-			GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
-			Pdeathsig:   syscall.SIGTERM,
-		},
+		Path:        self,
+		Args:        os.Args,
+		Env:         append(env, rootlessWrapped+"=1"),
+		Stdin:       os.Stdin,
+		Stdout:      os.Stdout,
+		Stderr:      os.Stderr,
+		SysProcAttr: userNSAttr(syscall.SIGTERM),
 	}
 	err = cmd.Run()
 	var exit *exec.ExitError

@@ -96,12 +96,7 @@ func (s *Store) inUserNS(ctx context.Context, job pullJob, fn func(Progress)) (m
 	cmd.Args = []string{pullHelper}
 	cmd.Env = append(os.Environ(), pullJobEnv+"="+string(b))
 	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags:  syscall.CLONE_NEWUSER,
-		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}},
-		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
-		Pdeathsig:   syscall.SIGKILL,
-	}
+	cmd.SysProcAttr = userNSAttr(syscall.SIGKILL)
 	// Canceled: SIGTERM, so that the child stops the copy and lets
 	// storage remove the half-made layer (in the namespace, where it
 	// can), then SIGKILL if it takes too long.
@@ -141,6 +136,18 @@ func (s *Store) inUserNS(ctx context.Context, job pullJob, fn func(Progress)) (m
 		return nil, fmt.Errorf("user namespace child: %w", werr)
 	}
 	return nil, errors.New("user namespace child: no result")
+}
+
+// userNSAttr starts a child in a user namespace of its own where the
+// caller's one id is root (no subordinate ids needed), killed with sig
+// when the caller dies.
+func userNSAttr(sig syscall.Signal) *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
+		Pdeathsig:   sig,
+	}
 }
 
 // runPullHelper is the child: it pulls the job into the store and says
