@@ -3,6 +3,7 @@ package boxrun
 import (
 	"context"
 	"strings"
+	"syscall"
 
 	"github.com/boxrun/boxrun/errdefs"
 	agentexec "github.com/boxrun/boxrun/exec"
@@ -134,6 +135,12 @@ func (s *Session) Wait() (exitCode int, err error) {
 	}
 	return st.Code, nil
 }
+
+// Pid is the command's process id in the box.
+func (s *Session) Pid() int { return s.t.Pid() }
+
+// Signal sends sig to the command's process group.
+func (s *Session) Signal(sig syscall.Signal) error { return s.t.Signal(sig) }
 
 // Close ends the session. If the command still runs, the terminal is hung
 // up: SIGHUP to the command's process group and the terminal's foreground

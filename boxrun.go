@@ -13,8 +13,9 @@
 //
 // The Engine's methods, by what they act on:
 //
-//	boxes     Create, Get, List, Stop, Start, Remove, GC, Run (create, exec, remove)
-//	commands  Exec, Stream, StartExec + ExecEvents, GetExec, ListExecs, CancelExec
+//	boxes     Create, Get, List, Stop, Start, Remove, GC, Run (create, exec, remove), Usage
+//	commands  Exec, Stream, StreamExec, StartExec + ExecEvents, GetExec, ListExecs,
+//	          CancelExec, SignalExec
 //	terminals Attach: a command on a PTY (Session: Read, Write, Resize, Wait, Close)
 //	files     Copy (like docker cp), WriteFile, OpenFile, ReadTar, Stat
 //	images    Pull, PullWith (progress: Config.PullProgress, WithPullProgress),
@@ -28,7 +29,9 @@
 //
 // A box with Network reaches the public internet only, unless its
 // NetworkPolicy says otherwise (package network). Package boxrund serves
-// all of it over the BoxRun REST API.
+// all of it over the BoxRun REST API; package shim is containerd's runtime
+// (containerd-shim-boxrun-v2), booting boxes on containers' root
+// filesystems (BoxSpec.Rootfs).
 package boxrun
 
 import (
@@ -104,6 +107,13 @@ type Config struct {
 	// is room); RemoveImage and Prune drop them; Close kills them. Default
 	// 0: no pool. See pool.go.
 	Pool int
+	// SharedDir, if set, holds the base disks and the cache (kernel,
+	// agent, initramfs, warm-start templates) in place of DataDir's bases/
+	// and cache/, so that engines on different DataDirs share them: each
+	// process of containerd-shim-boxrun-v2 has a DataDir of its own (its
+	// records, boxes and locks) and all of them one SharedDir. Builds in
+	// it are locked across processes.
+	SharedDir string
 	// TemplateCacheMB bounds the disk space of the warm-start templates
 	// (least recently used go first); default 2048.
 	TemplateCacheMB int
@@ -132,6 +142,24 @@ type BoxSpec struct {
 	// PullPolicy says whether Create fetches the image: PullMissing,
 	// PullAlways, PullNever; "" is Config.PullPolicy.
 	PullPolicy PullPolicy
+	// Rootfs, in place of Image, boots the box on a directory tree of the
+	// host: a container's root filesystem, as a containerd shim gets it.
+	Rootfs *Rootfs
+}
+
+// Rootfs is a host directory tree that a box boots on instead of an image.
+// Its base disk is built from Dir once per Key and shared by every box of
+// that Key, as an image's is; the box writes to its own disk, never to Dir.
+// There is no image config: the box's and the execs' Env, Workdir and User
+// say it all (the default user is root, the default workdir /).
+type Rootfs struct {
+	Dir string // absolute; read while the base disk is built (and again if it was pruned)
+	// Key names the tree's content: a tree that changes needs a new Key.
+	// Letters, digits and "._-", at most 128.
+	Key string
+	// Private says the tree is this box's alone (its Key is too): its
+	// base disk is removed with the box instead of staying for others.
+	Private bool
 }
 
 // NetworkPolicy is what a box may reach: Allow, Deny (CIDRs, host:port,
@@ -198,6 +226,10 @@ type Info struct {
 
 // FileInfo describes a path in a box (symlinks followed inside the box).
 type FileInfo = agentexec.FileInfo
+
+// Usage is what a running box uses of its VM: CPU time since it started,
+// memory in use, processes (Engine.Usage).
+type Usage = agentexec.Usage
 
 // ExecSpec describes a command to run in a box.
 type ExecSpec struct {

@@ -32,6 +32,7 @@ type Engine struct {
 	log    *slog.Logger
 	images *image.Store
 	bases  *disk.Bases
+	cache  string // kernel, agent, initramfs, templates: DataDir's or Config.SharedDir's
 	hv     runtime.Hypervisor
 	hvDesc runtime.Description // hv's version and acceleration, for Info
 	store  state.Store
@@ -107,8 +108,15 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, d := range []string{"boxes", "cache", "bases"} {
-		if err := os.MkdirAll(filepath.Join(cfg.DataDir, d), 0o700); err != nil {
+	if cfg.SharedDir != "" && !filepath.IsAbs(cfg.SharedDir) {
+		return nil, errdefs.New(errdefs.ValidationError, "shared dir %q must be an absolute path", cfg.SharedDir)
+	}
+	shared := cfg.SharedDir
+	if shared == "" {
+		shared = cfg.DataDir
+	}
+	for _, d := range []string{filepath.Join(cfg.DataDir, "boxes"), filepath.Join(shared, "cache"), filepath.Join(shared, "bases")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "data dir")
 		}
 	}
@@ -132,7 +140,8 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		cfg:    cfg,
 		log:    log,
 		images: images,
-		bases:  &disk.Bases{Dir: filepath.Join(cfg.DataDir, "bases")},
+		bases:  &disk.Bases{Dir: filepath.Join(shared, "bases")},
+		cache:  filepath.Join(shared, "cache"),
 		hv:     hv,
 		hvDesc: runtime.Describe(hv),
 		store:  store,
@@ -145,6 +154,9 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		// (they are all the caller's), so the base disks take their
 		// owners from the layers' tar headers.
 		e.bases.Owners = func(ctx context.Context, imageID string) (map[string]disk.Owner, error) {
+			if strings.HasPrefix(imageID, rootfsPrefix) {
+				return nil, nil // a host tree has its real owners
+			}
 			owners, err := e.images.Owners(ctx, imageID)
 			if err != nil {
 				return nil, err
@@ -160,7 +172,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if mb <= 0 {
 		mb = defaultTemplateCacheMB
 	}
-	e.warm = &warmStart{dir: filepath.Join(cfg.DataDir, "cache", "templates"), maxBytes: int64(mb) << 20,
+	e.warm = &warmStart{dir: filepath.Join(e.cache, "templates"), maxBytes: int64(mb) << 20,
 		locks: map[string]*sync.Mutex{}}
 	if snap, ok := hv.(runtime.Snapshotter); ok && warmEnabled(cfg.WarmStart) {
 		e.warm.snap = snap
@@ -220,7 +232,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	// A box made ahead of time for this image and shape (Config.Pool)
 	// decides the box's id: it was set up as that box.
 	var id string
-	if pb := e.pool.take(e, &spec); pb != nil {
+	if pb := e.pool.take(e, &spec); spec.Rootfs == nil && pb != nil {
 		id = pb.id
 	} else {
 		id = newID("box_")
@@ -247,16 +259,20 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		e.store.DeleteBox(id)
 		return nil, err
 	}
-	// The image, under the pull policy, pinned against Prune and
-	// RemoveImage until the box's record names it.
-	img, unpin, err := e.pullPinned(ctx, spec.Image, policy)
-	if err != nil {
-		e.release(rec.CPU, rec.MemoryMB)
-		e.store.DeleteBox(id)
-		return nil, err
+	if spec.Rootfs != nil {
+		rec.RootfsDir, rec.ImageID, rec.RootfsPrivate = spec.Rootfs.Dir, rootfsKey(spec.Rootfs.Key), spec.Rootfs.Private
+	} else {
+		// The image, under the pull policy, pinned against Prune and
+		// RemoveImage until the box's record names it.
+		img, unpin, err := e.pullPinned(ctx, spec.Image, policy)
+		if err != nil {
+			e.release(rec.CPU, rec.MemoryMB)
+			e.store.DeleteBox(id)
+			return nil, err
+		}
+		defer unpin()
+		rec.ImageID = img.ID
 	}
-	defer unpin()
-	rec.ImageID = img.ID
 	lb, err := e.bootBox(ctx, &rec, true)
 	if err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
@@ -271,7 +287,9 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		return nil, err
 	}
 	e.log.Info("box created", "box", id, "image", spec.Image, "pid", lb.vm.PID())
-	e.pool.refill(e, &rec)
+	if rec.RootfsDir == "" {
+		e.pool.refill(e, &rec)
+	}
 	return boxOf(rec), nil
 }
 
@@ -372,7 +390,6 @@ func (e *Engine) watch(id string, lb *liveBox) {
 // boot assets. A fresh box that a Create took from the pool (pool.go) is
 // only given its network.
 func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*liveBox, error) {
-	dir := e.boxDir(rec.ID)
 	if fresh {
 		// A box made ahead of time for this Create (Config.Pool).
 		if pb := e.pool.claimed(rec.ID); pb != nil {
@@ -385,6 +402,9 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 	}
 	var img *image.Image
 	var err error
+	if rec.RootfsDir != "" {
+		return e.bootRootfs(ctx, rec, fresh)
+	}
 	if rec.ImageID == "" {
 		img, err = e.images.Pull(ctx, rec.Image)
 	} else {
@@ -406,6 +426,13 @@ func (e *Engine) bootBox(ctx context.Context, rec *state.Box, fresh bool) (*live
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "base disk for %s", rec.Image)
 	}
+	return e.bootOn(ctx, rec, fresh, img, base)
+}
+
+// bootOn boots a box on its base disk, with the box disk (made when fresh)
+// and the boot assets.
+func (e *Engine) bootOn(ctx context.Context, rec *state.Box, fresh bool, img *image.Image, base string) (*liveBox, error) {
+	dir := e.boxDir(rec.ID)
 	boot, err := e.bootAssets(ctx)
 	if err != nil {
 		return nil, err
@@ -599,7 +626,7 @@ func (e *Engine) bootAssets(ctx context.Context) (*bootAssets, error) {
 	if e.assets != nil {
 		return e.assets, nil
 	}
-	cache := filepath.Join(e.cfg.DataDir, "cache")
+	cache := e.cache
 	k, err := runtime.PrepareKernel(e.cfg.Kernel, e.cfg.KernelModules, cache)
 	if err != nil {
 		return nil, err
@@ -643,6 +670,16 @@ func (e *Engine) Info() Info {
 		HypervisorVersion: e.hvDesc.Version, Acceleration: e.hvDesc.Acceleration,
 		Boots: e.warm.stats(), PoolVMs: e.pool.count(),
 	}
+}
+
+// Usage reads what a running box uses of its VM, from its guest kernel.
+// Errors: BOX_NOT_FOUND, BOX_NOT_RUNNING.
+func (e *Engine) Usage(ctx context.Context, idOrName string) (Usage, error) {
+	_, lb, err := e.running(idOrName)
+	if err != nil {
+		return Usage{}, err
+	}
+	return lb.agent.Usage(ctx)
 }
 
 // Get returns a box by id or name.
@@ -770,6 +807,12 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	if err := e.destroy(lb, e.boxDir(rec.ID)); err != nil {
 		return err
 	}
+	if rec.RootfsPrivate {
+		// Its base was built for it alone (Rootfs.Private).
+		if err := e.bases.Remove(rec.ImageID); err != nil {
+			e.log.Warn("remove the box's own base disk", "box", rec.ID, "err", err)
+		}
+	}
 	e.log.Info("box removed", "box", rec.ID)
 	return e.store.DeleteBox(rec.ID)
 }
@@ -845,6 +888,21 @@ func (e *Engine) Close() error {
 }
 
 func (s *BoxSpec) normalize() error {
+	if r := s.Rootfs; r != nil {
+		if s.Image != "" {
+			return errdefs.New(errdefs.ValidationError, "image and rootfs: give one")
+		}
+		if !filepath.IsAbs(r.Dir) {
+			return errdefs.New(errdefs.ValidationError, "rootfs dir %q must be an absolute path", r.Dir)
+		}
+		if st, err := os.Stat(r.Dir); err != nil || !st.IsDir() {
+			return errdefs.New(errdefs.ValidationError, "rootfs dir %s is not a directory", r.Dir)
+		}
+		if !validKey(r.Key) {
+			return errdefs.New(errdefs.ValidationError, "rootfs key %q: letters, digits and ._- only, at most 128", r.Key)
+		}
+		s.Image = "rootfs:" + r.Dir
+	}
 	if strings.TrimSpace(s.Image) == "" {
 		return errdefs.New(errdefs.ValidationError, "image is required")
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -24,8 +25,11 @@ type ExecInfo struct {
 	Timeout      time.Duration
 	ExitCode     *int
 	ErrorMessage string
-	CreatedAt    time.Time
-	FinishedAt   *time.Time
+	// Pid is the command's process id in the box (as StreamExec and
+	// StartExec return it; 0 in a record read back later).
+	Pid        int
+	CreatedAt  time.Time
+	FinishedAt *time.Time
 	// DroppedEvents/DroppedBytes count output dropped from the stored log
 	// to respect the retention cap (oldest first).
 	DroppedEvents int
@@ -61,11 +65,19 @@ func (x *liveExec) notify() {
 // command in the guest. The caller must drain the channel (or cancel ctx):
 // a reader that does not keep up slows the command down, like a pipe.
 func (e *Engine) Stream(ctx context.Context, box string, spec ExecSpec) (<-chan Event, error) {
+	_, out, err := e.StreamExec(ctx, box, spec)
+	return out, err
+}
+
+// StreamExec is Stream that also returns the exec's record: its ID (for
+// SignalExec and CancelExec) and its Pid in the box.
+func (e *Engine) StreamExec(ctx context.Context, box string, spec ExecSpec) (*ExecInfo, <-chan Event, error) {
 	out := make(chan Event, 16)
-	if _, err := e.startExec(ctx, box, spec, out); err != nil {
-		return nil, err
+	info, err := e.startExec(ctx, box, spec, out)
+	if err != nil {
+		return nil, nil, err
 	}
-	return out, nil
+	return info, out, nil
 }
 
 // StartExec starts a command that runs on its own, independent of ctx once
@@ -103,6 +115,7 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 	e.execs[x.ID] = live
 	e.mu.Unlock()
 	info := execInfoOf(x)
+	info.Pid = p.Pid()
 	xp := x // the pump owns its copy of the record from here on
 	e.pumps.Add(1)
 	go func() {
@@ -391,6 +404,22 @@ func (e *Engine) CancelExec(ctx context.Context, execID string) (*ExecInfo, erro
 			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "cancel exec")
 		}
 	}
+}
+
+// SignalExec sends sig to a running exec's process group in the box (a
+// container runtime's kill). The exec ends, if it does, as the signal
+// makes it: its exit event says which signal killed it.
+func (e *Engine) SignalExec(ctx context.Context, execID string, sig syscall.Signal) error {
+	e.mu.Lock()
+	live := e.execs[execID]
+	e.mu.Unlock()
+	if live == nil {
+		if _, err := e.store.GetExec(execID); err != nil {
+			return err
+		}
+		return errdefs.New(errdefs.ExecAlreadyFinished, "Exec already finished")
+	}
+	return live.proc.Signal(sig)
 }
 
 func execInfoOf(x state.Exec) *ExecInfo {

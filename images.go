@@ -365,6 +365,11 @@ func (e *Engine) pruneImages(ctx context.Context, rep *PruneReport) error {
 		if !ok || len(users[key]) > 0 || e.images.Has(key) {
 			continue
 		}
+		// A host tree's base (BoxSpec.Rootfs) on a shared dir may be
+		// another engine's.
+		if strings.HasPrefix(key, rootfsPrefix) && e.cfg.SharedDir != "" {
+			continue
+		}
 		p := filepath.Join(e.bases.Dir, ent.Name())
 		u, _ := disk.Usage(p)
 		if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
@@ -393,7 +398,7 @@ func (e *Engine) pruneCache(ctx context.Context, rep *PruneReport) error {
 		e.log.Warn("prune: cache left alone (boot assets unknown)", "err", err)
 		return nil
 	}
-	cache := filepath.Join(e.cfg.DataDir, "cache")
+	cache := e.cache
 	keep := map[string]bool{assets.kernel.Vmlinux: true, assets.initramfs: true}
 	if e.cfg.AgentPath == "" {
 		p, err := agentexec.AgentPath(ctx, cache) // known by now: bootAssets asked
@@ -447,7 +452,7 @@ func (e *Engine) DiskUsage(ctx context.Context) (DiskUsage, error) {
 		{e.images.Root(), &du.Images},
 		{e.bases.Dir, &du.BaseDisks},
 		{filepath.Join(e.cfg.DataDir, "boxes"), &du.BoxDisks},
-		{filepath.Join(e.cfg.DataDir, "cache"), &du.Cache},
+		{e.cache, &du.Cache},
 		{filepath.Join(e.cfg.DataDir, "state"), &du.State},
 	} {
 		if err := ctx.Err(); err != nil {

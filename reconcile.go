@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/boxrun/boxrun/image"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -77,8 +78,11 @@ func (e *Engine) reconcile(ctx context.Context) error {
 	}
 	// A template being made when the engine died: its VM goes, and the
 	// half-made template.
-	builds, _ := filepath.Glob(filepath.Join(e.cfg.DataDir, "cache", "templates", ".build-*"))
+	builds, _ := filepath.Glob(filepath.Join(e.cache, "templates", ".build-*"))
 	for _, dir := range builds {
+		if building(dir) {
+			continue // another engine's, on a shared cache (Config.SharedDir)
+		}
 		killVMIn(dir)
 		os.RemoveAll(dir)
 		e.log.Warn("removed a template build left by an earlier engine", "dir", dir)
@@ -111,9 +115,12 @@ func (e *Engine) reattach(ctx context.Context, rec state.Box) error {
 	lb, err := func() (*liveBox, error) {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		img, err := e.images.Get(actx, rec.ImageID)
-		if err != nil {
-			return nil, err
+		img := &image.Image{ID: rec.ImageID, Ref: rec.Image} // a host tree's: no config
+		if rec.RootfsDir == "" {
+			var err error
+			if img, err = e.images.Get(actx, rec.ImageID); err != nil {
+				return nil, err
+			}
 		}
 		conn, err := vm.DialAgent(actx)
 		if err != nil {

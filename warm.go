@@ -113,7 +113,13 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 			dir, err = w.ensure(ctx, e, key, family, cfg, boot)
 			if err == nil {
 				ino := stateIno(dir)
+				// Shared: another engine on the cache (Config.SharedDir)
+				// may not evict it while QEMU opens its files.
+				unlock, ok := w.flockMode(key, syscall.LOCK_SH)
 				vm, err = w.snap.Restore(ctx, cfg, dir)
+				if ok {
+					unlock()
+				}
 				if err == nil {
 					now := time.Now()
 					os.Chtimes(filepath.Join(dir, "meta.json"), now, now) // LRU
@@ -207,6 +213,15 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 	if complete(dir) {
 		return dir, nil
 	}
+	// Engines on one shared cache (Config.SharedDir) build it once too.
+	unlock, ok := w.flock(key, true)
+	if !ok {
+		return "", fmt.Errorf("template %s: cannot lock", key)
+	}
+	defer unlock()
+	if complete(dir) {
+		return dir, nil
+	}
 	if w.backingOff(key) { // the build that held the lock just failed
 		return "", fmt.Errorf("making template %s failed less than %v ago", key, failBackoff)
 	}
@@ -238,6 +253,12 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 		return err
 	}
 	defer os.RemoveAll(tmp)
+	// Held while building: an engine starting on a shared cache leaves a
+	// build alone whose lock is taken (reconcile.go).
+	if bl, err := os.OpenFile(filepath.Join(tmp, buildLock), os.O_CREATE|os.O_RDWR, 0o600); err == nil {
+		defer bl.Close()
+		syscall.Flock(int(bl.Fd()), syscall.LOCK_EX)
+	}
 	// Stand-ins with the box's device layout. The guest never probes
 	// them: its agent loads the disk, NIC and share drivers at the Hello.
 	t := cfg
@@ -317,6 +338,11 @@ func (w *warmStart) invalidate(key string, ino uint64) {
 	l := w.lock(key)
 	l.Lock()
 	defer l.Unlock()
+	unlock, ok := w.flock(key, true)
+	if !ok {
+		return
+	}
+	defer unlock()
 	dir := filepath.Join(w.dir, key)
 	if ino != 0 && stateIno(dir) != ino {
 		return
@@ -414,9 +440,61 @@ func (w *warmStart) evict(current string) {
 func (w *warmStart) remove(key string) {
 	l := w.lock(key)
 	if l.TryLock() { // being built or used: leave it to a later eviction
-		os.RemoveAll(filepath.Join(w.dir, key))
+		if unlock, ok := w.flock(key, false); ok {
+			os.RemoveAll(filepath.Join(w.dir, key))
+			unlock()
+		}
 		l.Unlock()
 	}
+}
+
+// buildLock is the file a template build holds locked in its dir.
+const buildLock = "build.lock"
+
+// building says whether a template build dir is an engine's build in
+// progress (its lock is held) rather than the leftover of a dead one.
+func building(dir string) bool {
+	// Just made: its lock may not be taken yet.
+	if info, err := os.Stat(dir); err == nil && time.Since(info.ModTime()) < time.Minute {
+		return true
+	}
+	f, err := os.Open(filepath.Join(dir, buildLock))
+	if err != nil {
+		return false // a leftover of a build before the lock existed
+	}
+	defer f.Close()
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		return true
+	}
+	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
+}
+
+// flock takes the cross-process lock of template key (a file next to
+// the templates), waiting for it when block, else failing at once when
+// another process holds it.
+func (w *warmStart) flock(key string, block bool) (unlock func(), ok bool) {
+	how := syscall.LOCK_EX
+	if !block {
+		how |= syscall.LOCK_NB
+	}
+	return w.flockMode(key, how)
+}
+
+// flockMode takes the lock of template key as flock(2)'s how says.
+func (w *warmStart) flockMode(key string, how int) (unlock func(), ok bool) {
+	if err := os.MkdirAll(w.dir, 0o700); err != nil {
+		return nil, false
+	}
+	f, err := os.OpenFile(filepath.Join(w.dir, ".lock-"+key), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, false
+	}
+	if syscall.Flock(int(f.Fd()), how) != nil {
+		f.Close()
+		return nil, false
+	}
+	return func() { f.Close() }, true
 }
 
 // diskUse is the space a dir's files take on disk (the RAM file is sparse).
@@ -448,8 +526,11 @@ func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
 	ents, _ := os.ReadDir(w.dir)
 	for _, en := range ents {
 		dir := filepath.Join(w.dir, en.Name())
+		if strings.HasPrefix(en.Name(), ".lock-") {
+			continue
+		}
 		if strings.HasPrefix(en.Name(), ".build-") {
-			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > staleAfter {
+			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > staleAfter && !building(dir) {
 				freed += diskUse(dir)
 				os.RemoveAll(dir)
 				names = append(names, "templates/"+en.Name())
@@ -463,9 +544,12 @@ func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
 		}
 		l := w.lock(en.Name())
 		if l.TryLock() {
-			freed += diskUse(dir)
-			os.RemoveAll(dir)
-			names = append(names, "templates/"+en.Name())
+			if unlock, ok := w.flock(en.Name(), false); ok {
+				freed += diskUse(dir)
+				os.RemoveAll(dir)
+				names = append(names, "templates/"+en.Name())
+				unlock()
+			}
 			l.Unlock()
 		}
 	}

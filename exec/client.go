@@ -335,6 +335,18 @@ func (c *Client) Stat(ctx context.Context, p string) (FileInfo, error) {
 	return *res.Stat, nil
 }
 
+// Usage reads what the box's processes use of its VM.
+func (c *Client) Usage(ctx context.Context) (Usage, error) {
+	res, err := c.call(ctx, &request{Op: "usage"})
+	if err != nil {
+		return Usage{}, err
+	}
+	if res.Usage == nil {
+		return Usage{}, errdefs.New(errdefs.RuntimeError, "usage: the agent sent none")
+	}
+	return *res.Usage, nil
+}
+
 // Shutdown asks the agent to stop every process, sync, unmount the box
 // filesystems and halt the VM. It returns once the agent acknowledged,
 // after the filesystems are synced; the VM then goes away on its own.

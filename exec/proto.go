@@ -19,7 +19,9 @@ import (
 // mounts its disks): an agent waits for it before it touches any device, so
 // that a VM snapshotted there can be restored as any box (warm start).
 // Network carries the interface's MAC address.
-const ProtocolVersion = 4
+//
+// 5: request "usage" ([Client.Usage]): the guest's CPU time and memory in use.
+const ProtocolVersion = 5
 
 // Frame types. See the package documentation for the framing.
 const (
@@ -154,6 +156,20 @@ type result struct {
 	Pid  int         `json:"pid,omitempty"`  // started
 	Exit *ExitStatus `json:"exit,omitempty"` // exec
 	Stat *FileInfo   `json:"stat,omitempty"` // stat
+
+	Usage *Usage `json:"usage,omitempty"` // usage
+}
+
+// Usage is what a box's processes use of its VM, read from the guest
+// kernel: CPU time since boot (the guest's /proc/stat) and memory in use
+// (MemTotal - MemAvailable of /proc/meminfo).
+type Usage struct {
+	CPUUsec    uint64 `json:"cpu_usec"` // user + system (+ irq, softirq, nice)
+	UserUsec   uint64 `json:"user_usec"`
+	SystemUsec uint64 `json:"system_usec"`
+	MemTotal   uint64 `json:"mem_total"` // bytes
+	MemUsed    uint64 `json:"mem_used"`  // bytes
+	Processes  uint64 `json:"processes"` // the guest's processes, agent included
 }
 
 // HelloRequest is what the host tells the agent in [Client.Hello]: the

@@ -235,6 +235,10 @@ func (sv *server) handle(s *stream, p []byte) {
 		return
 	case "stat":
 		res, err = sv.stat(&req)
+	case "usage":
+		var u *Usage
+		u, err = readUsage("/proc")
+		res = &result{Usage: u}
 	case "copyin":
 		err = sv.copyIn(s, &req)
 	case "copyout":

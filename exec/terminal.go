@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -110,6 +111,9 @@ func (t *Terminal) pump() {
 
 // Pid is the command's process id in the box.
 func (t *Terminal) Pid() int { return t.p.Pid() }
+
+// Signal sends sig to the command's process group.
+func (t *Terminal) Signal(sig syscall.Signal) error { return t.p.Signal(sig) }
 
 // Read reads the terminal's output. It returns io.EOF once the command
 // ended and its output was read, and os.ErrClosed after Close.

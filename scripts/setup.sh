@@ -13,6 +13,9 @@
 #   chromium           the tests' headless browser for boxrund's /ui dashboard
 #   iproute2           `ip netns`: the network tests put an "internet" server in a
 #                      namespace of their own
+#   containerd         the shim's end-to-end tests (Debian's containerd 1.6 and
+#                      ctr; scripts/containerd.sh also builds containerd 2.4
+#                      and crictl, cached)
 #   libgpgme-dev, libbtrfs-dev, pkg-config, gcc, libc6-dev
 #                      a plain `go build` (no tags, cgo on) of anything that
 #                      imports boxrun: containers/image's GPG signature code
@@ -23,7 +26,7 @@
 #                      1.59 has no devicemapper driver any more.)
 set -euo pipefail
 
-pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium iproute2 ca-certificates git
+pkgs=(qemu-system-x86 linux-image-amd64 e2fsprogs xz-utils zstd busybox-static docker-registry python3-httpx chromium iproute2 ca-certificates git containerd
   libgpgme-dev libbtrfs-dev pkg-config gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -50,5 +53,9 @@ if [ "$(id -u)" -eq 0 ] && ! id boxrun-test >/dev/null 2>&1; then
 fi
 command -v go >/dev/null 2>&1 || export PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null 2>&1 || { echo "setup: a Go toolchain (1.24+) is needed: https://go.dev/dl" >&2; exit 1; }
+# containerd 2.4 and crictl for the shim tests, built once and cached.
+if [ "$(id -u)" -eq 0 ]; then
+  "$(dirname "$0")/containerd.sh"
+fi
 ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "setup: no kernel in /boot after install" >&2; exit 1; }
 echo "setup: ok ($(qemu-system-x86_64 --version | head -1); kernel $(ls /boot/vmlinuz-* | tail -1))" >&2

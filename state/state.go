@@ -77,18 +77,22 @@ const (
 
 // Box is the record of one box, shaped like the BoxRun box record.
 type Box struct {
-	ID         string            `json:"id"`
-	Name       string            `json:"name,omitempty"`
-	Status     string            `json:"status"`
-	Image      string            `json:"image"`
-	ImageID    string            `json:"image_id,omitempty"`
-	CPU        int               `json:"cpu"`
-	MemoryMB   int               `json:"memory_mb"`
-	DiskSizeGB int               `json:"disk_size_gb"`
-	Network    bool              `json:"network"`
-	Workdir    string            `json:"workdir,omitempty"`
-	Env        map[string]string `json:"env,omitempty"`
-	Volumes    []Volume          `json:"volumes,omitempty"`
+	ID      string `json:"id"`
+	Name    string `json:"name,omitempty"`
+	Status  string `json:"status"`
+	Image   string `json:"image"`
+	ImageID string `json:"image_id,omitempty"`
+	// RootfsDir is the host tree a box boots on instead of an image
+	// (BoxSpec.Rootfs); ImageID is then its base disk's key.
+	RootfsDir     string            `json:"rootfs_dir,omitempty"`
+	RootfsPrivate bool              `json:"rootfs_private,omitempty"` // its base disk goes with it
+	CPU           int               `json:"cpu"`
+	MemoryMB      int               `json:"memory_mb"`
+	DiskSizeGB    int               `json:"disk_size_gb"`
+	Network       bool              `json:"network"`
+	Workdir       string            `json:"workdir,omitempty"`
+	Env           map[string]string `json:"env,omitempty"`
+	Volumes       []Volume          `json:"volumes,omitempty"`
 	// NetworkPolicy and Ports apply when Network is on.
 	NetworkPolicy network.Policy `json:"network_policy,omitempty"`
 	Ports         []network.Port `json:"ports,omitempty"`

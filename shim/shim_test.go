@@ -1,0 +1,129 @@
+package shim
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containerd/containerd/api/types"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+func overlay(lowers []string, upper, work string) []*types.Mount {
+	opts := []string{"index=off", "lowerdir=" + strings.Join(lowers, ":")}
+	if upper != "" {
+		opts = append(opts, "upperdir="+upper, "workdir="+work)
+	}
+	return []*types.Mount{{Type: "overlay", Source: "overlay", Options: opts}}
+}
+
+// TestRootfsTreeKeys: the image's layers give one key whatever the
+// container (its base disk is shared); content of the container's own
+// makes a key of its own; a replaced layer dir makes another key.
+func TestRootfsTreeKeys(t *testing.T) {
+	dir := t.TempDir()
+	l1, l2 := filepath.Join(dir, "1/fs"), filepath.Join(dir, "2/fs")
+	up, work := filepath.Join(dir, "up"), filepath.Join(dir, "work")
+	for _, d := range []string{l1, l2, up, work} {
+		os.MkdirAll(d, 0o755)
+	}
+	os.WriteFile(filepath.Join(l1, "a"), []byte("1"), 0o644)
+
+	one := func(id string, m []*types.Mount) *tree {
+		t.Helper()
+		tr, err := rootfsTree(id, dir, m, "", filepath.Join(dir, "scratch-"+id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(tr.cleanup)
+		return tr
+	}
+	a, b := one("c1", overlay([]string{l1}, up, work)), one("c2", overlay([]string{l1}, up, work))
+	if a.key != b.key || a.dir != l1 {
+		t.Errorf("one layer, empty upper: keys %s %s, dir %s", a.key, b.key, a.dir)
+	}
+	if !validKeyForEngine(a.key) {
+		t.Errorf("key %q is not a valid Rootfs key", a.key)
+	}
+	os.WriteFile(filepath.Join(up, "own"), []byte("x"), 0o644)
+	if os.Geteuid() == 0 {
+		c := one("c3", overlay([]string{l1}, up, work))
+		if c.key == a.key {
+			t.Error("a non-empty upper dir shares the image's key")
+		}
+		if _, err := os.Stat(filepath.Join(c.dir, "own")); err != nil {
+			t.Errorf("the container's own file is not in its tree: %v", err)
+		}
+		two := one("c4", overlay([]string{l2, l1}, "", ""))
+		if _, err := os.Stat(filepath.Join(two.dir, "a")); err != nil {
+			t.Errorf("two layers merged: %v", err)
+		}
+	}
+	// A layer dir replaced by another with the same path: another key.
+	os.RemoveAll(l1)
+	os.MkdirAll(l1, 0o755)
+	if d := one("c5", overlay([]string{l1}, "", "")); d.key == a.key {
+		t.Error("a replaced layer dir kept its key")
+	}
+	if _, err := rootfsTree("c6", dir, []*types.Mount{{Type: "tmpfs"}}, "", dir); err == nil {
+		t.Error("tmpfs rootfs: no error")
+	}
+	if _, err := rootfsTree("c7", dir, overlay([]string{filepath.Join(dir, "gone")}, "", ""), "", dir); err == nil {
+		t.Error("missing layer: no error")
+	}
+	// No mounts: the bundle's rootfs dir, specific to the container.
+	os.MkdirAll(filepath.Join(dir, "rootfs"), 0o755)
+	r := one("c8", nil)
+	if r.dir != filepath.Join(dir, "rootfs") || r.key == one("c9", nil).key {
+		t.Errorf("bundle rootfs: dir %s; keys must differ per container", r.dir)
+	}
+}
+
+func validKeyForEngine(k string) bool {
+	for _, c := range k {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return len(k) <= 128
+}
+
+func TestBoxShape(t *testing.T) {
+	quota, period, mem := int64(150000), uint64(100000), int64(300<<20)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "hosts")
+	os.WriteFile(file, []byte("127.0.0.1 x\n"), 0o644)
+	s := &specs.Spec{
+		Process: &specs.Process{Args: []string{"sh"}},
+		Linux: &specs.Linux{
+			Resources:  &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: &quota, Period: &period}, Memory: &specs.LinuxMemory{Limit: &mem}},
+			Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.NetworkNamespace}},
+		},
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc"},
+			{Destination: "/data", Type: "bind", Source: dir, Options: []string{"rbind", "ro"}},
+			{Destination: "/etc/hosts", Type: "bind", Source: file, Options: []string{"rbind"}},
+			{Destination: "/gone", Type: "bind", Source: filepath.Join(dir, "gone"), Options: []string{"rbind"}},
+		},
+	}
+	bs, files := boxShape(s, Defaults{})
+	if bs.CPU != 2 || bs.MemoryMB != 300 || bs.DiskSizeGB != 8 || bs.Network {
+		t.Errorf("shape: cpu %d mem %d disk %d network %v", bs.CPU, bs.MemoryMB, bs.DiskSizeGB, bs.Network)
+	}
+	if len(bs.Volumes) != 1 || bs.Volumes[0].GuestPath != "/data" || !bs.Volumes[0].ReadOnly {
+		t.Errorf("volumes: %+v", bs.Volumes)
+	}
+	if len(files) != 1 || files[0].guest != "/etc/hosts" {
+		t.Errorf("files: %+v", files)
+	}
+	// No limits, the host's network (no namespace): the defaults, a NIC.
+	bs, _ = boxShape(&specs.Spec{Process: &specs.Process{Args: []string{"sh"}}}, Defaults{CPU: 3, MemoryMB: 700})
+	if bs.CPU != 3 || bs.MemoryMB != 700 || !bs.Network {
+		t.Errorf("defaults: %+v", bs)
+	}
+	p := procOf(&specs.Process{Args: []string{"id"}, Env: []string{"A=1", "B=x=y"}, Cwd: "/w", User: specs.User{UID: 1000, GID: 100}})
+	if p.user != "1000:100" || p.env["B"] != "x=y" || p.cwd != "/w" {
+		t.Errorf("process: %+v", p)
+	}
+}
