@@ -208,8 +208,8 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 	dir := t.TempDir()
 	pod := filepath.Join(dir, "pod.json")
 	writeJSON(t, pod, map[string]any{
-		"metadata": map[string]any{"name": "boxpod", "namespace": "default", "uid": "uid-boxpod", "attempt": 1},
-		"linux":    map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
+		"metadata":      map[string]any{"name": "boxpod", "namespace": "default", "uid": "uid-boxpod", "attempt": 1},
+		"linux":         map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
 		"log_directory": dir,
 	})
 	ctr := filepath.Join(dir, "ctr.json")
