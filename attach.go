@@ -68,7 +68,7 @@ func (e *Engine) Attach(ctx context.Context, box string, spec AttachSpec) (*Sess
 	case env["TERM"] == "":
 		env["TERM"] = defaultTerm
 	}
-	cmd := e.command(rec, lb, ExecSpec{Cmd: args, Env: env, Workdir: spec.Workdir, User: spec.User})
+	cmd := e.command(rec, lb, ExecSpec{Cmd: args, Env: env, Workdir: spec.Workdir, User: spec.User, Root: spec.Root})
 	cmd.TTY = &agentexec.TTY{Rows: spec.Rows, Cols: spec.Cols}
 	t, err := lb.agent.StartTerminal(ctx, cmd)
 	if err != nil {

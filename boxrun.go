@@ -241,6 +241,12 @@ type ExecSpec struct {
 	Stdin   io.Reader         // nil: empty
 	// Entrypoint prepends the image's Entrypoint to Cmd.
 	Entrypoint bool
+	// Root runs the command chrooted into this directory of the box (a
+	// container's root filesystem in a box that holds a pod's containers,
+	// as the containerd shim does); Workdir, User and Cmd[0] are resolved
+	// in it, and it gets /proc, /sys and /dev of its own on first use
+	// (ReleaseRoot). "" is the box root.
+	Root string
 }
 
 // AttachSpec describes an interactive session: a command on a terminal.
@@ -251,6 +257,7 @@ type AttachSpec struct {
 	User       string            // default the image's user
 	Term       string            // TERM; default "xterm-256color"
 	Rows, Cols uint16            // initial window size; default 24x80
+	Root       string            // as ExecSpec.Root
 }
 
 // ExecResult is the outcome of a finished command.

@@ -672,6 +672,16 @@ func (e *Engine) Info() Info {
 	}
 }
 
+// ReleaseRoot unmounts what the box's agent mounted in root (/proc, /sys,
+// /dev) for commands run in it (ExecSpec.Root), once they are all gone.
+func (e *Engine) ReleaseRoot(ctx context.Context, idOrName, root string) error {
+	_, lb, err := e.running(idOrName)
+	if err != nil {
+		return err
+	}
+	return lb.agent.ReleaseRoot(ctx, root)
+}
+
 // Usage reads what a running box uses of its VM, from its guest kernel.
 // Errors: BOX_NOT_FOUND, BOX_NOT_RUNNING.
 func (e *Engine) Usage(ctx context.Context, idOrName string) (Usage, error) {
@@ -748,7 +758,7 @@ func (e *Engine) command(rec state.Box, lb *liveBox, spec ExecSpec) agentexec.Co
 	if user == "" {
 		user = cfg.User
 	}
-	return agentexec.Command{Args: args, Env: env, Dir: dir, User: user, Timeout: spec.Timeout, Stdin: spec.Stdin}
+	return agentexec.Command{Args: args, Env: env, Dir: dir, User: user, Timeout: spec.Timeout, Stdin: spec.Stdin, Root: spec.Root}
 }
 
 // mergeEnv layers KEY=VALUE lists and maps; later layers win, order of
@@ -966,6 +976,9 @@ func (s *ExecSpec) validate() error {
 	}
 	if s.Timeout < 0 {
 		return errdefs.New(errdefs.ValidationError, "timeout must be positive")
+	}
+	if s.Root != "" && !strings.HasPrefix(s.Root, "/") {
+		return errdefs.New(errdefs.ValidationError, "root must be an absolute path (starting with /)")
 	}
 	return nil
 }

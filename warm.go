@@ -326,6 +326,7 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	if err := os.Rename(tmp, filepath.Join(w.dir, key)); err != nil {
 		return err
 	}
+	os.Remove(filepath.Join(w.dir, ".failed-"+key))
 	w.templates.Add(1)
 	e.log.Info("warm-start template made", "template", key, "boot", booted.Round(time.Millisecond),
 		"save", time.Duration(meta.SaveMS)*time.Millisecond)
@@ -366,6 +367,8 @@ func stateIno(dir string) uint64 {
 // failBackoff, boxes of its shape boot cold without trying again, instead
 // of each paying a template boot first. (A template that was made but
 // fails to load or come up is removed and made again by the next box.)
+// The failure is noted in the cache dir too: engines sharing it
+// (Config.SharedDir: a shim process per container) back off together.
 func (w *warmStart) failed(key string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -373,13 +376,18 @@ func (w *warmStart) failed(key string) {
 		w.failures = map[string]time.Time{}
 	}
 	w.failures[key] = time.Now()
+	os.WriteFile(filepath.Join(w.dir, ".failed-"+key), nil, 0o600)
 }
 
 func (w *warmStart) backingOff(key string) bool {
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	t, ok := w.failures[key]
-	return ok && time.Since(t) < failBackoff
+	w.mu.Unlock()
+	if ok && time.Since(t) < failBackoff {
+		return true
+	}
+	st, err := os.Stat(filepath.Join(w.dir, ".failed-"+key))
+	return err == nil && time.Since(st.ModTime()) < failBackoff
 }
 
 // failBackoff is how long a shape whose template failed boots cold.
@@ -527,6 +535,12 @@ func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
 	for _, en := range ents {
 		dir := filepath.Join(w.dir, en.Name())
 		if strings.HasPrefix(en.Name(), ".lock-") {
+			continue
+		}
+		if strings.HasPrefix(en.Name(), ".failed-") {
+			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > failBackoff {
+				os.Remove(dir)
+			}
 			continue
 		}
 		if strings.HasPrefix(en.Name(), ".build-") {

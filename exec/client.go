@@ -335,6 +335,13 @@ func (c *Client) Stat(ctx context.Context, p string) (FileInfo, error) {
 	return *res.Stat, nil
 }
 
+// ReleaseRoot unmounts what the agent mounted in root for commands run
+// in it ([Command.Root]): the container is gone.
+func (c *Client) ReleaseRoot(ctx context.Context, root string) error {
+	_, err := c.call(ctx, &request{Op: "releaseroot", Path: root})
+	return err
+}
+
 // Usage reads what the box's processes use of its VM.
 func (c *Client) Usage(ctx context.Context) (Usage, error) {
 	res, err := c.call(ctx, &request{Op: "usage"})
@@ -499,6 +506,9 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 	if cmd.Dir != "" && !path.IsAbs(cmd.Dir) {
 		return nil, errdefs.New(errdefs.ValidationError, "start %q: working directory %q is not absolute", cmd.Args[0], cmd.Dir)
 	}
+	if cmd.Root != "" && !path.IsAbs(cmd.Root) {
+		return nil, errdefs.New(errdefs.ValidationError, "start %q: root %q is not absolute", cmd.Args[0], cmd.Root)
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, ctxError(err, "start")
 	}
@@ -510,6 +520,7 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		User:  cmd.User,
 		Stdin: cmd.Stdin != nil,
 		TTY:   cmd.TTY,
+		Root:  cmd.Root,
 	}
 	if cmd.Timeout > 0 {
 		req.TimeoutMS = max(1, int64((cmd.Timeout+time.Millisecond-1)/time.Millisecond))

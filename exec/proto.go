@@ -20,7 +20,9 @@ import (
 // that a VM snapshotted there can be restored as any box (warm start).
 // Network carries the interface's MAC address.
 //
-// 5: request "usage" ([Client.Usage]): the guest's CPU time and memory in use.
+// 5: request "usage" ([Client.Usage]): the guest's CPU time and memory in
+// use; exec's "root" (a container's root in the box, [Command.Root]) and
+// request "releaseroot" ([Client.ReleaseRoot]).
 const ProtocolVersion = 5
 
 // Frame types. See the package documentation for the framing.
@@ -139,6 +141,10 @@ type request struct {
 	TimeoutMS int64    `json:"timeout_ms,omitempty"`
 	Stdin     bool     `json:"stdin,omitempty"`
 	TTY       *TTY     `json:"tty,omitempty"` // exec: run on a terminal of this size
+	// Root (exec) runs the command chrooted into this directory of the
+	// box root (a pod's container's root filesystem), with /proc, /sys
+	// and /dev of its own; releaseroot (Path) takes those away.
+	Root string `json:"root,omitempty"`
 
 	Path string      `json:"path,omitempty"` // stat, copyout, writefile
 	Mode os.FileMode `json:"mode,omitempty"` // writefile: permission bits; 0 is 0644
@@ -270,6 +276,11 @@ type Command struct {
 	// EOF only ends the copy: the terminal stays open. [Process.Write]
 	// types too.
 	Stdin io.Reader
+	// Root, if set, is a directory of the box (a container's root
+	// filesystem, in a box that holds a pod) that the command runs
+	// chrooted into; Dir, User and Args[0] are resolved in it. The agent
+	// gives it /proc, /sys and /dev on first use ([Client.ReleaseRoot]).
+	Root string
 	// TTY, when set, runs the command on a pseudo-terminal of that size:
 	// the process leads a new session whose controlling terminal is the
 	// terminal's slave end, which is its stdin, stdout and stderr. Its

@@ -98,6 +98,8 @@ type server struct {
 	stopping bool
 
 	lingering []string // cgroups of finished execs whose processes still ran
+
+	roots map[string]*subRoot // container roots set up for execs (roots.go)
 }
 
 // Serve answers requests from a [Client] on conn until the connection ends
@@ -235,6 +237,8 @@ func (sv *server) handle(s *stream, p []byte) {
 		return
 	case "stat":
 		res, err = sv.stat(&req)
+	case "releaseroot":
+		err = sv.releaseRoot(req.Path)
 	case "usage":
 		var u *Usage
 		u, err = readUsage("/proc")
@@ -531,11 +535,21 @@ func (sv *server) exec(s *stream, req *request) {
 		sv.finish(s, nil, errdefs.New(errdefs.ValidationError, "start: empty command"))
 		return
 	}
-	spec, err := resolveCommand(sv.root, req)
+	root, chroot := sv.root, sv.chroot
+	if req.Root != "" {
+		r, err := sv.subRoot(req.Root)
+		if err != nil {
+			sv.finish(s, nil, err)
+			return
+		}
+		root, chroot = r.root, r.chroot
+	}
+	spec, err := resolveCommand(root, req)
 	if err != nil {
 		sv.finish(s, nil, err)
 		return
 	}
+	spec.chroot = chroot
 	if err := s.ctx.Err(); err != nil {
 		sv.finish(s, nil, errdefs.Wrap(errdefs.Canceled, err, "start %q", req.Args[0]))
 		return
@@ -670,7 +684,7 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	}()
 	pr := &process{}
 	var files [3]uintptr
-	sys := &syscall.SysProcAttr{Chroot: sv.chroot, Credential: spec.cred}
+	sys := &syscall.SysProcAttr{Chroot: spec.chroot, Credential: spec.cred}
 	if req.TTY != nil {
 		rows, cols := req.TTY.size()
 		master, slave, err := sv.openPTY(rows, cols, int(spec.cred.Uid))

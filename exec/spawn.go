@@ -127,6 +127,9 @@ type execSpec struct {
 	env  []string
 	dir  string
 	cred *syscall.Credential
+	// chroot is the root the command runs in: the box root, or a
+	// container's in it (request Root); "" for the real root.
+	chroot string
 }
 
 // startError is the error of a command that cannot start.

@@ -198,7 +198,8 @@ func shimPIDs(c *testenv.Containerd, id string) []int {
 }
 
 // criScenario: the CRI path kubelet takes, through crictl, with the boxrun
-// runtime handler.
+// runtime handler: a pod of two containers in one box, each on its own
+// root filesystem, sharing localhost.
 func criScenario(t *testing.T, c *testenv.Containerd) {
 	testenv.RequireCrictl(t)
 	ctx := ctxT(t, 5*time.Minute)
@@ -244,6 +245,50 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 	}
 	if o := c.MustCrictl(t, ctx, "inspect", "-o", "go-template", "--template", "{{.status.state}}", cid); !strings.Contains(o, "RUNNING") {
 		t.Errorf("container state: %s", o)
+	}
+	// A second container in the pod: the same box (one VM), its own root
+	// filesystem, the first one's server on localhost.
+	web := filepath.Join(dir, "web.json")
+	writeJSON(t, web, map[string]any{
+		"metadata": map[string]any{"name": "web"},
+		"image":    map[string]any{"image": img},
+		"command": []string{"sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && " +
+			"echo only-web > /tmp/only-web && exec httpd -f -p 127.0.0.1:8080 -h /www"},
+		"log_path": "web.log",
+		"linux":    map[string]any{},
+	})
+	wid := strings.TrimSpace(c.MustCrictl(t, ctx, "create", podID, web, pod))
+	c.MustCrictl(t, ctx, "start", wid)
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		o, _, err := c.Crictl(ctx, "exec", "-s", cid, "wget", "-qO-", "http://127.0.0.1:8080/")
+		if err == nil && strings.TrimSpace(o) == "hello-from-web" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("app -> web over the pod's localhost: %q %v", o, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if n := len(vmmProcesses(shimRoot.dir)); n != 1 {
+		t.Errorf("VMs of a pod of two containers: %d; want 1", n)
+	}
+	bootApp := c.MustCrictl(t, ctx, "exec", "-s", cid, "cat", "/proc/sys/kernel/random/boot_id")
+	bootWeb := c.MustCrictl(t, ctx, "exec", "-s", wid, "cat", "/proc/sys/kernel/random/boot_id")
+	if bootApp != bootWeb {
+		t.Errorf("the pod's containers run on two kernels: %q %q", bootApp, bootWeb)
+	}
+	if o, _, err := c.Crictl(ctx, "exec", "-s", cid, "cat", "/tmp/only-web"); err == nil && strings.Contains(o, "only-web") {
+		t.Errorf("the app container sees the web container's /tmp: %q", o)
+	}
+	if o := c.MustCrictl(t, ctx, "exec", "-s", wid, "cat", "/tmp/only-web"); strings.TrimSpace(o) != "only-web" {
+		t.Errorf("web's own file: %q", o)
+	}
+	// One container stopped and removed: the other runs on.
+	c.MustCrictl(t, ctx, "stop", wid)
+	c.MustCrictl(t, ctx, "rm", wid)
+	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "cat", "/tmp/mark"); strings.TrimSpace(o) != "started" {
+		t.Errorf("app after web was removed: %q", o)
 	}
 	c.MustCrictl(t, ctx, "stopp", podID)
 	c.MustCrictl(t, ctx, "rmp", podID)

@@ -175,3 +175,55 @@ func TestRootfsBoxesShareOneBaseAndTemplate(t *testing.T) {
 		t.Errorf("after Stop/Start: %q", got)
 	}
 }
+
+// TestExecInRootOfTheBox runs commands chrooted into a directory of a box
+// (ExecSpec.Root, a pod's container in the containerd shim) given over a
+// volume: they see that tree as "/", with /proc, /sys and /dev of their
+// own; a hostile tree's symlinked /proc and /dev cannot make the agent
+// mount over the box's own files; ReleaseRoot unmounts what it mounted.
+func TestExecInRootOfTheBox(t *testing.T) {
+	ctx := ctxT(t, 3*time.Minute)
+	pod := t.TempDir()
+	good, evil := filepath.Join(pod, "good"), filepath.Join(pod, "evil")
+	busyboxTree(t, good)
+	busyboxTree(t, evil)
+	os.RemoveAll(filepath.Join(evil, "proc"))
+	os.RemoveAll(filepath.Join(evil, "dev"))
+	os.Symlink("/../../../etc", filepath.Join(evil, "proc"))
+	os.Symlink("../../../../bin", filepath.Join(evil, "dev"))
+	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1,
+		Volumes: []boxrun.Volume{{HostPath: pod, GuestPath: "/pod"}}})
+	run := func(root, script string) (string, int) {
+		t.Helper()
+		res, err := fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{Root: root, Cmd: []string{"sh", "-c", script}})
+		if err != nil {
+			t.Fatalf("exec in %s: %v", root, err)
+		}
+		return res.Stdout + res.Stderr, res.ExitCode
+	}
+	out, code := run("/pod/good", "cat /etc/tree-marker; ls /proc/self/fd >/dev/null && echo proc-ok; test -c /dev/null && echo dev-ok; ls /sys/kernel >/dev/null && echo sys-ok; id -u")
+	if code != 0 || out != "from the host tree\nproc-ok\ndev-ok\nsys-ok\n0\n" {
+		t.Errorf("in the tree: exit %d, %q", code, out)
+	}
+	// The symlinks resolve inside the tree: its own /etc gets the proc
+	// mount, the box's /etc and /bin stay as they were.
+	// (Whether the exec then runs or fails does not matter.)
+	fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{Root: "/pod/evil", Cmd: []string{"true"}})
+	if res := sh(t, box, "ls /bin/sh /etc/passwd; test -e /etc/self && echo proc-on-etc; test -e /bin/null && echo dev-on-bin; awk '$2 == \"/etc\" || $2 == \"/bin\"' /proc/mounts | wc -l"); res.Stdout != "/bin/sh\n/etc/passwd\n0\n" {
+		t.Errorf("the box's own files after a hostile root: %q %q", res.Stdout, res.Stderr)
+	}
+	if err := fx.eng.ReleaseRoot(ctx, box.ID, "/pod/good"); err != nil {
+		t.Fatal(err)
+	}
+	if mounts := sh(t, box, "grep -c /pod/good /proc/mounts || true").Stdout; mounts != "0\n" {
+		t.Errorf("mounts left in the tree after ReleaseRoot: %s", mounts)
+	}
+	for _, bad := range []string{"relative", "/"} {
+		if _, err := fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{Root: bad, Cmd: []string{"true"}}); boxrun.CodeOf(err) != boxrun.ValidationError {
+			t.Errorf("root %q: %v; want VALIDATION_ERROR", bad, err)
+		}
+	}
+	if _, err := fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{Root: "/pod/none", Cmd: []string{"true"}}); err == nil {
+		t.Error("a root that does not exist: no error")
+	}
+}

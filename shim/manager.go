@@ -18,8 +18,9 @@ import (
 
 // StartShim is the shim's `start`: it makes the task's socket, starts
 // the shim server (this binary again) on it, detached, and returns the
-// socket's address. Each container gets a shim, a socket and a box of
-// its own: containers are not grouped into pods yet.
+// socket's address. The containers of a CRI pod go to the shim of its
+// sandbox (by the sandbox id annotation, as runc's and Kata's shims
+// group them): its socket is returned when it serves already.
 func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string, retErr error) {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
@@ -33,7 +34,8 @@ func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string,
 	if err != nil {
 		return "", err
 	}
-	address, err := shim.SocketAddress(ctx, opts.Address, opts.ID)
+	group := groupOf(opts.ID, readBundleSpec(cwd))
+	address, err := shim.SocketAddress(ctx, opts.Address, group)
 	if err != nil {
 		return "", err
 	}
@@ -42,10 +44,17 @@ func (s *Service) StartShim(ctx context.Context, opts shim.StartOpts) (_ string,
 		if !shim.SocketEaddrinuse(err) {
 			return "", fmt.Errorf("create shim socket: %w", err)
 		}
-		// A socket left by a shim that died: ours to take over.
 		if shim.CanConnect(address) {
-			return "", fmt.Errorf("shim socket %s: another shim serves it", address)
+			if group == opts.ID {
+				return "", fmt.Errorf("shim socket %s: another shim serves it", address)
+			}
+			// The pod's shim: this container goes to it.
+			if err := shim.WriteAddress("address", address); err != nil {
+				return "", err
+			}
+			return address, nil
 		}
+		// A socket left by a shim that died: ours to take over.
 		if err := shim.RemoveSocket(address); err != nil {
 			return "", fmt.Errorf("remove stale shim socket: %w", err)
 		}
@@ -98,8 +107,21 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	} else {
 		fmt.Fprintf(os.Stderr, "no shim socket address in %s: %v\n", bundle, err)
 	}
+	// A pod's container: its root filesystem, mounted in its pod's dir.
+	if sb := sandboxOf(readBundleSpec(bundle)); sb != "" {
+		if err := unmountPodRootfs(filepath.Join(s.opts.Root, "tasks", s.ns, sb, "pod", s.id)); err != nil && !os.IsNotExist(err) {
+			fmt.Fprintf(os.Stderr, "unmount the container's root filesystem: %v\n", err)
+		}
+	}
 	dir := s.dataDir()
 	unmount(filepath.Join(dir, "scratch", "rootfs")) // a shim killed in Create leaves it mounted
+	// A pod's sandbox: what its containers left mounted in the pod dir
+	// (never remove through a mount).
+	if ents, err := os.ReadDir(filepath.Join(dir, "pod")); err == nil {
+		for _, en := range ents {
+			unmountPodRootfs(filepath.Join(dir, "pod", en.Name()))
+		}
+	}
 	if _, err := os.Stat(filepath.Join(dir, "state")); err == nil {
 		cfg := s.opts.Engine
 		cfg.DataDir, cfg.SharedDir, cfg.Logger = dir, s.opts.Root, s.log
@@ -117,6 +139,8 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 			eng.Close()
 		}
 	}
-	os.RemoveAll(dir)
+	if err := removeAll(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+	}
 	return &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}, nil
 }

@@ -21,6 +21,7 @@ type process struct {
 	spec     processSpec
 	stdio    stdio
 	terminal bool
+	root     string // a pod's container's root in the box (ExecSpec.Root)
 
 	mu         sync.Mutex
 	status     task.Status
@@ -123,7 +124,7 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 	}
 	if p.terminal {
 		s, err := eng.Attach(ctx, box, boxrun.AttachSpec{Cmd: p.spec.args, Env: p.spec.env, Workdir: p.spec.cwd,
-			User: p.spec.user, Rows: p.spec.rows, Cols: p.spec.cols})
+			User: p.spec.user, Rows: p.spec.rows, Cols: p.spec.cols, Root: p.root})
 		if err != nil {
 			closeAll()
 			cancel()
@@ -170,7 +171,7 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 		}()
 	}
 	info, events, err := eng.StreamExec(ctx, box, boxrun.ExecSpec{Cmd: p.spec.args, Env: p.spec.env,
-		Workdir: p.spec.cwd, User: p.spec.user, Stdin: in})
+		Workdir: p.spec.cwd, User: p.spec.user, Stdin: in, Root: p.root})
 	if err != nil {
 		if pw != nil {
 			pw.Close()

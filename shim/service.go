@@ -109,8 +109,10 @@ type creating struct {
 type container struct {
 	eng        *boxrun.Engine
 	id, bundle string
-	box        string // the engine's box; "" for a pod's sandbox
-	sandbox    bool   // a CRI pod's sandbox (pause) container: no box
+	box        string // the engine's box: its own, or its pod's
+	sandbox    bool   // a CRI pod's sandbox (pause) container: it runs nothing
+	root       string // a pod's container: its root in the pod's box ("" otherwise)
+	hostDir    string // a pod's container: its dir in the pod dir, on the host
 	vmmPid     int
 	rootfs     []*types.Mount
 	init       *process
@@ -209,16 +211,9 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		s.mu.Unlock()
 		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrAlreadyExists, "container %s", r.ID)
 	}
-	if isSandbox(spec) {
+	if sb := s.containers[sandboxOf(spec)]; sb != nil && sb.sandbox && sb.box != "" {
 		defer s.mu.Unlock()
-		// A pod's pause container holds namespaces for runc; a box has
-		// its own. It runs nothing: a process that waits to be killed.
-		c := &container{id: r.ID, bundle: r.Bundle, sandbox: true, vmmPid: os.Getpid(), rootfs: r.Rootfs,
-			execs: map[string]*process{}, init: newProcess("", procOf(spec.Process), stdio{})}
-		s.containers[r.ID] = c
-		s.publish(runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{ContainerID: r.ID, Bundle: r.Bundle,
-			Rootfs: r.Rootfs, IO: &eventstypes.TaskIO{}, Pid: uint32(c.vmmPid)})
-		return &taskAPI.CreateTaskResponse{Pid: uint32(c.vmmPid)}, nil
+		return s.createInPod(r, spec, sb)
 	}
 	eng, err := s.engine(ctx)
 	if err != nil {
@@ -251,6 +246,15 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	defer tr.cleanup()
 	bs, files := boxShape(spec, s.opts.Defaults)
 	bs.Rootfs = &boxrun.Rootfs{Dir: tr.dir, Key: tr.key, Private: tr.private}
+	sandbox := isSandbox(spec)
+	if sandbox {
+		// The pod's box: its containers' roots come through the pod dir.
+		pod := filepath.Join(s.dataDir(), "pod")
+		if err := os.MkdirAll(pod, 0o700); err != nil {
+			return nil, cerrdefs.ToGRPC(err)
+		}
+		bs.Volumes = append(bs.Volumes, boxrun.Volume{HostPath: pod, GuestPath: podGuestDir})
+	}
 	box, err := eng.Create(ctx, bs)
 	if err != nil {
 		return nil, toGRPC(err)
@@ -266,7 +270,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 	}
 	c := &container{eng: eng, id: r.ID, bundle: r.Bundle, box: box.ID, rootfs: r.Rootfs, execs: map[string]*process{},
-		init: newProcess("", procOf(spec.Process), stdio{r.Stdin, r.Stdout, r.Stderr})}
+		sandbox: sandbox, init: newProcess("", procOf(spec.Process), stdio{r.Stdin, r.Stdout, r.Stderr})}
 	if _, pid, ok := strings.Cut(box.RuntimeID, ":"); ok {
 		c.vmmPid, _ = strconv.Atoi(pid)
 	}
@@ -278,6 +282,28 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	s.containers[r.ID] = c
 	s.mu.Unlock()
+	s.publish(runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{
+		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs,
+		IO:  &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+		Pid: uint32(c.vmmPid),
+	})
+	return &taskAPI.CreateTaskResponse{Pid: uint32(c.vmmPid)}, nil
+}
+
+// createInPod creates a container of the pod whose sandbox is sb: its
+// root filesystem in the pod dir, its processes in the pod's box.
+func (s *Service) createInPod(r *taskAPI.CreateTaskRequest, spec *specs.Spec, sb *container) (*taskAPI.CreateTaskResponse, error) {
+	dir := filepath.Join(s.dataDir(), "pod", r.ID)
+	if err := mountPodRootfs(r.Bundle, r.Rootfs, spec, filepath.Join(dir, "rootfs")); err != nil {
+		os.RemoveAll(dir)
+		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrInvalidArgument, "%v", err)
+	}
+	c := &container{eng: sb.eng, id: r.ID, bundle: r.Bundle, box: sb.box, vmmPid: sb.vmmPid, rootfs: r.Rootfs,
+		root: podGuestDir + "/" + r.ID + "/rootfs", hostDir: dir, execs: map[string]*process{},
+		init: newProcess("", procOf(spec.Process), stdio{r.Stdin, r.Stdout, r.Stderr})}
+	c.init.root = c.root
+	c.init.terminal = r.Terminal || c.init.terminal
+	s.containers[r.ID] = c
 	s.publish(runtime.TaskCreateEventTopic, &eventstypes.TaskCreate{
 		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs,
 		IO:  &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
@@ -343,7 +369,7 @@ func (s *Service) exited(c *container, p *process, status uint32) {
 	if !p.beginExit() {
 		return
 	}
-	if p == c.init && c.box != "" {
+	if p == c.init && c.box != "" && c.root == "" {
 		if err := c.eng.Remove(context.Background(), c.box, boxrun.Force); err != nil && !errdefs.Is(err, errdefs.BoxNotFound) {
 			s.log.Warn("remove the box of an ended container", "box", c.box, "err", err)
 		}
@@ -355,6 +381,15 @@ func (s *Service) exited(c *container, p *process, status uint32) {
 			execs = append(execs, e)
 		}
 		s.mu.Unlock()
+		if c.root != "" {
+			// A pod's container: the box stays for the others; its own
+			// processes end with its init, as in a PID namespace.
+			for _, e := range execs {
+				if st, _, _, _ := e.state(); st == task.Status_RUNNING {
+					e.signal(c.eng, syscall.SIGKILL)
+				}
+			}
+		}
 		for _, e := range execs {
 			e.mu.Lock()
 			never := e.status == task.Status_CREATED && !e.starting
@@ -368,6 +403,11 @@ func (s *Service) exited(c *container, p *process, status uint32) {
 			case <-time.After(10 * time.Second):
 				s.log.Warn("exec did not end with its box", "exec", e.id)
 			}
+		}
+	}
+	if p == c.init && c.root != "" {
+		if err := c.eng.ReleaseRoot(context.Background(), c.box, c.root); err != nil && !errdefs.Is(err, errdefs.BoxNotRunning) && !errdefs.Is(err, errdefs.BoxNotFound) {
+			s.log.Warn("release a container's root in its pod's box", "container", c.id, "err", err)
 		}
 	}
 	p.finish(status)
@@ -413,7 +453,11 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		s.mu.Unlock()
 		return &taskAPI.DeleteResponse{Pid: uint32(pid), ExitStatus: status, ExitedAt: protobuf.ToTimestamp(at)}, nil
 	}
-	if c.box != "" {
+	if c.root != "" {
+		if err := unmountPodRootfs(c.hostDir); err != nil {
+			return nil, cerrdefs.ToGRPC(err)
+		}
+	} else if c.box != "" {
 		if err := c.eng.Remove(ctx, c.box, boxrun.Force); err != nil && !errdefs.Is(err, errdefs.BoxNotFound) {
 			return nil, toGRPC(err)
 		}
@@ -448,6 +492,7 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*pty
 	}
 	p := newProcess(r.ExecID, procOf(ps), stdio{r.Stdin, r.Stdout, r.Stderr})
 	p.terminal = r.Terminal || p.terminal
+	p.root = c.root
 	s.mu.Lock()
 	if c.execs[r.ExecID] != nil {
 		s.mu.Unlock()
@@ -635,7 +680,9 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 		}
 		eng.Close()
 	}
-	os.RemoveAll(s.dataDir())
+	if err := removeAll(s.dataDir()); err != nil {
+		s.log.Warn("task data dir left", "err", err)
+	}
 	removeSocket()
 	// Closed, the publisher lets the shim library end the process at once
 	// (it waits for that, up to 5 s).

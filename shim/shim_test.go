@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/containerd/containerd/api/types"
@@ -125,5 +126,58 @@ func TestBoxShape(t *testing.T) {
 	p := procOf(&specs.Process{Args: []string{"id"}, Env: []string{"A=1", "B=x=y"}, Cwd: "/w", User: specs.User{UID: 1000, GID: 100}})
 	if p.user != "1000:100" || p.env["B"] != "x=y" || p.cwd != "/w" {
 		t.Errorf("process: %+v", p)
+	}
+}
+
+func TestPodGrouping(t *testing.T) {
+	sandbox := &specs.Spec{Annotations: map[string]string{"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}}
+	ctr := &specs.Spec{Annotations: map[string]string{"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod1"}}
+	plain := &specs.Spec{}
+	for _, c := range []struct {
+		id      string
+		s       *specs.Spec
+		group   string
+		sandbox string
+	}{
+		{"pod1", sandbox, "pod1", ""},
+		{"c1", ctr, "pod1", "pod1"},
+		{"t1", plain, "t1", ""},
+		{"t2", nil, "t2", ""},
+	} {
+		if g := groupOf(c.id, c.s); g != c.group {
+			t.Errorf("groupOf(%s) = %q, want %q", c.id, g, c.group)
+		}
+		if sb := sandboxOf(c.s); sb != c.sandbox {
+			t.Errorf("sandboxOf(%s) = %q, want %q", c.id, sb, c.sandbox)
+		}
+	}
+	if !skipMount("/dev/shm") || !skipMount("/proc") || skipMount("/devices") || skipMount("/etc/hosts") {
+		t.Error("skipMount")
+	}
+}
+
+// TestRemoveAllRefusesMounts: a dir with something mounted under it is
+// never removed (that would delete through the mount).
+func TestRemoveAllRefusesMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount")
+	}
+	dir := t.TempDir()
+	sub := filepath.Join(dir, "m")
+	os.MkdirAll(sub, 0o755)
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "precious"), []byte("x"), 0o644)
+	if err := syscall.Mount(src, sub, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := removeAll(dir); err == nil {
+		t.Error("removeAll through a mount: no error")
+	}
+	syscall.Unmount(sub, syscall.MNT_DETACH)
+	if _, err := os.Stat(filepath.Join(src, "precious")); err != nil {
+		t.Fatalf("the mounted tree lost a file: %v", err)
+	}
+	if err := removeAll(dir); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -104,8 +104,7 @@ func boxShape(s *specs.Spec, d Defaults) (spec boxrun.BoxSpec, files []fileMount
 		}
 		// The guest's own /dev, /proc and /sys: a pod's /dev/shm, a
 		// kubelet's termination log are the box's.
-		if d := filepath.Clean(m.Destination); d == "/dev" || d == "/proc" || d == "/sys" ||
-			strings.HasPrefix(d, "/dev/") || strings.HasPrefix(d, "/proc/") || strings.HasPrefix(d, "/sys/") {
+		if skipMount(m.Destination) {
 			continue
 		}
 		st, err := os.Stat(m.Source)
