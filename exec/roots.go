@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/boxrun/boxrun/errdefs"
 	"github.com/boxrun/boxrun/exec/internal/fsroot"
@@ -13,7 +15,7 @@ import (
 // A sub-root is a directory of the box root that execs may run chrooted
 // into (request Root): the root filesystem of one container of a pod whose
 // containers share the box. On first use it gets /proc, /sys and /dev of
-// its own (the box's /dev, bound); releaseroot takes them away again.
+// its own; releaseroot kills what still runs in it and takes them away.
 type subRoot struct {
 	root   *fsroot.Root
 	chroot string   // its path in the agent's view
@@ -48,44 +50,79 @@ func (sv *server) subRoot(p string) (*subRoot, error) {
 		return nil, err
 	}
 	r := &subRoot{root: root, chroot: real}
-	dev := "/dev"
-	if sv.chroot != "" {
-		dev = sv.chroot + "/dev"
-	}
-	for _, m := range []struct {
-		target, src, fstype string
-		flags               uintptr
-	}{
-		{"/proc", "proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC},
-		{"/sys", "sysfs", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC},
-		{"/dev", dev, "", unix.MS_BIND | unix.MS_REC},
-	} {
-		if err := root.MkdirAll(m.target, 0o755); err != nil {
-			r.unmount()
-			root.Close()
-			return nil, fmt.Errorf("root %s: %s: %w", clean, m.target, err)
-		}
-		tfd, err := root.OpenFile(m.target, unix.O_PATH|unix.O_DIRECTORY)
-		if err != nil {
-			r.unmount()
-			root.Close()
-			return nil, fmt.Errorf("root %s: %s: %w", clean, m.target, err)
-		}
-		target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(tfd))
-		err = unix.Mount(m.src, "/proc/self/fd/"+strconv.Itoa(tfd), m.fstype, m.flags, "")
-		unix.Close(tfd)
-		if err != nil {
-			r.unmount()
-			root.Close()
-			return nil, fmt.Errorf("root %s: mount %s: %w", clean, m.target, err)
-		}
-		r.mounts = append(r.mounts, target)
+	if err := r.setUp(); err != nil {
+		r.unmount()
+		root.Close()
+		return nil, fmt.Errorf("root %s: %w", clean, err)
 	}
 	if sv.roots == nil {
 		sv.roots = map[string]*subRoot{}
 	}
 	sv.roots[clean] = r
 	return r, nil
+}
+
+// setUp mounts a fresh /proc, a read-only /sys and a minimal /dev (a
+// tmpfs with the usual nodes, its own devpts and /dev/shm: not the box's
+// disks or consoles) in the sub-root. Each mount lands on a descriptor
+// opened inside the sub-root.
+func (r *subRoot) setUp() error {
+	const nosuid, nodev, noexec = unix.MS_NOSUID, unix.MS_NODEV, unix.MS_NOEXEC
+	for _, m := range []struct {
+		target, src, fstype string
+		flags               uintptr
+		data                string
+	}{
+		{"/proc", "proc", "proc", nosuid | nodev | noexec, ""},
+		{"/sys", "sysfs", "sysfs", nosuid | nodev | noexec | unix.MS_RDONLY, ""},
+		{"/dev", "tmpfs", "tmpfs", nosuid | noexec, "mode=0755,size=64k"},
+		{"/dev/pts", "devpts", "devpts", nosuid | noexec, "newinstance,ptmxmode=0666,mode=0620,gid=5"},
+		{"/dev/shm", "shm", "tmpfs", nosuid | nodev, "mode=1777"},
+	} {
+		if err := r.root.MkdirAll(m.target, 0o755); err != nil {
+			return fmt.Errorf("%s: %w", m.target, err)
+		}
+		tfd, err := r.root.OpenFile(m.target, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return fmt.Errorf("%s: %w", m.target, err)
+		}
+		target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(tfd))
+		err = unix.Mount(m.src, "/proc/self/fd/"+strconv.Itoa(tfd), m.fstype, m.flags, m.data)
+		unix.Close(tfd)
+		if err != nil {
+			return fmt.Errorf("mount %s: %w", m.target, err)
+		}
+		r.mounts = append(r.mounts, target)
+		if m.target != "/dev" {
+			continue
+		}
+		// The new /dev: its nodes and links, before devpts and shm go in.
+		dfd, err := r.root.OpenFile("/dev", unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return err
+		}
+		dev, err := unix.Openat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(dfd), unix.O_RDONLY|unix.O_DIRECTORY, 0)
+		unix.Close(dfd)
+		if err != nil {
+			return err
+		}
+		for _, n := range []struct {
+			name         string
+			major, minor uint32
+		}{{"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0}} {
+			if err := unix.Mknodat(dev, n.name, unix.S_IFCHR|0o666, int(unix.Mkdev(n.major, n.minor))); err != nil {
+				unix.Close(dev)
+				return fmt.Errorf("/dev/%s: %w", n.name, err)
+			}
+			unix.Fchmodat(dev, n.name, 0o666, 0) // past the umask
+		}
+		for name, to := range map[string]string{"ptmx": "pts/ptmx", "fd": "/proc/self/fd",
+			"stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"} {
+			unix.Symlinkat(to, dev, name)
+		}
+		unix.Close(dev)
+	}
+	return nil
 }
 
 func (r *subRoot) unmount() {
@@ -104,8 +141,34 @@ func (sv *server) releaseRoot(p string) error {
 	delete(sv.roots, clean)
 	sv.mu.Unlock()
 	if r != nil {
+		killIn(r.chroot)
 		r.unmount()
 		r.root.Close()
 	}
 	return nil
+}
+
+// killIn SIGKILLs every process whose root is dir or below it: a
+// container's processes, daemons that left its init's process group
+// included.
+func killIn(dir string) {
+	for range 10 {
+		found := false
+		ents, _ := os.ReadDir("/proc")
+		for _, en := range ents {
+			pid, err := strconv.Atoi(en.Name())
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			root, err := os.Readlink("/proc/" + en.Name() + "/root")
+			if err == nil && (root == dir || strings.HasPrefix(root, dir+"/")) {
+				unix.Kill(pid, unix.SIGKILL)
+				found = true
+			}
+		}
+		if !found {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -2,8 +2,10 @@ package integration
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -108,6 +110,18 @@ func ctrScenario(t *testing.T, c *testenv.Containerd) {
 	}
 	if out, _, code := run("", "run", "--rm", "--runtime", boxrunRuntime, img, "t4", "sh", "-c", "echo to-err >&2; id -u"); out != "0\n" || code != 0 {
 		t.Errorf("id: %q exit %d", out, code)
+	}
+	// A terminal (-t): ctr needs one on its stdin, so it runs under
+	// script(1); the command's output comes through the terminal.
+	if _, err := exec.LookPath("script"); err == nil {
+		ctrCmd := fmt.Sprintf("%s --address %s run -t --rm --fifo-dir %s --runtime %s %s tty1 sh -c 'tty; stty size; exit 4'",
+			c.CtrBinary, c.Address, filepath.Join(c.Dir, "fifo"), boxrunRuntime, img)
+		cmd := exec.CommandContext(ctx, "script", "-qec", ctrCmd, "/dev/null")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 4 || !strings.Contains(string(out), "/dev/pts/") {
+			t.Errorf("ctr run -t: %v\n%s", err, out)
+		}
 	}
 	// A kernel of its own: a container on the host's kernel has its boot id.
 	if out, _, _ := run("", "run", "--rm", "--runtime", boxrunRuntime, img, "t5", "cat", "/proc/sys/kernel/random/boot_id"); out == "" || out == hostBootID(t) {
@@ -253,7 +267,7 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 		"metadata": map[string]any{"name": "web"},
 		"image":    map[string]any{"image": img},
 		"command": []string{"sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && " +
-			"echo only-web > /tmp/only-web && exec httpd -f -p 127.0.0.1:8080 -h /www"},
+			"echo only-web > /tmp/only-web && (setsid sleep 7777 &) && exec httpd -f -p 127.0.0.1:8080 -h /www"},
 		"log_path": "web.log",
 		"linux":    map[string]any{},
 	})
@@ -284,11 +298,19 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 	if o := c.MustCrictl(t, ctx, "exec", "-s", wid, "cat", "/tmp/only-web"); strings.TrimSpace(o) != "only-web" {
 		t.Errorf("web's own file: %q", o)
 	}
+	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "sh", "-c", "ps -o args | grep -c '^sleep 777[7]' || true"); strings.TrimSpace(o) != "1" {
+		t.Errorf("web's daemon, seen from app (one process space): %q", o)
+	}
 	// One container stopped and removed: the other runs on.
 	c.MustCrictl(t, ctx, "stop", wid)
 	c.MustCrictl(t, ctx, "rm", wid)
 	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "cat", "/tmp/mark"); strings.TrimSpace(o) != "started" {
 		t.Errorf("app after web was removed: %q", o)
+	}
+	// The pod shares a process space: web's daemon (a session of its
+	// own) went with web.
+	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "sh", "-c", "ps -o args | grep -c '^sleep 777[7]' || true"); strings.TrimSpace(o) != "0" {
+		t.Errorf("web's daemon outlived web: %q", o)
 	}
 	c.MustCrictl(t, ctx, "stopp", podID)
 	c.MustCrictl(t, ctx, "rmp", podID)

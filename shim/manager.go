@@ -100,7 +100,14 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	if o, ok := ctx.Value(shim.OptsKey{}).(shim.Opts); ok && o.BundlePath != "" {
 		bundle = o.BundlePath
 	}
+	done := &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}
+	// containerd runs delete whenever it closes a task's connection, not
+	// only when the shim died: a shim that still serves (a pod's, whose
+	// other containers run on) keeps its socket, mounts and VM.
 	if addr, err := shim.ReadAddress(filepath.Join(bundle, "address")); err == nil {
+		if shim.CanConnect(addr) {
+			return done, nil
+		}
 		if err := shim.RemoveSocket(addr); err != nil {
 			fmt.Fprintf(os.Stderr, "remove the shim's socket: %v\n", err)
 		}
@@ -109,7 +116,7 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	}
 	// A pod's container: its root filesystem, mounted in its pod's dir.
 	if sb := sandboxOf(readBundleSpec(bundle)); sb != "" {
-		if err := unmountPodRootfs(filepath.Join(s.opts.Root, "tasks", s.ns, sb, "pod", s.id)); err != nil && !os.IsNotExist(err) {
+		if err := unmountPodRootfs(filepath.Join(s.opts.Root, "tasks", s.ns, sb, "pod"), s.id, nil); err != nil {
 			fmt.Fprintf(os.Stderr, "unmount the container's root filesystem: %v\n", err)
 		}
 	}
@@ -117,11 +124,7 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	unmount(filepath.Join(dir, "scratch", "rootfs")) // a shim killed in Create leaves it mounted
 	// A pod's sandbox: what its containers left mounted in the pod dir
 	// (never remove through a mount).
-	if ents, err := os.ReadDir(filepath.Join(dir, "pod")); err == nil {
-		for _, en := range ents {
-			unmountPodRootfs(filepath.Join(dir, "pod", en.Name()))
-		}
-	}
+	unmountPod(filepath.Join(dir, "pod"))
 	if _, err := os.Stat(filepath.Join(dir, "state")); err == nil {
 		cfg := s.opts.Engine
 		cfg.DataDir, cfg.SharedDir, cfg.Logger = dir, s.opts.Root, s.log
@@ -142,5 +145,5 @@ func (s *Service) Cleanup(ctx context.Context) (*taskAPI.DeleteResponse, error) 
 	if err := removeAll(dir); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 	}
-	return &taskAPI.DeleteResponse{ExitedAt: protobuf.ToTimestamp(time.Now()), ExitStatus: 128 + uint32(syscall.SIGKILL)}, nil
+	return done, nil
 }

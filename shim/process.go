@@ -49,6 +49,14 @@ func newProcess(id string, spec processSpec, io stdio) *process {
 		done: make(chan struct{}), started: make(chan struct{})}
 }
 
+// runningNotExiting says whether the process runs and is not ending: an
+// exec may join its container.
+func (p *process) runningNotExiting() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.status == task.Status_RUNNING && !p.exiting
+}
+
 // markStarted lets the process's exit be published.
 func (p *process) markStarted() { p.startedOnce.Do(func() { close(p.started) }) }
 

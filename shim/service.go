@@ -111,8 +111,9 @@ type container struct {
 	id, bundle string
 	box        string // the engine's box: its own, or its pod's
 	sandbox    bool   // a CRI pod's sandbox (pause) container: it runs nothing
-	root       string // a pod's container: its root in the pod's box ("" otherwise)
-	hostDir    string // a pod's container: its dir in the pod dir, on the host
+	root       string   // a pod's container: its root in the pod's box ("" otherwise)
+	podDir     string   // a pod's container: the pod dir, on the host
+	idDir      *os.File // a pod's container: its dir in podDir, open
 	vmmPid     int
 	rootfs     []*types.Mount
 	init       *process
@@ -213,7 +214,15 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	if sb := s.containers[sandboxOf(spec)]; sb != nil && sb.sandbox && sb.box != "" {
 		defer s.mu.Unlock()
+		if st, _, _, _ := sb.init.state(); st != task.Status_RUNNING {
+			return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "pod sandbox %s is %s", sb.id, st)
+		}
 		return s.createInPod(r, spec, sb)
+	}
+	if sb := sandboxOf(spec); sb != "" && sb == s.id {
+		// This shim's pod sandbox is gone: no box to put it in.
+		s.mu.Unlock()
+		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "pod sandbox %s is gone", sb)
 	}
 	eng, err := s.engine(ctx)
 	if err != nil {
@@ -293,13 +302,13 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 // createInPod creates a container of the pod whose sandbox is sb: its
 // root filesystem in the pod dir, its processes in the pod's box.
 func (s *Service) createInPod(r *taskAPI.CreateTaskRequest, spec *specs.Spec, sb *container) (*taskAPI.CreateTaskResponse, error) {
-	dir := filepath.Join(s.dataDir(), "pod", r.ID)
-	if err := mountPodRootfs(r.Bundle, r.Rootfs, spec, filepath.Join(dir, "rootfs")); err != nil {
-		os.RemoveAll(dir)
+	podDir := filepath.Join(s.dataDir(), "pod")
+	idDir, err := mountPodRootfs(podDir, r.ID, r.Bundle, r.Rootfs, spec)
+	if err != nil {
 		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrInvalidArgument, "%v", err)
 	}
 	c := &container{eng: sb.eng, id: r.ID, bundle: r.Bundle, box: sb.box, vmmPid: sb.vmmPid, rootfs: r.Rootfs,
-		root: podGuestDir + "/" + r.ID + "/rootfs", hostDir: dir, execs: map[string]*process{},
+		root: podGuestDir + "/" + r.ID + "/rootfs", podDir: podDir, idDir: idDir, execs: map[string]*process{},
 		init: newProcess("", procOf(spec.Process), stdio{r.Stdin, r.Stdout, r.Stderr})}
 	c.init.root = c.root
 	c.init.terminal = r.Terminal || c.init.terminal
@@ -335,10 +344,8 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if st, _, _, _ := p.state(); st != task.Status_CREATED {
 		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "process %q of %s is %s", r.ExecID, r.ID, st)
 	}
-	if r.ExecID != "" {
-		if st, _, _, _ := c.init.state(); st != task.Status_RUNNING {
-			return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "container %s is not running", r.ID)
-		}
+	if r.ExecID != "" && !c.init.runningNotExiting() {
+		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "container %s is not running", r.ID)
 	}
 	// The exit is published after the start, whatever comes first.
 	defer p.markStarted()
@@ -454,9 +461,10 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		return &taskAPI.DeleteResponse{Pid: uint32(pid), ExitStatus: status, ExitedAt: protobuf.ToTimestamp(at)}, nil
 	}
 	if c.root != "" {
-		if err := unmountPodRootfs(c.hostDir); err != nil {
+		if err := unmountPodRootfs(c.podDir, c.id, c.idDir); err != nil {
 			return nil, cerrdefs.ToGRPC(err)
 		}
+		c.idDir.Close()
 	} else if c.box != "" {
 		if err := c.eng.Remove(ctx, c.box, boxrun.Force); err != nil && !errdefs.Is(err, errdefs.BoxNotFound) {
 			return nil, toGRPC(err)
@@ -476,7 +484,7 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*pty
 	if err != nil {
 		return nil, err
 	}
-	if st, _, _, _ := c.init.state(); st != task.Status_RUNNING {
+	if !c.init.runningNotExiting() {
 		return nil, cerrdefs.ToGRPCf(cerrdefs.ErrFailedPrecondition, "container %s is not running", r.ID)
 	}
 	if c.sandbox {
@@ -680,6 +688,7 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 		}
 		eng.Close()
 	}
+	unmountPod(filepath.Join(s.dataDir(), "pod"))
 	if err := removeAll(s.dataDir()); err != nil {
 		s.log.Warn("task data dir left", "err", err)
 	}

@@ -181,3 +181,70 @@ func TestRemoveAllRefusesMounts(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestMountPodRootfsStaysInside: a hostile image's symlinks send no mount
+// of the pod's config outside the container's rootfs on the host, and the
+// unmount takes every mount with it, leaving the sources alone.
+func TestMountPodRootfsStaysInside(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount")
+	}
+	base := t.TempDir()
+	tree := filepath.Join(base, "tree")
+	outside := filepath.Join(base, "outside")
+	os.MkdirAll(filepath.Join(tree, "bin"), 0o755)
+	os.MkdirAll(filepath.Join(tree, "outside"), 0o755) // where etc lands, resolved inside the tree
+	os.MkdirAll(outside, 0o755)
+	os.Symlink("../../../outside", filepath.Join(tree, "etc")) // etc -> outside the tree
+	os.Symlink("/", filepath.Join(tree, "data"))
+	hosts := filepath.Join(base, "hosts")
+	os.WriteFile(hosts, []byte("127.0.0.1 pod\n"), 0o644)
+	vol := filepath.Join(base, "vol")
+	os.MkdirAll(vol, 0o755)
+	os.WriteFile(filepath.Join(vol, "v"), []byte("volume"), 0o644)
+	pod := filepath.Join(base, "pod")
+	os.MkdirAll(pod, 0o700)
+	s := &specs.Spec{Root: &specs.Root{Path: tree}, Mounts: []specs.Mount{
+		{Destination: "/etc/hosts", Type: "bind", Source: hosts, Options: []string{"rbind", "ro"}},
+		{Destination: "/data/vol", Type: "bind", Source: vol, Options: []string{"rbind"}},
+		{Destination: "/dev/shm", Type: "bind", Source: vol, Options: []string{"rbind"}},
+	}}
+	idDir, err := mountPodRootfs(pod, "c1", base, nil, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(pod, "c1", "rootfs")
+	if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+		t.Errorf("a mount point was made outside the rootfs: %v", ents)
+	}
+	if _, err := os.Stat("/vol"); err == nil {
+		t.Error("a mount point was made at the host's /vol")
+	}
+	// Inside: etc resolves to /outside of the tree, data to its root.
+	if b, err := os.ReadFile(filepath.Join(root, "outside", "hosts")); err != nil || string(b) != "127.0.0.1 pod\n" {
+		t.Errorf("hosts inside the tree: %q %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "outside", "hosts"), nil, 0o644); err == nil {
+		t.Error("the read-only bind of hosts is writable")
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "vol", "v")); string(b) != "volume" {
+		t.Errorf("volume in the rootfs: %q", b)
+	}
+	if err := unmountPodRootfs(pod, "c1", idDir); err != nil {
+		t.Fatal(err)
+	}
+	idDir.Close()
+	if _, err := os.Stat(filepath.Join(pod, "c1")); !os.IsNotExist(err) {
+		t.Errorf("container dir left: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(vol, "v")); string(b) != "volume" {
+		t.Error("the volume lost its file")
+	}
+	if mounts, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(mounts), base) {
+		t.Errorf("mounts left under %s", base)
+	}
+	// Gone already: nothing to do, no error.
+	if err := unmountPodRootfs(pod, "c1", nil); err != nil {
+		t.Errorf("second unmount: %v", err)
+	}
+}
