@@ -109,8 +109,8 @@ type creating struct {
 type container struct {
 	eng        *boxrun.Engine
 	id, bundle string
-	box        string // the engine's box: its own, or its pod's
-	sandbox    bool   // a CRI pod's sandbox (pause) container: it runs nothing
+	box        string   // the engine's box: its own, or its pod's
+	sandbox    bool     // a CRI pod's sandbox (pause) container: it runs nothing
 	root       string   // a pod's container: its root in the pod's box ("" otherwise)
 	podDir     string   // a pod's container: the pod dir, on the host
 	idDir      *os.File // a pod's container: its dir in podDir, open
