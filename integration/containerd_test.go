@@ -298,8 +298,11 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 	if o := c.MustCrictl(t, ctx, "exec", "-s", wid, "cat", "/tmp/only-web"); strings.TrimSpace(o) != "only-web" {
 		t.Errorf("web's own file: %q", o)
 	}
-	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "sh", "-c", "ps -o args | grep -c '^sleep 777[7]' || true"); strings.TrimSpace(o) != "1" {
-		t.Errorf("web's daemon, seen from app (one process space): %q", o)
+	daemons := func() string {
+		return strings.TrimSpace(c.MustCrictl(t, ctx, "exec", "-s", cid, "sh", "-c", "ps -o args | grep -c '^sleep 777[7]' || true"))
+	}
+	if n := daemons(); n != "1" {
+		t.Errorf("web's daemon, seen from app (one process space): %q", n)
 	}
 	// One container stopped and removed: the other runs on.
 	c.MustCrictl(t, ctx, "stop", wid)
@@ -309,8 +312,8 @@ func criScenario(t *testing.T, c *testenv.Containerd) {
 	}
 	// The pod shares a process space: web's daemon (a session of its
 	// own) went with web.
-	if o := c.MustCrictl(t, ctx, "exec", "-s", cid, "sh", "-c", "ps -o args | grep -c '^sleep 777[7]' || true"); strings.TrimSpace(o) != "0" {
-		t.Errorf("web's daemon outlived web: %q", o)
+	if n := daemons(); n != "0" {
+		t.Errorf("web's daemon outlived web: %q", n)
 	}
 	c.MustCrictl(t, ctx, "stopp", podID)
 	c.MustCrictl(t, ctx, "rmp", podID)

@@ -101,50 +101,44 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 			}
 		}
 	}
+	fail := func(err error) error {
+		closeAll()
+		cancel()
+		return err
+	}
 	if p.stdio.stdout != "" {
 		if stdout, err = fifo.OpenFifo(octx, p.stdio.stdout, syscall.O_WRONLY, 0); err != nil {
-			cancel()
-			return err
+			return fail(err)
 		}
 	}
 	if p.stdio.stderr != "" && !p.terminal {
 		if stderr, err = fifo.OpenFifo(octx, p.stdio.stderr, syscall.O_WRONLY, 0); err != nil {
-			closeAll()
-			cancel()
-			return err
+			return fail(err)
 		}
 	}
 	if p.stdio.stdin != "" {
 		// Opened when the other side opens it; read to its end or CloseIO.
 		if stdin, err = fifo.OpenFifo(ctx, p.stdio.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0); err != nil {
-			closeAll()
-			cancel()
-			return err
+			return fail(err)
 		}
 		// A writer of our own keeps the FIFO open across the client's
 		// detach and re-attach; CloseIO closes it, and the command sees
 		// the end of its input once what was written is read.
 		if stdinW, err = fifo.OpenFifo(ctx, p.stdio.stdin, syscall.O_WRONLY|syscall.O_NONBLOCK, 0); err != nil {
-			closeAll()
-			cancel()
-			return err
+			return fail(err)
 		}
 	}
 	if p.terminal {
 		s, err := eng.Attach(ctx, box, boxrun.AttachSpec{Cmd: p.spec.args, Env: p.spec.env, Workdir: p.spec.cwd,
 			User: p.spec.user, Rows: p.spec.rows, Cols: p.spec.cols, Root: p.root})
 		if err != nil {
-			closeAll()
-			cancel()
-			return err
+			return fail(err)
 		}
 		p.mu.Lock()
 		if p.exiting {
 			p.mu.Unlock()
 			s.Close()
-			closeAll()
-			cancel()
-			return errStopped
+			return fail(errStopped)
 		}
 		p.session, p.pid, p.stdinW, p.status, p.cancel = s, s.Pid(), stdinW, task.Status_RUNNING, cancel
 		p.mu.Unlock()
@@ -184,9 +178,7 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 		if pw != nil {
 			pw.Close()
 		}
-		closeAll()
-		cancel()
-		return err
+		return fail(err)
 	}
 	p.mu.Lock()
 	if p.exiting {

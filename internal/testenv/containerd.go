@@ -434,10 +434,10 @@ func tomlList(l []string) string {
 	return "[" + strings.Join(q, ", ") + "]"
 }
 
-// configV2 is the config for containerd 1.x (version 2).
-func (c *Containerd) configV2() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, `version = 2
+// configHead is the part of the config that versions 2 and 3 share: the
+// private root, state and sockets, the plugins off and required.
+func (c *Containerd) configHead(b *strings.Builder, version int) {
+	fmt.Fprintf(b, `version = %d
 root = %q
 state = %q
 disabled_plugins = %s
@@ -452,8 +452,14 @@ required_plugins = %s
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %q
-`, c.Root, c.State, tomlList(c.disabled()), tomlList(c.required()),
+`, version, c.Root, c.State, tomlList(c.disabled()), tomlList(c.required()),
 		c.Address, c.TTRPCAddress, c.logLevel(), filepath.Join(c.Root, "opt"))
+}
+
+// configV2 is the config for containerd 1.x (version 2).
+func (c *Containerd) configV2() string {
+	var b strings.Builder
+	c.configHead(&b, 2)
 	if c.opts.CRI {
 		// CRI in 1.6: one plugin, io.containerd.grpc.v1.cri. Streaming
 		// (crictl exec without -s) on 127.0.0.1 and a free port.
@@ -481,27 +487,12 @@ required_plugins = %s
 // configV3 is the config for containerd 2.x (version 3).
 func (c *Containerd) configV3() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, `version = 3
-root = %q
-state = %q
-disabled_plugins = %s
-required_plugins = %s
-
-[grpc]
-  address = %q
-[ttrpc]
-  address = %q
-[debug]
-  level = %q
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = %q
-# Shim sockets in the private dir, not /run/containerd/s (2.4: at most 42
+	c.configHead(&b, 3)
+	fmt.Fprintf(&b, `# Shim sockets in the private dir, not /run/containerd/s (2.4: at most 42
 # characters).
 [plugins."io.containerd.shim.v1.manager"]
   socket_dir = %q
-`, c.Root, c.State, tomlList(c.disabled()), tomlList(c.required()),
-		c.Address, c.TTRPCAddress, c.logLevel(), filepath.Join(c.Root, "opt"), filepath.Join(c.Dir, "s"))
+`, filepath.Join(c.Dir, "s"))
 	if c.opts.CRI {
 		// CRI in 2.x: images (snapshotter, pinned sandbox image), runtime
 		// (handlers, CNI) and the gRPC service (streaming server) are
