@@ -19,7 +19,7 @@
 //	terminals Attach: a command on a PTY (Session: Read, Write, Resize, Wait, Close)
 //	files     Copy (like docker cp), WriteFile, OpenFile, ReadTar, Stat
 //	images    Pull, PullWith (progress: Config.PullProgress, WithPullProgress),
-//	          Images, RemoveImage, Prune, DiskUsage
+//	          Images, RemoveImage, Prune, PruneRootfs, DiskUsage
 //	engine    Info, Close
 //
 // The first box of a shape (CPUs, memory, devices) boots; later ones are
@@ -160,6 +160,10 @@ type Rootfs struct {
 	// Private says the tree is this box's alone (its Key is too): its
 	// base disk is removed with the box instead of staying for others.
 	Private bool
+	// Sources are the host dirs the tree is made of (an image's layer
+	// dirs): once one of them is gone, no new box can be of this Key, and
+	// PruneRootfs removes its base disk.
+	Sources []string
 }
 
 // NetworkPolicy is what a box may reach: Allow, Deny (CIDRs, host:port,

@@ -261,6 +261,7 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	}
 	if spec.Rootfs != nil {
 		rec.RootfsDir, rec.ImageID, rec.RootfsPrivate = spec.Rootfs.Dir, rootfsKey(spec.Rootfs.Key), spec.Rootfs.Private
+		e.noteSources(rec.ImageID, spec.Rootfs.Sources)
 	} else {
 		// The image, under the pull policy, pinned against Prune and
 		// RemoveImage until the box's record names it.

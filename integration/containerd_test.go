@@ -123,6 +123,18 @@ func ctrScenario(t *testing.T, c *testenv.Containerd) {
 			t.Errorf("ctr run -t: %v\n%s", err, out)
 		}
 	}
+	// One base disk for the image, shared by all these containers, with
+	// the layer dirs it was built from (for PruneRootfs).
+	srcs, _ := filepath.Glob(filepath.Join(shimRoot.dir, "bases", "rootfs-*.ext4.sources"))
+	ours := 0
+	for _, f := range srcs {
+		if b, _ := os.ReadFile(f); strings.Contains(string(b), c.Root) {
+			ours++
+		}
+	}
+	if ours != 1 {
+		t.Errorf("base disks of the image from this containerd's layers: %d of %v; want one", ours, srcs)
+	}
 	// A kernel of its own: a container on the host's kernel has its boot id.
 	if out, _, _ := run("", "run", "--rm", "--runtime", boxrunRuntime, img, "t5", "cat", "/proc/sys/kernel/random/boot_id"); out == "" || out == hostBootID(t) {
 		t.Errorf("boot id in the container %q: the host's is %q", out, hostBootID(t))

@@ -69,7 +69,7 @@ func TestRootfsBoxesShareOneBaseAndTemplate(t *testing.T) {
 		})
 		return eng
 	}
-	spec := boxrun.BoxSpec{Rootfs: &boxrun.Rootfs{Dir: tree, Key: "busybox-tree-1"}, CPU: 1, MemoryMB: 256, DiskSizeGB: 1}
+	spec := boxrun.BoxSpec{Rootfs: &boxrun.Rootfs{Dir: tree, Key: "busybox-tree-1", Sources: []string{tree}}, CPU: 1, MemoryMB: 256, DiskSizeGB: 1}
 
 	// Bad input first: nothing is made.
 	bad := open("bad")
@@ -173,6 +173,30 @@ func TestRootfsBoxesShareOneBaseAndTemplate(t *testing.T) {
 	}
 	if got := run(a, boxA.ID, "cat /etc/tree-marker"); got != "written-in-a\n" {
 		t.Errorf("after Stop/Start: %q", got)
+	}
+
+	// PruneRootfs: the base stays while a box uses it or its sources
+	// exist, and goes once they are gone.
+	if removed, err := a.PruneRootfs(ctx); err != nil || len(removed) != 0 {
+		t.Errorf("PruneRootfs with the tree in place: %v %v", removed, err)
+	}
+	os.Rename(tree, tree+".gone")
+	if removed, err := a.PruneRootfs(ctx); err != nil || len(removed) != 0 {
+		t.Errorf("PruneRootfs while box a uses the base: %v %v", removed, err)
+	}
+	for _, x := range []struct {
+		eng *boxrun.Engine
+		id  string
+	}{{a, boxA.ID}, {b, boxB.ID}} {
+		if err := x.eng.Remove(ctx, x.id, boxrun.Force); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if removed, err := a.PruneRootfs(ctx); err != nil || len(removed) != 1 {
+		t.Errorf("PruneRootfs with the tree gone and no box: %v %v; want the base removed", removed, err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(shared, "bases", "rootfs-*")); len(left) != 0 {
+		t.Errorf("left in the shared bases: %v", left)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 type tree struct {
 	dir     string
 	key     string
+	sources []string // the image's layer dirs (shared trees)
 	private bool   // the container's own: its base disk goes with it
 	cleanup func() // unmounts what was mounted to show the tree
 }
@@ -101,7 +102,7 @@ func rootfsTree(id, bundle string, mounts []*types.Mount, specRoot string, scrat
 		return &tree{dir: target, key: keyOf(parts...), private: true, cleanup: func() { unmount(target) }}, nil
 	}
 	if len(lowers) == 1 {
-		return &tree{dir: lowers[0], key: keyOf(parts...), cleanup: nothing}, nil
+		return &tree{dir: lowers[0], key: keyOf(parts...), sources: lowers, cleanup: nothing}, nil
 	}
 	// The lower dirs merged, read only (overlayfs takes two or more
 	// lower dirs without an upper one).
@@ -113,7 +114,7 @@ func rootfsTree(id, bundle string, mounts []*types.Mount, specRoot string, scrat
 		"lowerdir="+strings.Join(lowers, ":")); err != nil {
 		return nil, fmt.Errorf("rootfs: mount the image's layers: %w", err)
 	}
-	return &tree{dir: target, key: keyOf(parts...), cleanup: func() { unmount(target) }}, nil
+	return &tree{dir: target, key: keyOf(parts...), sources: lowers, cleanup: func() { unmount(target) }}, nil
 }
 
 func unmount(target string) {

@@ -254,7 +254,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	// The tree is read while the base disk is built: during Create only.
 	defer tr.cleanup()
 	bs, files := boxShape(spec, s.opts.Defaults)
-	bs.Rootfs = &boxrun.Rootfs{Dir: tr.dir, Key: tr.key, Private: tr.private}
+	bs.Rootfs = &boxrun.Rootfs{Dir: tr.dir, Key: tr.key, Private: tr.private, Sources: tr.sources}
 	sandbox := isSandbox(spec)
 	if sandbox {
 		// The pod's box: its containers' roots come through the pod dir.
@@ -685,6 +685,10 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 		boxes, _ := eng.List(ctx)
 		for _, b := range boxes {
 			eng.Remove(ctx, b.ID, boxrun.Force)
+		}
+		// Base disks of images containerd has removed since.
+		if _, err := eng.PruneRootfs(ctx); err != nil {
+			s.log.Warn("prune base disks", "err", err)
 		}
 		eng.Close()
 	}
