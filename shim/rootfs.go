@@ -19,8 +19,8 @@ type tree struct {
 	dir     string
 	key     string
 	sources []string // the image's layer dirs (shared trees)
-	private bool   // the container's own: its base disk goes with it
-	cleanup func() // unmounts what was mounted to show the tree
+	private bool     // the container's own: its base disk goes with it
+	cleanup func()   // unmounts what was mounted to show the tree
 }
 
 // rootfsTree turns the rootfs containerd passes (usually one overlay mount
