@@ -261,7 +261,6 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	}
 	if spec.Rootfs != nil {
 		rec.RootfsDir, rec.ImageID, rec.RootfsPrivate = spec.Rootfs.Dir, rootfsKey(spec.Rootfs.Key), spec.Rootfs.Private
-		e.noteSources(rec.ImageID, spec.Rootfs.Sources)
 	} else {
 		// The image, under the pull policy, pinned against Prune and
 		// RemoveImage until the box's record names it.
@@ -278,17 +277,22 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	if err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
 		os.RemoveAll(dir)
+		e.dropPrivateBase(&rec)
 		e.store.DeleteBox(id)
 		return nil, err
 	}
 	if err := e.markRunning(&rec, lb); err != nil {
 		e.release(rec.CPU, rec.MemoryMB)
 		e.destroy(lb, dir)
+		e.dropPrivateBase(&rec)
 		e.store.DeleteBox(id)
 		return nil, err
 	}
 	e.log.Info("box created", "box", id, "image", spec.Image, "pid", lb.vm.PID())
-	if rec.RootfsDir == "" {
+	if spec.Rootfs != nil {
+		// Noted once its base disk exists (PruneRootfs).
+		e.noteSources(rec.ImageID, spec.Rootfs.Sources)
+	} else {
 		e.pool.refill(e, &rec)
 	}
 	return boxOf(rec), nil
@@ -818,12 +822,7 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	if err := e.destroy(lb, e.boxDir(rec.ID)); err != nil {
 		return err
 	}
-	if rec.RootfsPrivate {
-		// Its base was built for it alone (Rootfs.Private).
-		if err := e.bases.Remove(rec.ImageID); err != nil {
-			e.log.Warn("remove the box's own base disk", "box", rec.ID, "err", err)
-		}
-	}
+	e.dropPrivateBase(&rec)
 	e.log.Info("box removed", "box", rec.ID)
 	return e.store.DeleteBox(rec.ID)
 }

@@ -57,6 +57,17 @@ func (e *Engine) bootRootfs(ctx context.Context, rec *state.Box, fresh bool) (*l
 	return e.bootOn(ctx, rec, fresh, &image.Image{ID: rec.ImageID, Ref: rec.Image}, base)
 }
 
+// dropPrivateBase removes the base disk of a box whose tree is its alone
+// (Rootfs.Private): built for it, of no use once it is gone or failed.
+func (e *Engine) dropPrivateBase(rec *state.Box) {
+	if !rec.RootfsPrivate {
+		return
+	}
+	if err := e.bases.Remove(rec.ImageID); err != nil {
+		e.log.Warn("remove the box's own base disk", "box", rec.ID, "err", err)
+	}
+}
+
 // sourcesFile lists, next to a host tree's base disk, the dirs the tree is
 // made of (Rootfs.Sources), one per line.
 func (e *Engine) sourcesFile(key string) string { return e.bases.Path(key) + ".sources" }

@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -206,21 +205,14 @@ func ctrScenario(t *testing.T, c *testenv.Containerd) {
 
 // shimPIDs are the pids of the boxrun shim servers of task id under c.
 func shimPIDs(c *testenv.Containerd, id string) []int {
-	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmd, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		args := strings.Split(strings.TrimRight(string(cmd), "\x00"), "\x00")
-		if len(args) > 0 && strings.HasSuffix(args[0], "containerd-shim-boxrun-v2") &&
-			strings.Contains(string(cmd), c.Address) && slices.Contains(args, id) && !slices.Contains(args, "start") {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
+	return processes(func(p proc) bool {
+		return isShimOf(p, c) && slices.Contains(p.args, id) && !slices.Contains(p.args, "start")
+	})
+}
+
+// isShimOf says whether p is a boxrun shim of containerd c.
+func isShimOf(p proc, c *testenv.Containerd) bool {
+	return strings.HasSuffix(p.args[0], "containerd-shim-boxrun-v2") && slices.Contains(p.args, c.Address)
 }
 
 // criScenario: the CRI path kubelet takes, through crictl, with the boxrun
@@ -374,16 +366,8 @@ func noLeftovers(t *testing.T, c *testenv.Containerd, before map[string]bool) {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		left = left[:0]
-		ents, _ := os.ReadDir("/proc")
-		for _, e := range ents {
-			cmd, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-			if err != nil {
-				continue
-			}
-			s := strings.ReplaceAll(string(cmd), "\x00", " ")
-			if strings.Contains(s, "containerd-shim-boxrun-v2") && strings.Contains(s, c.Address) {
-				left = append(left, "shim: "+e.Name()+" "+s)
-			}
+		for _, pid := range processes(func(p proc) bool { return isShimOf(p, c) }) {
+			left = append(left, fmt.Sprintf("shim: %d", pid))
 		}
 		for _, pid := range vmmProcesses(shimRoot.dir) {
 			left = append(left, fmt.Sprintf("VMM: %d", pid))

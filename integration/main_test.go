@@ -175,9 +175,24 @@ func sh(t *testing.T, box *boxrun.Box, script string) *boxrun.ExecResult {
 	return res
 }
 
-// vmmProcesses lists the pids of QEMU processes whose command line mentions
-// dir (the engine runs QEMU in the box's directory under dir).
+// vmmProcesses lists the pids of the VMMs (QEMU, Cloud Hypervisor)
+// running under dir (the engine runs each in its box's directory).
 func vmmProcesses(dir string) []int {
+	return processes(func(p proc) bool {
+		return strings.HasPrefix(p.cwd, dir) && (strings.HasPrefix(p.comm, "qemu") || strings.HasPrefix(p.comm, "cloud-hyperviso"))
+	})
+}
+
+// proc is what the tests look at in a host process.
+type proc struct {
+	pid  int
+	args []string // its command line
+	cwd  string
+	comm string
+}
+
+// processes lists the pids of the host's processes that match.
+func processes(match func(proc) bool) []int {
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -185,9 +200,12 @@ func vmmProcesses(dir string) []int {
 		if err != nil {
 			continue
 		}
-		cwd, _ := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		p := proc{pid: pid}
+		p.cwd, _ = os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
 		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if strings.HasPrefix(cwd, dir) && (strings.HasPrefix(string(comm), "qemu") || strings.HasPrefix(string(comm), "cloud-hyperviso")) {
+		cmd, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		p.comm, p.args = string(comm), strings.Split(strings.TrimRight(string(cmd), "\x00"), "\x00")
+		if match(p) {
 			pids = append(pids, pid)
 		}
 	}

@@ -24,16 +24,7 @@ import (
 // hostname and MAC, the CPUs and memory it asked for, and working volumes
 // and network.
 func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprint(w, "host says hi")
-	})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	port := ln.Addr().(*net.TCPAddr).Port
+	port := hostServer(t, "host says hi")
 
 	// A shape of its own (3 CPUs, 320 MiB, a NIC, one volume), so that
 	// this test makes the template and restores both boxes from it.
@@ -336,16 +327,7 @@ func newestTemplate(t *testing.T, dir string) string {
 // and shape. It is the box's own (id, hostname, MAC), gets the box's own
 // network policy only when taken, and Close kills what the pool holds.
 func TestPoolHandsOutReadyBoxes(t *testing.T) {
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprint(w, "pooled hi")
-	})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	port := ln.Addr().(*net.TCPAddr).Port
+	port := hostServer(t, "pooled hi")
 
 	ctx := ctxT(t, 5*time.Minute)
 	dataDir := filepath.Join(t.TempDir(), "data")
@@ -445,4 +427,19 @@ func TestPoolHandsOutReadyBoxes(t *testing.T) {
 	if len(ents) != 2 {
 		t.Errorf("box dirs after Close: %d, want the two boxes' (the pooled ones removed)", len(ents))
 	}
+}
+
+// hostServer serves body over HTTP on a loopback port of the host until
+// the test ends, and returns the port.
+func hostServer(t *testing.T, body string) int {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, body)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).Port
 }
