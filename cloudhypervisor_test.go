@@ -175,6 +175,145 @@ func TestCloudHypervisorFakeEndToEnd(t *testing.T) {
 	}
 }
 
+// TestCloudHypervisorFakeWarmStart runs the warm start on the Cloud
+// Hypervisor driver, fakech in place of cloud-hypervisor (see
+// TestCloudHypervisorFakeEndToEnd for what it bypasses): the first box of
+// a shape makes a template (vm.pause, vm.snapshot) and is restored from it
+// (vm.restore with the box's own disks, vm.resume), as is the next one; a
+// box with a bigger disk gets a template of its own (fakech refuses a
+// restore whose disk sizes differ from the snapshot's, as CH would show
+// the guest the template's capacity); Stop/Start restores again with the
+// box's files kept; a corrupt state.json costs one cold boot and the
+// template, which the next box makes again.
+func TestCloudHypervisorFakeWarmStart(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the fake cloud-hypervisor's agent chroots into the box root: needs root")
+	}
+	for _, tool := range []string{"debugfs", "mkfs.ext4", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	if _, err := runtime.FindKernel(""); err != nil {
+		t.Skip(err)
+	}
+	chBin := filepath.Join(t.TempDir(), "cloud-hypervisor")
+	build := exec.Command("go", "build", "-o", chBin, "github.com/boxrun/boxrun/runtime/ch/fakech")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build fakech: %v\n%s", err, out)
+	}
+	ref := "oci:" + testenv.BusyboxLayout(t) + ":latest"
+	data := t.TempDir()
+	t.Cleanup(func() { killFakeCH(data) })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	eng := newFakeCHEngine(t, ctx, data, chBin)
+	defer eng.Close()
+
+	boots := func(want boxrun.BootStats) {
+		t.Helper()
+		if got := eng.Info().Boots; got != want {
+			t.Fatalf("boots %+v, want %+v", got, want)
+		}
+	}
+	create := func(gb int) *boxrun.Box {
+		t.Helper()
+		b, err := eng.Create(ctx, boxrun.BoxSpec{Image: ref, CPU: 1, MemoryMB: 256, DiskSizeGB: gb})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { eng.Remove(context.Background(), b.ID, boxrun.Force) })
+		return b
+	}
+	exec := func(id, cmd string) string {
+		t.Helper()
+		res, err := eng.Exec(ctx, id, boxrun.ExecSpec{Cmd: []string{"sh", "-c", cmd}})
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("exec %q in %s: %+v, %v", cmd, id, res, err)
+		}
+		return res.Stdout
+	}
+	templates := func() []string {
+		m, _ := filepath.Glob(filepath.Join(data, "cache", "templates", "*", "snapshot", "state.json"))
+		return m
+	}
+
+	a := create(1)
+	boots(boxrun.BootStats{Warm: 1, Templates: 1})
+	b := create(1)
+	boots(boxrun.BootStats{Warm: 2, Templates: 1})
+	if tpl := templates(); len(tpl) != 1 {
+		t.Fatalf("templates %v", tpl)
+	}
+	// Only the snapshot and its meta: no stand-in, socket or log.
+	ents, _ := os.ReadDir(filepath.Dir(filepath.Dir(templates()[0])))
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, " ") != "meta.json snapshot" {
+		t.Errorf("template dir holds %v", names)
+	}
+	exec(a.ID, "echo in a > /root/mine")
+	if out := exec(b.ID, "cat /root/mine 2>/dev/null || echo none"); out != "none\n" {
+		t.Errorf("box b sees box a's file: %q", out)
+	}
+	for _, id := range []string{a.ID, b.ID} {
+		if _, err := os.Stat(filepath.Join(data, "boxes", id, "restore")); !os.IsNotExist(err) {
+			t.Errorf("box %s keeps its restore dir: %v", id, err)
+		}
+	}
+
+	// Another disk size: a template of its own, restored with that size.
+	create(2)
+	boots(boxrun.BootStats{Warm: 3, Templates: 2})
+
+	// Stop/Start: restored again, the box's files kept.
+	if _, err := eng.Stop(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := eng.Start(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	boots(boxrun.BootStats{Warm: 4, Templates: 2})
+	if out := exec(a.ID, "cat /root/mine"); out != "in a\n" {
+		t.Errorf("after stop/start: %q", out)
+	}
+
+	// A corrupt state.json: one cold boot, and the template goes.
+	for _, p := range templates() {
+		if err := os.WriteFile(p, []byte("garbage"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := create(1)
+	boots(boxrun.BootStats{Cold: 1, Warm: 4, Templates: 2, Fallbacks: 1})
+	exec(c.ID, "true")
+	if tpl := templates(); len(tpl) != 1 { // the 2 GiB one, still corrupt
+		t.Errorf("templates after the fallback: %v", tpl)
+	}
+	create(1)
+	boots(boxrun.BootStats{Cold: 1, Warm: 5, Templates: 3, Fallbacks: 1})
+
+	// A VMM that cannot restore at all: the template is made again once,
+	// and after the second failure in a row the shape boots cold without
+	// making one each time.
+	t.Setenv("FAKECH_FAIL_RESTORE", "1")
+	create(1)
+	boots(boxrun.BootStats{Cold: 2, Warm: 5, Templates: 3, Fallbacks: 2})
+	create(1)
+	boots(boxrun.BootStats{Cold: 3, Warm: 5, Templates: 4, Fallbacks: 3})
+	create(1)
+	boots(boxrun.BootStats{Cold: 4, Warm: 5, Templates: 4, Fallbacks: 3})
+
+	for _, box := range []string{a.ID, b.ID, c.ID} {
+		if err := eng.Remove(ctx, box, boxrun.Force); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 func newFakeCHEngine(t *testing.T, ctx context.Context, data, chBin string) *boxrun.Engine {
 	t.Helper()
 	eng, err := boxrun.New(ctx, boxrun.Config{

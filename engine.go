@@ -470,7 +470,7 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil)
 	if wf, ok := err.(*warmFailure); ok {
 		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.tpl.key, "err", wf.err)
-		e.warm.invalidate(wf.tpl.key, wf.tpl.ino)
+		e.warm.restoreFailed(wf.tpl.key, wf.tpl.ino)
 		e.warm.fallbacks.Add(1)
 		lb, err = e.bootVM(ctx, rec, cfg, boot, false)
 	}
@@ -577,6 +577,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	e.log.Debug("box booted", "box", rec.ID, "vm", t1.Sub(t0).Round(time.Millisecond), "hello", time.Since(t1).Round(time.Millisecond))
 	if tpl.key != "" {
 		e.warm.warm.Add(1)
+		e.warm.restoreWorked(tpl.key)
 	} else {
 		e.warm.cold.Add(1)
 	}

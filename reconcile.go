@@ -90,19 +90,23 @@ func (e *Engine) reconcile(ctx context.Context) error {
 	return nil
 }
 
-// killVMIn kills the VMM whose pid file is in dir, if that process still
-// runs there (its working directory is dir: the pid was not reused).
+// killVMIn kills the VMM (and a Cloud Hypervisor VM's virtiofsd) whose
+// pid files are in dir, if those processes still run there (their working
+// directory is dir: the pid was not reused).
 func killVMIn(dir string) {
-	b, err := os.ReadFile(filepath.Join(dir, "qemu.pid"))
-	if err != nil {
-		return
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
-		return
-	}
-	if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && cwd == dir {
-		syscall.Kill(pid, syscall.SIGKILL)
+	files, _ := filepath.Glob(filepath.Join(dir, "virtiofsd-*.pid"))
+	for _, f := range append([]string{filepath.Join(dir, "qemu.pid"), filepath.Join(dir, "ch.pid")}, files...) {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 1 {
+			continue
+		}
+		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && cwd == dir {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
 	}
 }
 

@@ -62,9 +62,10 @@ type warmStart struct {
 	maxBytes int64
 	snap     runtime.Snapshotter // nil: warm start off
 
-	mu       sync.Mutex
-	locks    map[string]*sync.Mutex // per template key: one build at a time
-	failures map[string]time.Time   // when a template of the key last failed
+	mu           sync.Mutex
+	locks        map[string]*sync.Mutex // per template key: one build at a time
+	failures     map[string]time.Time   // when a template of the key last failed
+	restoreFails map[string]int         // restores of the key that failed in a row
 
 	cold, warm, pooled, templates, fallbacks atomic.Int64
 }
@@ -112,7 +113,7 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 			var dir string
 			dir, err = w.ensure(ctx, e, key, family, cfg, boot)
 			if err == nil {
-				ino := stateIno(dir)
+				ino := w.stateIno(dir)
 				// Shared: another engine on the cache (Config.SharedDir)
 				// may not evict it while QEMU opens its files.
 				unlock, ok := w.flockMode(key, syscall.LOCK_SH)
@@ -129,7 +130,7 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 					return nil, template{}, ctx.Err()
 				}
 				e.log.Warn("restoring from the template failed; booting cold", "box", cfg.ID, "template", key, "err", err)
-				w.invalidate(key, ino)
+				w.restoreFailed(key, ino)
 			} else if ctx.Err() == nil {
 				e.log.Warn("no template; booting cold", "box", cfg.ID, "err", err)
 				w.failed(key)
@@ -153,9 +154,10 @@ type template struct {
 }
 
 // key returns the template key of cfg (everything the template depends
-// on) and its family (the shape alone).
+// on) and its family (the shape alone: the driver's, without versions or
+// boot files).
 func (w *warmStart) key(cfg runtime.VMConfig, boot *bootAssets) (key, family string, err error) {
-	dk, err := w.snap.TemplateKey(cfg)
+	dk, family, err := w.snap.TemplateKey(cfg)
 	if err != nil {
 		return "", "", err
 	}
@@ -168,16 +170,7 @@ func (w *warmStart) key(cfg runtime.VMConfig, boot *bootAssets) (key, family str
 		return "", "", err
 	}
 	h := sha256.Sum256([]byte(dk + "\x00" + bootID(kid, iid)))
-	key = hex.EncodeToString(h[:12])
-	f := fmt.Sprintf("%s cpus=%d mem=%d net=%v", w.snap.Name(), cfg.CPUs, cfg.MemoryMB, cfg.Network)
-	for _, d := range cfg.Disks {
-		f += fmt.Sprintf(" disk(ro=%v)", d.ReadOnly)
-	}
-	for _, v := range cfg.Volumes {
-		f += fmt.Sprintf(" vol(ro=%v)", v.ReadOnly)
-	}
-	fh := sha256.Sum256([]byte(f))
-	return key, hex.EncodeToString(fh[:12]), nil
+	return hex.EncodeToString(h[:12]), family, nil
 }
 
 func bootID(kernelID, initramfsID string) string { return kernelID + "\x00" + initramfsID }
@@ -210,7 +203,7 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 	l := w.lock(key)
 	l.Lock()
 	defer l.Unlock()
-	if complete(dir) {
+	if w.complete(dir) {
 		return dir, nil
 	}
 	// Engines on one shared cache (Config.SharedDir) build it once too.
@@ -219,7 +212,7 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 		return "", fmt.Errorf("template %s: cannot lock", key)
 	}
 	defer unlock()
-	if complete(dir) {
+	if w.complete(dir) {
 		return dir, nil
 	}
 	if w.backingOff(key) { // the build that held the lock just failed
@@ -233,8 +226,8 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 	return dir, nil
 }
 
-func complete(dir string) bool {
-	for _, f := range append(runtime.TemplateFiles, "meta.json") {
+func (w *warmStart) complete(dir string) bool {
+	for _, f := range append(w.snap.TemplateFiles(), "meta.json") {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			return false
 		}
@@ -261,15 +254,22 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	}
 	// Stand-ins with the box's device layout. The guest never probes
 	// them: its agent loads the disk, NIC and share drivers at the Hello.
+	// They have the box's disks' sizes (sparse): a VMM may keep a disk's
+	// capacity in the snapshot (Cloud Hypervisor does), so the drivers'
+	// keys count the sizes in.
 	t := cfg
 	t.ID, t.Dir, t.MAC = "tpl-"+key[:12], tmp, "52:54:00:00:00:01"
 	t.Disks = append([]runtime.Disk(nil), cfg.Disks...)
 	for i := range t.Disks {
 		p := filepath.Join(tmp, fmt.Sprintf("disk%d", i))
+		size := int64(1 << 20)
+		if st, err := os.Stat(cfg.Disks[i].Path); err == nil {
+			size = st.Size()
+		}
 		if err := os.WriteFile(p, nil, 0o600); err != nil {
 			return err
 		}
-		if err := os.Truncate(p, 1<<20); err != nil {
+		if err := os.Truncate(p, size); err != nil {
 			return err
 		}
 		t.Disks[i].Path = p
@@ -314,7 +314,7 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	}
 	// Only the template's files stay: the stand-ins, logs and sockets go.
 	keep := map[string]bool{"meta.json": true}
-	for _, f := range runtime.TemplateFiles {
+	for _, f := range w.snap.TemplateFiles() {
 		keep[f] = true
 	}
 	ents, _ := os.ReadDir(tmp)
@@ -345,15 +345,42 @@ func (w *warmStart) invalidate(key string, ino uint64) {
 	}
 	defer unlock()
 	dir := filepath.Join(w.dir, key)
-	if ino != 0 && stateIno(dir) != ino {
+	if ino != 0 && w.stateIno(dir) != ino {
 		return
 	}
 	os.RemoveAll(dir)
 }
 
-// stateIno is the inode of a template's state file (0 if none).
-func stateIno(dir string) uint64 {
-	st, err := os.Stat(filepath.Join(dir, runtime.TemplateFiles[1]))
+// restoreFailed removes a template that failed to restore, or whose
+// guest did not come up (the one whose state file is the inode ino), so
+// that the next box makes it again: it may have been corrupt. A second
+// failure in a row backs the shape off (failed): a VMM that cannot restore
+// at all must not cost every box a template build and a cold boot.
+func (w *warmStart) restoreFailed(key string, ino uint64) {
+	w.invalidate(key, ino)
+	w.mu.Lock()
+	if w.restoreFails == nil {
+		w.restoreFails = map[string]int{}
+	}
+	w.restoreFails[key]++
+	n := w.restoreFails[key]
+	w.mu.Unlock()
+	if n >= 2 {
+		w.failed(key)
+	}
+}
+
+// restoreWorked notes a box restored from key that came up.
+func (w *warmStart) restoreWorked(key string) {
+	w.mu.Lock()
+	delete(w.restoreFails, key)
+	w.mu.Unlock()
+}
+
+// stateIno is the inode of a template's last-written file (0 if none).
+func (w *warmStart) stateIno(dir string) uint64 {
+	files := w.snap.TemplateFiles()
+	st, err := os.Stat(filepath.Join(dir, files[len(files)-1]))
 	if err != nil {
 		return 0
 	}

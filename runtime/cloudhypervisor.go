@@ -147,12 +147,7 @@ func fsPidFile(tag string) string { return "virtiofsd-" + tag + ".pid" }
 // VMConfig returns the body of PUT /vm.create for cfg; tap is the NIC's
 // TAP ("" for none).
 func (c *CloudHypervisor) VMConfig(cfg VMConfig, tap string) *ch.VmConfig {
-	abs := func(p string) string {
-		if a, err := filepath.Abs(p); err == nil {
-			return a
-		}
-		return p
-	}
+	abs := absPath
 	vc := &ch.VmConfig{
 		Cpus:    &ch.CpusConfig{BootVcpus: cfg.CPUs, MaxVcpus: cfg.CPUs},
 		Memory:  &ch.MemoryConfig{Size: int64(cfg.MemoryMB) << 20, Shared: len(cfg.Volumes) > 0},
@@ -183,98 +178,9 @@ func (c *CloudHypervisor) VMConfig(cfg VMConfig, tap string) *ch.VmConfig {
 // cloud-hypervisor itself, then vm.create and vm.boot. It returns once CH
 // reports the VM running; DialAgent then waits for the agent.
 func (c *CloudHypervisor) Start(ctx context.Context, cfg VMConfig) (VM, error) {
-	bin, err := c.BinaryPath()
+	vm, fail, err := c.launch(ctx, cfg)
 	if err != nil {
-		return nil, errdefs.Wrap(errdefs.RuntimeError, err,
-			"cloud-hypervisor not found (install it, set BOXRUN_CLOUD_HYPERVISOR, or use hypervisor qemu)")
-	}
-	if cfg.CPUs <= 0 || cfg.MemoryMB <= 0 {
-		return nil, errdefs.New(errdefs.ValidationError, "cpus and memory must be positive")
-	}
-	if cfg.CPUs > 254 {
-		return nil, errdefs.New(errdefs.ValidationError, "cloud-hypervisor: at most 254 vCPUs")
-	}
-	for _, f := range []string{cfg.Kernel, cfg.Initramfs} {
-		if _, err := os.Stat(f); err != nil {
-			return nil, errdefs.Wrap(errdefs.RuntimeError, err, "boot file")
-		}
-	}
-	var fsd *virtiofsd
-	if len(cfg.Volumes) > 0 {
-		if fsd, err = c.findVirtiofsd(); err != nil {
-			return nil, err
-		}
-		for _, v := range cfg.Volumes {
-			if v.ReadOnly && !fsd.readonly {
-				return nil, errdefs.New(errdefs.RuntimeError,
-					"read-only volume %s: %s cannot export a directory read-only (it has no --readonly); install the Rust "+
-						"virtiofsd (Debian/Ubuntu package virtiofsd, 1.6 or newer) or set BOXRUN_VIRTIOFSD", v.HostPath, fsd.path)
-			}
-		}
-	}
-	awaitRelay(cfg.Dir, 5*time.Second) // of an earlier VM in this dir
-	vm := newCHVM(cfg.Dir, cfg.ID)
-	vm.cleanFiles()
-	os.Remove(filepath.Join(cfg.Dir, consoleLog)) // a fresh console per boot, as with QEMU
-	os.Remove(filepath.Join(cfg.Dir, consoleOld))
-	fail := func(err error) (VM, error) {
-		vm.destroy()
-		if ctx.Err() != nil {
-			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "start cloud-hypervisor")
-		}
 		return nil, err
-	}
-	if cfg.Network {
-		if vm.tap, err = setupTap(cfg.ID); err != nil {
-			return fail(err)
-		}
-	}
-	for _, v := range cfg.Volumes {
-		if err := vm.startVirtiofsd(ctx, fsd, v); err != nil {
-			return fail(err)
-		}
-	}
-	logf, err := os.OpenFile(filepath.Join(cfg.Dir, chLogFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor log"))
-	}
-	cmd := exec.Command(bin, "--api-socket", "path="+chAPISock)
-	cmd.Dir = cfg.Dir
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	err = cmd.Start()
-	logf.Close()
-	if err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "start cloud-hypervisor"))
-	}
-	unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: chMaxFiles, Max: chMaxFiles}, nil)
-	vm.pid = cmd.Process.Pid
-	go func() {
-		vm.waitErr = cmd.Wait()
-		close(vm.done)
-	}()
-	if err := os.WriteFile(filepath.Join(cfg.Dir, chPidFile), []byte(strconv.Itoa(vm.pid)+"\n"), 0o600); err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor pid file"))
-	}
-	if cfg.Logger != nil {
-		cfg.Logger.Debug("cloud-hypervisor started", "box", cfg.ID, "pid", vm.pid, "args", cmd.Args)
-	}
-	exitedErr := func(what string) error {
-		return errdefs.New(errdefs.RuntimeError, "cloud-hypervisor exited %s (%v): %s", what, vm.waitErr,
-			strings.TrimSpace(tail(filepath.Join(cfg.Dir, chLogFile), 2048)))
-	}
-	// The API socket: CH creates it at once.
-	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	ping, err := vm.waitPing(pctx)
-	cancel()
-	if err != nil {
-		if vm.exited() {
-			return fail(exitedErr("at start"))
-		}
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor API did not come up within 10s"))
-	}
-	if major, _, ok := ch.ParseVersion(ping.Version); ok && major < ch.MinMajor {
-		return fail(errdefs.New(errdefs.RuntimeError, "cloud-hypervisor %s is too old: boxrun needs v%d or newer", ping.Version, ch.MinMajor))
 	}
 	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -287,10 +193,16 @@ func (c *CloudHypervisor) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	vm.connectRelay(ctx, 200*time.Millisecond)
 	if err := vm.client.BootVM(actx); err != nil {
 		if vm.exited() {
-			return fail(exitedErr("at boot"))
+			return fail(vm.exitedErr("at boot"))
 		}
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "boot the VM"))
 	}
+	return vm.running(ctx, actx, "boot", fail)
+}
+
+// running connects the console relay if it is not yet, and checks that
+// CH reports the VM running: the end of a start or restore.
+func (vm *chVM) running(ctx, actx context.Context, what string, fail func(error) (VM, error)) (VM, error) {
 	if vm.relay == nil {
 		vm.connectRelay(ctx, 2*time.Second)
 	}
@@ -299,9 +211,117 @@ func (c *CloudHypervisor) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "VM info"))
 	}
 	if info.State != ch.StateRunning {
-		return fail(errdefs.New(errdefs.RuntimeError, "cloud-hypervisor reports the VM %q after boot, not running", info.State))
+		return fail(errdefs.New(errdefs.RuntimeError, "cloud-hypervisor reports the VM %q after %s, not running", info.State, what))
 	}
 	return vm, nil
+}
+
+// launch checks cfg and starts what a VM of cfg runs on, without a VM
+// yet: virtiofsd for each volume, the TAP for the NIC, and
+// cloud-hypervisor itself, whose API answers when launch returns. fail
+// undoes all of it and returns err (or a cancellation).
+func (c *CloudHypervisor) launch(ctx context.Context, cfg VMConfig) (*chVM, func(error) (VM, error), error) {
+	bin, err := c.BinaryPath()
+	if err != nil {
+		return nil, nil, errdefs.Wrap(errdefs.RuntimeError, err,
+			"cloud-hypervisor not found (install it, set BOXRUN_CLOUD_HYPERVISOR, or use hypervisor qemu)")
+	}
+	if cfg.CPUs <= 0 || cfg.MemoryMB <= 0 {
+		return nil, nil, errdefs.New(errdefs.ValidationError, "cpus and memory must be positive")
+	}
+	if cfg.CPUs > 254 {
+		return nil, nil, errdefs.New(errdefs.ValidationError, "cloud-hypervisor: at most 254 vCPUs")
+	}
+	for _, f := range []string{cfg.Kernel, cfg.Initramfs} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, nil, errdefs.Wrap(errdefs.RuntimeError, err, "boot file")
+		}
+	}
+	var fsd *virtiofsd
+	if len(cfg.Volumes) > 0 {
+		if fsd, err = c.findVirtiofsd(); err != nil {
+			return nil, nil, err
+		}
+		for _, v := range cfg.Volumes {
+			if v.ReadOnly && !fsd.readonly {
+				return nil, nil, errdefs.New(errdefs.RuntimeError,
+					"read-only volume %s: %s cannot export a directory read-only (it has no --readonly); install the Rust "+
+						"virtiofsd (Debian/Ubuntu package virtiofsd, 1.6 or newer) or set BOXRUN_VIRTIOFSD", v.HostPath, fsd.path)
+			}
+		}
+	}
+	awaitRelay(cfg.Dir, 5*time.Second) // of an earlier VM in this dir
+	vm := newCHVM(cfg.Dir, cfg.ID)
+	vm.memoryMB = cfg.MemoryMB
+	vm.cleanFiles()
+	os.Remove(filepath.Join(cfg.Dir, consoleLog)) // a fresh console per boot, as with QEMU
+	os.Remove(filepath.Join(cfg.Dir, consoleOld))
+	fail := func(err error) (VM, error) {
+		vm.destroy()
+		if ctx.Err() != nil {
+			return nil, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "start cloud-hypervisor")
+		}
+		return nil, err
+	}
+	failed := func(err error) (*chVM, func(error) (VM, error), error) {
+		_, err = fail(err)
+		return nil, nil, err
+	}
+	if cfg.Network {
+		if vm.tap, err = setupTap(cfg.ID); err != nil {
+			return failed(err)
+		}
+	}
+	for _, v := range cfg.Volumes {
+		if err := vm.startVirtiofsd(ctx, fsd, v); err != nil {
+			return failed(err)
+		}
+	}
+	logf, err := os.OpenFile(filepath.Join(cfg.Dir, chLogFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return failed(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor log"))
+	}
+	cmd := exec.Command(bin, "--api-socket", "path="+chAPISock)
+	cmd.Dir = cfg.Dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	logf.Close()
+	if err != nil {
+		return failed(errdefs.Wrap(errdefs.RuntimeError, err, "start cloud-hypervisor"))
+	}
+	unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: chMaxFiles, Max: chMaxFiles}, nil)
+	vm.pid = cmd.Process.Pid
+	go func() {
+		vm.waitErr = cmd.Wait()
+		close(vm.done)
+	}()
+	if err := os.WriteFile(filepath.Join(cfg.Dir, chPidFile), []byte(strconv.Itoa(vm.pid)+"\n"), 0o600); err != nil {
+		return failed(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor pid file"))
+	}
+	if cfg.Logger != nil {
+		cfg.Logger.Debug("cloud-hypervisor started", "box", cfg.ID, "pid", vm.pid, "args", cmd.Args)
+	}
+	// The API socket: CH creates it at once.
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ping, err := vm.waitPing(pctx)
+	cancel()
+	if err != nil {
+		if vm.exited() {
+			return failed(vm.exitedErr("at start"))
+		}
+		return failed(errdefs.Wrap(errdefs.RuntimeError, err, "cloud-hypervisor API did not come up within 10s"))
+	}
+	if major, _, ok := ch.ParseVersion(ping.Version); ok && major < ch.MinMajor {
+		return failed(errdefs.New(errdefs.RuntimeError, "cloud-hypervisor %s is too old: boxrun needs v%d or newer", ping.Version, ch.MinMajor))
+	}
+	return vm, fail, nil
+}
+
+// exitedErr says that CH exited, with the end of its log.
+func (v *chVM) exitedErr(what string) error {
+	return errdefs.New(errdefs.RuntimeError, "cloud-hypervisor exited %s (%v): %s", what, v.waitErr,
+		strings.TrimSpace(tail(filepath.Join(v.dir, chLogFile), 2048)))
 }
 
 // chVM is a running cloud-hypervisor process and its VM.
@@ -313,6 +333,8 @@ type chVM struct {
 	waitErr error
 	relay   *consoleRelay // nil when the console could not be connected
 	tap     string        // the NIC's TAP, "" for none
+	// memoryMB is the VM's memory (0 when attached: not known).
+	memoryMB int
 
 	fsMu sync.Mutex
 	fs   []*fsProc // the virtiofsd processes

@@ -89,6 +89,9 @@ type chServer struct {
 	state     string
 	violation []string
 	version   string
+
+	restored      []byte   // the config.json of the last vm.restore
+	restoredFiles []string // the files of its directory
 }
 
 type peerKey struct{}
@@ -257,7 +260,46 @@ func (s *chServer) defaultAnswer(ep string, body []byte) *answer {
 	case "vmm.shutdown":
 		s.cfg, s.state = nil, ""
 		return &answer{200, nil} // v53 answers 200 (the document: 204)
-	case "vm.pause", "vm.resume", "vm.snapshot", "vm.restore":
+	case "vm.pause", "vm.resume":
+		if s.cfg != nil {
+			s.state = map[string]string{"vm.pause": ch.StatePaused, "vm.resume": ch.StateRunning}[ep]
+		}
+		return &answer{204, nil}
+	case "vm.snapshot":
+		// As CH does: the VM's configuration, state and memory into the
+		// destination directory.
+		var sc ch.VmSnapshotConfig
+		json.Unmarshal(body, &sc)
+		if dir, ok := strings.CutPrefix(sc.DestinationURL, "file://"); ok && s.cfg != nil {
+			// CH's config.json has more than the create's body: fields it
+			// filled in, such as the TAP's own MAC.
+			var conf map[string]any
+			json.Unmarshal(s.cfg, &conf)
+			conf["platform"] = map[string]any{"num_pci_segments": 1}
+			if nets, ok := conf["net"].([]any); ok {
+				for _, n := range nets {
+					n.(map[string]any)["host_mac"] = "fe:00:00:00:00:01"
+				}
+			}
+			b, _ := json.Marshal(conf)
+			os.WriteFile(filepath.Join(dir, "config.json"), b, 0o600)
+			os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"snapshot_data":{}}`), 0o600)
+			os.WriteFile(filepath.Join(dir, "memory-ranges"), make([]byte, 4096), 0o600)
+		}
+		return &answer{204, nil}
+	case "vm.restore":
+		if s.cfg != nil {
+			return &answer{500, chErr("The VM could not be restored", "VM is already created")}
+		}
+		var rc ch.RestoreConfig
+		json.Unmarshal(body, &rc)
+		if dir, ok := strings.CutPrefix(rc.SourceURL, "file://"); ok {
+			if b, err := os.ReadFile(filepath.Join(dir, "config.json")); err == nil {
+				s.cfg, s.state = json.RawMessage(b), ch.StatePaused
+				s.restored = b
+				s.restoredFiles, _ = filepath.Glob(filepath.Join(dir, "*"))
+			}
+		}
 		return &answer{204, nil}
 	}
 	return &answer{404, chErr("unknown endpoint " + ep)}
@@ -563,8 +605,7 @@ func TestCHContractErrors(t *testing.T) {
 		}
 	})
 
-	// The calls the driver does not make yet (warm starts will) are
-	// checked against the document all the same.
+	// The client's calls on their own, and an error answer of each.
 	t.Run("client", func(t *testing.T) {
 		srv.reset()
 		c := ch.NewClient(srv.sock)
@@ -609,4 +650,138 @@ func processesIn(dir string) []int {
 		}
 	}
 	return pids
+}
+
+// TestCHContractWarmStart drives the driver's warm start through the API
+// document: a template booted, paused and snapshotted; a box restored from
+// it with its own disks, TAP and MAC written into the restored
+// config.json; the template key; and a restore that CH refuses.
+func TestCHContractWarmStart(t *testing.T) {
+	srv := newCHServer(t)
+	chBin, fsBin := fakeCHBinaries(t)
+	t.Setenv("FAKECH_UPSTREAM", srv.sock)
+	network := canTap()
+	drv := &CloudHypervisor{Binary: chBin, Virtiofsd: fsBin}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// Volumes boot cold on CH (a restored virtio-fs device hangs with
+	// today's virtiofsd): no key for them.
+	if _, _, err := drv.TemplateKey(contractVM(t, "box_vol", network)); err == nil {
+		t.Error("a template key for a VM with volumes")
+	}
+	noVolumes := func(c VMConfig) VMConfig { c.Volumes = nil; return c }
+	tpl := noVolumes(contractVM(t, "tpl-contract", network))
+	vm, err := drv.StartTemplate(ctx, tpl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCalls(t, "template start", srv.take(), "GET vmm.ping", "PUT vm.create", "PUT vm.boot", "GET vm.info")
+	if err := drv.SaveTemplate(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	wantCalls(t, "save", srv.take(), "PUT vm.pause", "PUT vm.snapshot", "PUT vm.shutdown", "PUT vmm.shutdown")
+	var sc ch.VmSnapshotConfig
+	json.Unmarshal(srv.bodies["vm.snapshot"], &sc)
+	if sc.DestinationURL != "file://"+filepath.Join(tpl.Dir, chSnapshotDir+".tmp") {
+		t.Errorf("snapshot destination %q", sc.DestinationURL)
+	}
+	for _, f := range []string{"config.json", "state.json", "memory-ranges"} {
+		if _, err := os.Stat(filepath.Join(tpl.Dir, chSnapshotDir, f)); err != nil {
+			t.Errorf("template: %v", err)
+		}
+	}
+	if left := processesIn(tpl.Dir); len(left) > 0 {
+		t.Errorf("processes left by the template: %v", left)
+	}
+	srv.reset()
+
+	// A box of the same shape: its own disks (same sizes), id and MAC.
+	box := noVolumes(contractVM(t, "box_warm1", network))
+	box.MAC = "52:54:00:ab:cd:ef"
+	k1, f1, err := drv.TemplateKey(tpl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2, f2, _ := drv.TemplateKey(box); k2 != k1 || f2 != f1 {
+		t.Errorf("template key depends on per-box values: %s vs %s", k1, k2)
+	}
+	rvm, err := drv.Restore(ctx, box, tpl.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCalls(t, "restore", srv.take(), "GET vmm.ping", "PUT vm.restore", "PUT vm.resume", "GET vm.info")
+	var rc ch.RestoreConfig
+	json.Unmarshal(srv.bodies["vm.restore"], &rc)
+	restoreDir := filepath.Join(box.Dir, "restore")
+	if rc.SourceURL != "file://"+restoreDir {
+		t.Errorf("restore source %q", rc.SourceURL)
+	}
+	var vc ch.VmConfig
+	if err := json.Unmarshal(srv.restored, &vc); err != nil {
+		t.Fatalf("restored config.json: %v", err)
+	}
+	if len(vc.Disks) != 2 || vc.Disks[0].Path != box.Disks[0].Path || vc.Disks[1].Path != box.Disks[1].Path || !vc.Disks[0].Readonly {
+		t.Errorf("restored disks %+v, want the box's %+v", vc.Disks, box.Disks)
+	}
+	if vc.Vsock == nil || vc.Vsock.Socket != chVsockSock || vc.Serial == nil || vc.Serial.Socket != consoleSock {
+		t.Errorf("restored sockets must stay relative to the box's dir: vsock %+v serial %+v", vc.Vsock, vc.Serial)
+	}
+	if network {
+		tap, _ := tapNames(box.ID)
+		if len(vc.Net) != 1 || vc.Net[0].Tap != tap || vc.Net[0].Mac != box.MAC {
+			t.Errorf("restored net %+v, want tap %s mac %s", vc.Net, tap, box.MAC)
+		}
+	}
+	if bytes.Contains(srv.restored, []byte("host_mac")) || !bytes.Contains(srv.restored, []byte(`"platform":{"num_pci_segments":1}`)) {
+		t.Errorf("restored config.json must drop the template TAP's host_mac and keep what it does not know: %s", srv.restored)
+	}
+	if len(srv.restoredFiles) != 3 {
+		t.Errorf("restore dir held %v", srv.restoredFiles)
+	}
+	if _, err := os.Stat(restoreDir); !os.IsNotExist(err) {
+		t.Errorf("restore dir left: %v", err)
+	}
+	if err := rvm.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	srv.take()
+	srv.reset()
+
+	// The key changes with what the template holds.
+	for name, change := range map[string]func(c *VMConfig){
+		"cpus":      func(c *VMConfig) { c.CPUs = 3 },
+		"memory":    func(c *VMConfig) { c.MemoryMB = 1024 },
+		"disk size": func(c *VMConfig) { os.Truncate(c.Disks[1].Path, 3<<30) },
+		"read-only": func(c *VMConfig) { c.Disks[1].ReadOnly = true },
+		"network":   func(c *VMConfig) { c.Network = !c.Network },
+		"cmdline":   func(c *VMConfig) { c.Cmdline += " x=1" },
+	} {
+		c := noVolumes(contractVM(t, "box_key", network))
+		change(&c)
+		if k, f, err := drv.TemplateKey(c); err != nil || k == k1 || f == f1 {
+			t.Errorf("%s: key %s, %v (the template's %s)", name, k, err, k1)
+		}
+	}
+
+	// CH refuses the snapshot: the restore fails and leaves nothing.
+	srv.then("vm.restore", answer{500, chErr("The VM could not be restored", "Error restoring VM: Failed to restore virtio-block")})
+	bad := noVolumes(contractVM(t, "box_warm2", network))
+	if _, err := drv.Restore(ctx, bad, tpl.Dir); err == nil || !strings.Contains(err.Error(), "Failed to restore virtio-block") {
+		t.Fatalf("restore refused: %v", err)
+	}
+	wantCalls(t, "refused restore", srv.take(), "GET vmm.ping", "PUT vm.restore")
+	time.Sleep(50 * time.Millisecond)
+	if left := processesIn(bad.Dir); len(left) > 0 {
+		t.Errorf("processes left: %v", left)
+	}
+	ents, _ := os.ReadDir(bad.Dir)
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".sock") || strings.HasSuffix(e.Name(), ".pid") || e.Name() == "restore" {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
+	if tap, _ := tapNames(bad.ID); linkExists(tap) {
+		t.Errorf("tap %s left behind", tap)
+	}
 }

@@ -25,6 +25,15 @@ import (
 
 var _ Snapshotter = (*QEMU)(nil)
 
+// Files of a QEMU template: the guest's RAM and its device state.
+const (
+	templateRAM   = "ram"
+	templateState = "state"
+)
+
+// TemplateFiles are the RAM file and the device state.
+func (q *QEMU) TemplateFiles() []string { return []string{templateRAM, templateState} }
+
 // templateFormat is bumped when what a template holds changes meaning.
 const templateFormat = 1
 
@@ -56,10 +65,10 @@ func (q *QEMU) version() (string, error) {
 
 // TemplateKey hashes the QEMU command line of cfg with every per-VM value
 // (name, paths, MAC) taken out, plus QEMU's version.
-func (q *QEMU) TemplateKey(cfg VMConfig) (string, error) {
+func (q *QEMU) TemplateKey(cfg VMConfig) (key, family string, err error) {
 	v, err := q.version()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	shape := cfg
 	shape.ID, shape.Dir, shape.MAC, shape.Logger = "template", "", "", nil
@@ -73,9 +82,14 @@ func (q *QEMU) TemplateKey(cfg VMConfig) (string, error) {
 		shape.Volumes[i].HostPath = fmt.Sprintf("vol%d", i)
 	}
 	shape.memFile, shape.memShared, shape.incoming = templateRAM, false, nil
-	h := sha256.New()
-	fmt.Fprintf(h, "format %d\n%s\n%q\n", templateFormat, v, q.Args(shape))
-	return hex.EncodeToString(h.Sum(nil))[:24], nil
+	args := fmt.Sprintf("%q", q.Args(shape))
+	return shapeHash(fmt.Sprintf("qemu format %d\n%s\n%s\n", templateFormat, v, args)), shapeHash("qemu\n" + args), nil
+}
+
+// shapeHash is a short hash of a template's description.
+func shapeHash(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:12])
 }
 
 // StartTemplate boots cfg with its RAM in cfg.Dir/ram, shared.

@@ -18,11 +18,11 @@ func TestQEMUTemplateKey(t *testing.T) {
 		Disks:   []Disk{{Path: "/bases/x", ReadOnly: true}, {Path: "/boxes/a/disk"}},
 		Volumes: []Volume{{Tag: "vol0", HostPath: "/home/a"}}, Network: true}
 	key := func(c VMConfig) string {
-		k, err := q.TemplateKey(c)
+		k, f, err := q.TemplateKey(c)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return k
+		return k + " family " + f
 	}
 	k0 := key(base)
 	same := base
@@ -50,12 +50,12 @@ func TestQEMUTemplateKey(t *testing.T) {
 			qq = &QEMU{KVM: &kvm}
 		}
 		mod(&c)
-		k, err := qq.TemplateKey(c)
+		k, f, err := qq.TemplateKey(c)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if k == k0 {
-			t.Errorf("%s did not change the key", name)
+		if k == strings.Fields(k0)[0] || (f == strings.Fields(k0)[2] && name != "accel") {
+			t.Errorf("%s did not change the key and the family", name)
 		}
 	}
 }

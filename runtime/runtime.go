@@ -60,10 +60,16 @@ type VMConfig struct {
 // of that shape, each with its own disks, shares and NIC backend.
 type Snapshotter interface {
 	Hypervisor
+	// TemplateFiles are the files (or directories) of a template in its
+	// dir. The last one is written last: its inode tells one build of a
+	// template from another.
+	TemplateFiles() []string
 	// TemplateKey names everything of the driver and of cfg's shape that a
 	// template depends on (binary and version, acceleration, CPUs,
-	// memory, device layout). The engine adds the boot files' contents.
-	TemplateKey(cfg VMConfig) (string, error)
+	// memory, device layout); family names the shape alone, without the
+	// binary's version, so that a newer template of a family replaces
+	// the older ones. The engine adds the boot files' contents to the key.
+	TemplateKey(cfg VMConfig) (key, family string, err error)
 	// StartTemplate boots a VM of cfg whose memory lives in a file in dir,
 	// cfg.Dir, so that SaveTemplate need not copy it.
 	StartTemplate(ctx context.Context, cfg VMConfig) (VM, error)
@@ -76,14 +82,6 @@ type Snapshotter interface {
 	// pages they do not write. Restore returns once the guest runs.
 	Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error)
 }
-
-// TemplateFiles are the files of a template, in its dir.
-var TemplateFiles = []string{templateRAM, templateState}
-
-const (
-	templateRAM   = "ram"
-	templateState = "state"
-)
 
 // Disk is a raw disk image attached to the VM.
 type Disk struct {

@@ -49,8 +49,11 @@ func NewClientDial(name string, dial func(ctx context.Context) (net.Conn, error)
 		},
 		// One request per connection: CH's server closes idle connections
 		// on its own schedule, and a reused one could fail mid-request.
-		DisableKeepAlives:     true,
-		ResponseHeaderTimeout: 30 * time.Second,
+		DisableKeepAlives: true,
+		// A backstop only: callers bound each call with their context
+		// (vm.snapshot and vm.restore write and read all guest memory,
+		// and may take minutes for a big VM on a slow disk).
+		ResponseHeaderTimeout: 10 * time.Minute,
 	}
 	return &Client{socket: name, http: &http.Client{Transport: tr}}
 }

@@ -3,8 +3,8 @@
 // Command fakech is a stand-in for cloud-hypervisor in tests on hosts that
 // cannot run it (no binary, no KVM). It speaks CH's real protocols: the
 // REST API on --api-socket (vmm.ping, vm.create, vm.boot, vm.info,
-// vm.shutdown, vm.delete, vmm.shutdown; errors as CH's JSON arrays of
-// strings), the hybrid vsock socket ("CONNECT <port>\n" -> "OK <n>\n",
+// vm.shutdown, vm.delete, vmm.shutdown, vm.pause, vm.resume, vm.snapshot,
+// vm.restore; errors as CH's JSON arrays of strings), the hybrid vsock socket ("CONNECT <port>\n" -> "OK <n>\n",
 // or the connection closed while nothing listens on the port) and the
 // serial port on a Unix socket. There is no VM behind them: at vm.boot it
 // runs the real guest agent, taken from the initramfs of the VM's payload
@@ -17,7 +17,20 @@
 // What it does not do: the writable disk (vdb) is not used (the root is a
 // copy of the base disk's files, kept across boots in the VM's directory),
 // and there is no NIC or virtio-fs (a VmConfig with "net" or "fs" is
-// refused at boot).
+// refused at boot). A first disk without a file system (a warm-start
+// template's stand-in) gives the agent an empty root: such a VM only
+// answers pings before it is snapshotted.
+//
+// Snapshots: vm.pause stops the agent (SIGSTOP), vm.snapshot (of a paused
+// VM, into an existing directory) writes config.json (the VmConfig),
+// state.json (each disk's capacity, as CH's virtio-blk state keeps it) and
+// memory-ranges. A host process cannot be snapshotted, so vm.restore
+// starts a fresh agent, which is the same thing for an agent that was
+// waiting for its Hello. vm.restore refuses what CH would get wrong or
+// refuse: a state.json or memory-ranges it cannot read, and a disk whose
+// size differs from the capacity in state.json (CH would show the guest
+// the snapshot's capacity). With FAKECH_FAIL_RESTORE set, every
+// vm.restore fails.
 //
 // Run as "virtiofsd" (a link named so), it plays the Rust virtiofsd for
 // the driver: it says it has --shared-dir and --readonly, creates its
@@ -146,6 +159,7 @@ func (f *fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	want := map[string]string{
 		"vmm.ping": "GET", "vm.info": "GET", "vm.create": "PUT", "vm.boot": "PUT",
 		"vm.shutdown": "PUT", "vm.delete": "PUT", "vmm.shutdown": "PUT",
+		"vm.pause": "PUT", "vm.resume": "PUT", "vm.snapshot": "PUT", "vm.restore": "PUT",
 	}
 	m, ok := want[ep]
 	if !ok {
@@ -203,6 +217,51 @@ func (f *fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "vm.delete":
 		f.stopGuest()
 		f.cfg, f.state = nil, ""
+		w.WriteHeader(http.StatusNoContent)
+	case "vm.pause", "vm.resume":
+		from, to, sig := ch.StateRunning, ch.StatePaused, syscall.SIGSTOP
+		if ep == "vm.resume" {
+			from, to, sig = ch.StatePaused, ch.StateRunning, syscall.SIGCONT
+		}
+		if f.cfg == nil || f.state != from {
+			apiError(w, http.StatusInternalServerError, "Error from API", "The VM could not be "+strings.TrimPrefix(ep, "vm.")+"d",
+				fmt.Sprintf("VM is %q, not %s", f.state, from))
+			return
+		}
+		if f.agent != nil {
+			f.agent.Process.Signal(sig)
+		}
+		f.state = to
+		w.WriteHeader(http.StatusNoContent)
+	case "vm.snapshot":
+		var sc ch.VmSnapshotConfig
+		if err := json.NewDecoder(r.Body).Decode(&sc); err != nil {
+			apiError(w, http.StatusBadRequest, "Error from API", "Invalid snapshot configuration", err.Error())
+			return
+		}
+		if f.cfg == nil || f.state != ch.StatePaused {
+			apiError(w, http.StatusInternalServerError, "Error from API", "The VM could not be snapshotted", "VM is not paused")
+			return
+		}
+		if err := f.snapshot(sc.DestinationURL); err != nil {
+			apiError(w, http.StatusInternalServerError, "Error from API", "The VM could not be snapshotted", err.Error())
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	case "vm.restore":
+		var rc ch.RestoreConfig
+		if err := json.NewDecoder(r.Body).Decode(&rc); err != nil {
+			apiError(w, http.StatusBadRequest, "Error from API", "Invalid restore configuration", err.Error())
+			return
+		}
+		if f.cfg != nil {
+			apiError(w, http.StatusInternalServerError, "Error from API", "The VM could not be restored", "VM is already created")
+			return
+		}
+		if err := f.restore(rc); err != nil {
+			apiError(w, http.StatusInternalServerError, "Error from API", "The VM could not be restored", err.Error())
+			return
+		}
 		w.WriteHeader(http.StatusNoContent)
 	case "vmm.shutdown":
 		w.WriteHeader(http.StatusOK) // as v53 does (the document says 204)
@@ -295,7 +354,15 @@ func (f *fake) boot() error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(root); err != nil {
+	if !hasExt4(f.cfg.Disks[0].Path) {
+		// A template's stand-in: nothing to extract.
+		if root, err = filepath.Abs("fakech-empty-root"); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(root, 0o755); err != nil {
+			return err
+		}
+	} else if _, err := os.Stat(root); err != nil {
 		tmp := root + ".tmp"
 		os.RemoveAll(tmp)
 		if err := os.MkdirAll(tmp, 0o755); err != nil {
@@ -380,7 +447,7 @@ func killSession(sid int) {
 func (f *fake) exit(code int) {
 	f.mu.Lock()
 	f.stopGuest()
-	for _, p := range []string{"fakech-agent.sock", "fakech-init"} {
+	for _, p := range []string{"fakech-agent.sock", "fakech-init", "fakech-empty-root"} {
 		os.Remove(p)
 	}
 	if f.cfg != nil {
@@ -440,6 +507,135 @@ func (f *fake) vsockConn(c net.Conn) {
 	io.Copy(c, a)
 	c.Close()
 	a.Close()
+}
+
+// hasExt4 reports whether the disk at path holds an ext4 file system (its
+// superblock's magic).
+func hasExt4(path string) bool {
+	fh, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer fh.Close()
+	b := make([]byte, 2)
+	_, err = fh.ReadAt(b, 1024+56)
+	return err == nil && b[0] == 0x53 && b[1] == 0xef
+}
+
+// fakeState is the fake's state.json: what CH's device states would keep
+// that matters to a restore.
+type fakeState struct {
+	Fakech string      `json:"fakech"`
+	Disks  []diskState `json:"disks"`
+}
+
+type diskState struct {
+	ID       string `json:"id"`
+	Nsectors int64  `json:"disk_nsectors"`
+}
+
+const memoryMagic = "FAKECH-MEMORY-RANGES\n"
+
+// fileDir is the directory a file:// URL names.
+func fileDir(url string) (string, error) {
+	dir, ok := strings.CutPrefix(url, "file://")
+	if !ok || !filepath.IsAbs(dir) {
+		return "", fmt.Errorf("%q is not a file:// URL of an absolute path", url)
+	}
+	return dir, nil
+}
+
+// snapshot writes the paused VM into the directory url names. Called with
+// f.mu held.
+func (f *fake) snapshot(url string) error {
+	dir, err := fileDir(url)
+	if err != nil {
+		return err
+	}
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		return fmt.Errorf("destination %s is not a directory", dir)
+	}
+	st := fakeState{Fakech: version}
+	for i, d := range f.cfg.Disks {
+		info, err := os.Stat(d.Path)
+		if err != nil {
+			return err
+		}
+		id := d.ID
+		if id == "" {
+			id = fmt.Sprintf("_disk%d", i)
+		}
+		st.Disks = append(st.Disks, diskState{ID: id, Nsectors: info.Size() / 512})
+	}
+	cfg, _ := json.Marshal(f.cfg)
+	state, _ := json.Marshal(st)
+	for name, data := range map[string][]byte{
+		"config.json": cfg, "state.json": state,
+		"memory-ranges": append([]byte(memoryMagic), make([]byte, 4096)...),
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// restore makes the VM of a snapshot, paused unless rc.Resume. Called with
+// f.mu held.
+func (f *fake) restore(rc ch.RestoreConfig) error {
+	if os.Getenv("FAKECH_FAIL_RESTORE") != "" {
+		return errors.New("Error restoring VM: FAKECH_FAIL_RESTORE is set")
+	}
+	dir, err := fileDir(rc.SourceURL)
+	if err != nil {
+		return err
+	}
+	var cfg ch.VmConfig
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &cfg)
+	}
+	if err != nil {
+		return fmt.Errorf("config.json: %w", err)
+	}
+	var st fakeState
+	b, err = os.ReadFile(filepath.Join(dir, "state.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &st)
+	}
+	if err == nil && st.Fakech == "" {
+		err = errors.New("not a snapshot's state")
+	}
+	if err != nil {
+		return fmt.Errorf("state.json: %w", err)
+	}
+	if mem, err := os.ReadFile(filepath.Join(dir, "memory-ranges")); err != nil || !bytes.HasPrefix(mem, []byte(memoryMagic)) {
+		return fmt.Errorf("memory-ranges: unreadable or not this snapshot's (%v)", err)
+	}
+	if len(st.Disks) != len(cfg.Disks) {
+		return fmt.Errorf("config.json has %d disks, state.json %d", len(cfg.Disks), len(st.Disks))
+	}
+	for i, d := range cfg.Disks {
+		info, err := os.Stat(d.Path)
+		if err != nil {
+			return err
+		}
+		if info.Size()/512 != st.Disks[i].Nsectors {
+			return fmt.Errorf("disk %s holds %d sectors, its restored device %d: the guest would see the snapshot's capacity",
+				d.Path, info.Size()/512, st.Disks[i].Nsectors)
+		}
+	}
+	if err := f.create(&cfg); err != nil {
+		return err
+	}
+	if err := f.boot(); err != nil {
+		return err
+	}
+	if !rc.Resume {
+		f.agent.Process.Signal(syscall.SIGSTOP)
+		f.state = ch.StatePaused
+	}
+	return nil
 }
 
 // extractInit returns /init of a newc cpio archive.
