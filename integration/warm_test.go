@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/boxrun/boxrun"
+	"github.com/boxrun/boxrun/runtime"
 )
 
 // The warm start's known traps, each checked on two boxes restored from
@@ -29,10 +31,17 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 	// A shape of its own (3 CPUs, 320 MiB, a NIC, one volume), so that
 	// this test makes the template and restores both boxes from it.
 	before := fx.eng.Info().Boots
+	// On Cloud Hypervisor boxes with volumes boot cold (a restored
+	// virtio-fs device hangs with today's virtiofsd): there the boxes
+	// have none, so that they are restored.
+	withVol := fx.hypervisor != runtime.DriverCloudHypervisor
 	spec := func(img string, diskGB int, vol string) boxrun.BoxSpec {
-		return boxrun.BoxSpec{Image: img, CPU: 3, MemoryMB: 320, DiskSizeGB: diskGB, Network: true,
-			NetworkPolicy: boxrun.NetworkPolicy{AllowHostPorts: []int{port}},
-			Volumes:       []boxrun.Volume{{HostPath: vol, GuestPath: "/mnt/vol"}}}
+		s := boxrun.BoxSpec{Image: img, CPU: 3, MemoryMB: 320, DiskSizeGB: diskGB, Network: true,
+			NetworkPolicy: boxrun.NetworkPolicy{AllowHostPorts: []int{port}}}
+		if withVol {
+			s.Volumes = []boxrun.Volume{{HostPath: vol, GuestPath: "/mnt/vol"}}
+		}
+		return s
 	}
 	volA, volB := t.TempDir(), t.TempDir()
 	os.WriteFile(filepath.Join(volA, "who"), []byte("volume A\n"), 0o644)
@@ -60,7 +69,7 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 			cat /sys/class/net/eth0/address
 			nproc
 			awk '/MemTotal/{print $2}' /proc/meminfo
-			cat /mnt/vol/who
+			cat /mnt/vol/who 2>/dev/null || echo no volume
 			wget -qO- http://10.0.2.2:`+strconv.Itoa(port)+`/ ; echo`)
 		host := time.Now().Unix()
 		l := strings.Split(strings.TrimRight(res.Stdout, "\n"), "\n")
@@ -121,7 +130,7 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 			t.Errorf("network: %q", f.net)
 		}
 	}
-	if fa.vol != "volume A" || fb.vol != "volume B" {
+	if withVol && (fa.vol != "volume A" || fb.vol != "volume B") {
 		t.Errorf("volumes: A %q, B %q", fa.vol, fb.vol)
 	}
 	// A restored box stops and starts (restored again) with its disk.
@@ -131,7 +140,7 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 	if _, err := fx.eng.Start(ctx, a.ID); err != nil {
 		t.Fatal(err)
 	}
-	if res := sh(t, a, "cat /etc/warm-owner; cat /mnt/vol/who"); res.Stdout != a.ID+"\nvolume A\n" {
+	if res := sh(t, a, "cat /etc/warm-owner; cat /mnt/vol/who 2>/dev/null || echo no volume"); res.Stdout != a.ID+"\n"+fa.vol+"\n" {
 		t.Errorf("after stop/start: %q %q", res.Stdout, res.Stderr)
 	}
 	if got := fx.eng.Info().Boots; got.Warm != after.Warm+1 {
@@ -164,7 +173,10 @@ func TestWarmStartCorruptTemplateFallsBack(t *testing.T) {
 		t.Fatalf("boots %+v -> %+v: want one template and two warm starts", before, mid)
 	}
 	tpl := newestTemplate(t, filepath.Join(fx.dataDir, "cache", "templates"))
-	state := filepath.Join(tpl, "state")
+	state := filepath.Join(tpl, "state") // QEMU's device state
+	if fx.hypervisor == runtime.DriverCloudHypervisor {
+		state = filepath.Join(tpl, "snapshot", "state.json")
+	}
 	st, err := os.Stat(state)
 	if err != nil {
 		t.Fatal(err)
@@ -312,9 +324,12 @@ func newestTemplate(t *testing.T, dir string) string {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		st, err := os.Stat(filepath.Join(dir, e.Name(), "state"))
-		if err == nil && st.ModTime().After(bestTime) {
-			best, bestTime = filepath.Join(dir, e.Name()), st.ModTime()
+		// meta.json is written last, and says when (its time stamps
+		// follow the template's use).
+		var meta struct{ Created time.Time }
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "meta.json"))
+		if err == nil && json.Unmarshal(b, &meta) == nil && meta.Created.After(bestTime) {
+			best, bestTime = filepath.Join(dir, e.Name()), meta.Created
 		}
 	}
 	if best == "" {
