@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -286,6 +287,44 @@ func BenchmarkRoundTrip(b *testing.B) {
 			}
 		}
 	})
+	// The same two, interleaved: each iteration times one bare fork/exec
+	// and one `exec true`, back to back, so that both see the same host
+	// load; the medians and their ratio are reported. (The host is shared:
+	// its load moves single figures by up to 2x within a run.)
+	b.Run("paired", func(b *testing.B) {
+		vm, conn := baselineVM(b)
+		defer vm.Kill()
+		defer conn.Close()
+		echo(b, conn, []byte("T"))
+		bare, box := make([]float64, 0, b.N), make([]float64, 0, b.N)
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			t0 := time.Now()
+			echo(b, conn, []byte("T"))
+			t1 := time.Now()
+			res, err := env.eng.Exec(context.Background(), env.box.ID, boxrun.ExecSpec{Cmd: []string{"true"}})
+			if err != nil || res.ExitCode != 0 {
+				b.Fatal(res, err)
+			}
+			bare, box = append(bare, t1.Sub(t0).Seconds()*1000), append(box, time.Since(t1).Seconds()*1000)
+		}
+		mb, mx := median(bare), median(box)
+		b.ReportMetric(mb, "bare-ms")
+		b.ReportMetric(mx, "exec-ms")
+		b.ReportMetric(mx/mb, "ratio")
+	})
+}
+
+// median of xs (sorted in place).
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	sort.Float64s(xs)
+	if n := len(xs); n%2 == 0 {
+		return (xs[n/2-1] + xs[n/2]) / 2
+	}
+	return xs[len(xs)/2]
 }
 
 func BenchmarkThroughput(b *testing.B) {

@@ -102,7 +102,7 @@ func (sv *server) release(c *execCgroup) {
 	c.mu.Lock()
 	c.released = true // from here on, kill is a no-op
 	c.mu.Unlock()
-	if ev, err := os.ReadFile(filepath.Join(c.path, "cgroup.events")); err == nil && bytes.Contains(ev, []byte("populated 0")) {
+	if ev, err := readSmall(filepath.Join(c.path, "cgroup.events")); err == nil && bytes.Contains(ev, []byte("populated 0")) {
 		if freeCgroups.put(c.path) {
 			return
 		}

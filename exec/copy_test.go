@@ -475,3 +475,69 @@ func TestUntarOnHostDropsOwnersAndSetID(t *testing.T) {
 		}
 	}
 }
+
+// A box's users are resolved from its passwd and group once, and again
+// whenever either file changes: in place with the same size, replaced,
+// or removed.
+func TestServerUserCacheFollowsTheFiles(t *testing.T) {
+	bb, err := os.ReadFile("/usr/bin/busybox")
+	if err != nil {
+		t.Skip("no static busybox on this host")
+	}
+	box := t.TempDir()
+	os.MkdirAll(box+"/bin", 0o755)
+	os.MkdirAll(box+"/etc", 0o755)
+	os.WriteFile(box+"/bin/busybox", bb, 0o755)
+	os.Symlink("/bin/busybox", box+"/bin/id")
+	passwd := func(uid string) []byte {
+		return []byte("root:x:0:0:root:/root:/bin/sh\napp:x:" + uid + ":1000:app:/:/bin/sh\n")
+	}
+	group := []byte("root:x:0:\napp:x:1000:\n")
+	old := time.Now().Add(-time.Minute)
+	os.WriteFile(box+"/etc/passwd", passwd("1001"), 0o644)
+	os.WriteFile(box+"/etc/group", group, 0o644)
+	os.Chtimes(box+"/etc/passwd", old, old)
+	os.Chtimes(box+"/etc/group", old, old)
+	// ctime cannot be set: files younger than a second are not cached
+	// (their times may not show a change in the same tick).
+	time.Sleep(1100 * time.Millisecond)
+	c := startServer(t, ServerOptions{Root: box})
+	uid := func() string {
+		t.Helper()
+		r := run(t, c, Command{Args: []string{"id", "-u"}, User: "app"})
+		if r.exit.Code != 0 {
+			t.Fatalf("id: %q %+v", r.stderr, r.exit)
+		}
+		return trim(r.stdout)
+	}
+	hits := func() int64 { return users.hits.Load() }
+	if got := uid(); got != "1001" {
+		t.Fatalf("uid %s", got)
+	}
+	h := hits()
+	if got := uid(); got != "1001" || hits() != h+1 {
+		t.Fatalf("second lookup: uid %s, cache hits %d -> %d", got, h, hits())
+	}
+	// Rewritten in place, same size, old mtime put back: its ctime moved.
+	f, err := os.OpenFile(box+"/etc/passwd", os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(passwd("1002"), 0)
+	f.Close()
+	os.Chtimes(box+"/etc/passwd", old, old)
+	if got := uid(); got != "1002" {
+		t.Errorf("after an in-place rewrite: uid %s, want 1002", got)
+	}
+	// Replaced by another file.
+	os.WriteFile(box+"/etc/passwd.new", passwd("1003"), 0o644)
+	os.Rename(box+"/etc/passwd.new", box+"/etc/passwd")
+	if got := uid(); got != "1003" {
+		t.Errorf("after a rename over it: uid %s, want 1003", got)
+	}
+	// The group file gone: app keeps its uid; root's groups change.
+	os.Remove(box + "/etc/group")
+	if got := uid(); got != "1003" {
+		t.Errorf("without /etc/group: uid %s", got)
+	}
+}

@@ -661,6 +661,9 @@ func (sv *server) exec(s *stream, req *request) {
 	sv.finish(s, &result{Exit: st}, nil)
 }
 
+// devNull is /dev/null, opened once: the stdin of every exec without one.
+var devNull = sync.OnceValues(func() (*os.File, error) { return os.Open(os.DevNull) })
+
 type process struct {
 	pid  int
 	wait <-chan syscall.WaitStatus
@@ -708,12 +711,11 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 			childEnds, parentEnds = append(childEnds, r), append(parentEnds, w)
 			stdin, pr.stdin = r, w
 		} else {
-			f, err := os.Open(os.DevNull)
+			f, err := devNull()
 			if err != nil {
 				return nil, err
 			}
-			childEnds = append(childEnds, f)
-			stdin = f
+			stdin = f // shared by every exec, never closed
 		}
 		files[0] = stdin.Fd() // Fd also makes the child's end blocking
 		for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {
@@ -748,10 +750,16 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	return pr, nil
 }
 
+// pumpBuffers are the output pumps' read buffers: two per exec would
+// otherwise be allocated, zeroed and collected each time.
+var pumpBuffers = sync.Pool{New: func() any { b := make([]byte, maxDataFrame); return &b }}
+
 // pumpOutput forwards one output pipe. Chunks of stdout and stderr are
 // sent under outMu in the order they were read.
 func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool) {
-	buf := make([]byte, maxDataFrame)
+	bp := pumpBuffers.Get().(*[]byte)
+	defer pumpBuffers.Put(bp)
+	buf := *bp
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {

@@ -10,7 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"github.com/moby/sys/user"
@@ -91,10 +93,41 @@ func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int
 	}
 	// Children inherit the agent's -1000 (never OOM-killed): a box's own
 	// commands must be killable when the box runs out of memory.
-	os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte("0"), 0)
+	writeSmall("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", "0")
 	ch := make(chan syscall.WaitStatus, 1)
 	r.waiters[pid] = ch
 	return pid, ch, nil
+}
+
+// writeSmall writes s to a proc or cgroup file with bare system calls:
+// os.WriteFile's bookkeeping (poller, finalizer) costs a millisecond per
+// exec under TCG.
+func writeSmall(path, s string) error {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	_, err = unix.Write(fd, []byte(s))
+	if cerr := unix.Close(fd); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// readSmall reads up to 512 bytes of a proc or cgroup file, as writeSmall
+// writes.
+func readSmall(path string) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	buf := make([]byte, 512)
+	n, err := unix.Read(fd, buf)
+	if err != nil {
+		return nil, err
+	}
+	return buf[:n], nil
 }
 
 // pidWaiter waits for each child by pid: for servers that are not PID 1
@@ -148,11 +181,13 @@ func resolveCommand(root *fsroot.Root, req *request) (*execSpec, error) {
 	if !path.IsAbs(dir) {
 		return nil, startError(arg0, "working directory %q is not absolute", dir)
 	}
-	fd, err := root.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY)
-	if err != nil {
-		return nil, startError(arg0, "chdir %s: %v", dir, err)
+	if dir != "/" { // the root is a directory
+		fd, err := root.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return nil, startError(arg0, "chdir %s: %v", dir, err)
+		}
+		unix.Close(fd)
 	}
-	unix.Close(fd)
 
 	u, err := lookupUser(root, req.User)
 	if err != nil {
@@ -198,8 +233,105 @@ func getenv(env []string, key string) (string, bool) {
 }
 
 // lookupUser resolves an OCI user spec against the box's passwd and group
-// files. A numeric uid need not exist in passwd.
+// files (see parseUser), from users when those files have not changed
+// since: reading and parsing them costs milliseconds per exec under TCG,
+// most of an exec's own work.
 func lookupUser(root *fsroot.Root, spec string) (*user.ExecUser, error) {
+	key := userKey{root: root.Path(), spec: spec}
+	files := [2]fileVersion{statIn(root, "/etc/passwd"), statIn(root, "/etc/group")}
+	if u, ok := users.get(key, files); ok {
+		return u, nil
+	}
+	u, err := parseUser(root, spec)
+	if err != nil {
+		return nil, err
+	}
+	// Cached only if the files did not change while they were read, and
+	// were last changed over a second ago: file times have the kernel
+	// tick's granularity, so a same-size rewrite within the tick of an
+	// earlier version would not show (git's "racy" files).
+	if files == [2]fileVersion{statIn(root, "/etc/passwd"), statIn(root, "/etc/group")} && files[0].settled() && files[1].settledOrMissing() {
+		users.put(key, files, u)
+	}
+	return u, nil
+}
+
+// fileVersion tells one version of a file from another: a rewrite changes its
+// times or inode, a copy-up into the box's disk its device and inode.
+type fileVersion struct {
+	dev, ino, size uint64
+	mtime, ctime   unix.Timespec
+	exists         bool
+}
+
+func (f fileVersion) settled() bool {
+	return f.exists && time.Since(time.Unix(f.ctime.Unix())) > time.Second && time.Since(time.Unix(f.mtime.Unix())) > time.Second
+}
+
+func (f fileVersion) settledOrMissing() bool { return !f.exists || f.settled() }
+
+// statIn identifies the regular file p inside root (the zero fileVersion if
+// there is none).
+func statIn(root *fsroot.Root, p string) fileVersion {
+	fd, err := root.OpenFile(p, unix.O_PATH)
+	if err != nil {
+		return fileVersion{}
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fileVersion{}
+	}
+	return fileVersion{dev: st.Dev, ino: st.Ino, size: uint64(st.Size), mtime: st.Mtim, ctime: st.Ctim, exists: true}
+}
+
+type userKey struct{ root, spec string }
+
+type userEntry struct {
+	files [2]fileVersion // /etc/passwd, /etc/group
+	user  *user.ExecUser
+}
+
+// userCache holds resolved users; a hit is valid only while both files
+// are the versions it was resolved from.
+type userCache struct {
+	mu   sync.Mutex
+	m    map[userKey]userEntry
+	hits atomic.Int64 // for tests
+}
+
+// maxCachedUsers bounds the cache (users per root, roots per box).
+const maxCachedUsers = 64
+
+var users userCache
+
+func (c *userCache) get(k userKey, files [2]fileVersion) (*user.ExecUser, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[k]
+	if !ok || e.files != files {
+		return nil, false
+	}
+	c.hits.Add(1)
+	u := *e.user
+	u.Sgids = append([]int(nil), e.user.Sgids...)
+	return &u, true
+}
+
+func (c *userCache) put(k userKey, files [2]fileVersion, u *user.ExecUser) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= maxCachedUsers {
+		c.m = make(map[userKey]userEntry) // start over: cheaper than LRU, and rare
+	}
+	cp := *u
+	cp.Sgids = append([]int(nil), u.Sgids...)
+	c.m[k] = userEntry{files: files, user: &cp}
+}
+
+// parseUser resolves an OCI user spec against the box's passwd and group
+// files. A numeric uid need not exist in passwd.
+func parseUser(root *fsroot.Root, spec string) (*user.ExecUser, error) {
 	const limit = 16 << 20
 	var passwd, group *bytes.Reader
 	if b, err := root.ReadFile("/etc/passwd", limit); err == nil {
