@@ -132,9 +132,9 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 // multi-byte UTF-8 character; event data travels as JSON strings, where a
 // half character becomes U+FFFD. So per stream an incomplete character at
 // the end of a chunk (at most 3 bytes) is held back and put in front of
-// that stream's next chunk; what is still held at the exit is stored as it
-// is. Seq numbers stay dense: a chunk that is only a held-back part is not
-// an event.
+// that stream's next chunk, or sent as it is when no chunk follows within
+// holdBackMax or the command exits. Seq numbers stay dense: a chunk that is
+// only a held-back part is not an event.
 func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out chan Event) {
 	if out != nil {
 		defer close(out)
@@ -156,7 +156,29 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 			}
 		}
 	}
-	for ev := range live.proc.Events() {
+	events := live.proc.Events()
+	var flush <-chan time.Time // armed while something is held back
+	for {
+		var ev agentexec.Event
+		select {
+		case e, ok := <-events:
+			if !ok {
+				return
+			}
+			ev = e
+		case <-flush:
+			// The rest of the character did not come: what the program
+			// printed goes out as it is (a program that answers in
+			// binary and then waits for input must get its answer out).
+			flush = nil
+			for _, s := range streams {
+				if len(held[s]) > 0 {
+					emit(s, held[s])
+					held[s] = nil
+				}
+			}
+			continue
+		}
 		if ev.Exit != nil {
 			for _, s := range streams {
 				if len(held[s]) > 0 {
@@ -199,8 +221,15 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 		if len(data) > 0 {
 			emit(ev.Stream, data)
 		}
+		if flush == nil && len(held[ev.Stream]) > 0 {
+			flush = time.After(holdBackMax)
+		}
 	}
 }
+
+// holdBackMax bounds how long the start of a UTF-8 character at the end of
+// a chunk waits for the rest of it.
+const holdBackMax = 500 * time.Millisecond
 
 // completeUTF8 is the length of b without an incomplete UTF-8 character at
 // its end (the start of a valid multi-byte sequence whose last bytes have

@@ -139,6 +139,39 @@ func TestStreamOrder(t *testing.T) {
 	}
 }
 
+// A program that prints the first byte of a UTF-8 character (or binary
+// data that looks like one) and then waits for the other side must get
+// that byte out: the engine holds such a tail back for the rest of the
+// character only briefly, not until the program prints again.
+func TestStreamHeldBackTailIsSent(t *testing.T) {
+	box := sharedBox(t)
+	ctx := ctxT(t, 2*time.Minute)
+	flag := "/tmp/held-tail-" + strconv.FormatInt(time.Now().UnixNano(), 10)
+	events, err := fx.eng.Stream(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c",
+		`printf '\303'; while [ ! -e ` + flag + ` ]; do sleep 0.05; done; printf '\251!'`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := <-events
+	if first.Type != "log" || first.Data != "\xc3" {
+		t.Fatalf("first event %+v, want the lone byte 0xc3", first)
+	}
+	// Only now does the program go on.
+	if res, err := fx.eng.Exec(ctx, box.ID, boxrun.ExecSpec{Cmd: []string{"touch", flag}}); err != nil || res.ExitCode != 0 {
+		t.Fatalf("touch: %+v %v", res, err)
+	}
+	out := first.Data
+	for ev := range events {
+		if ev.Type == "log" {
+			out += ev.Data
+		}
+	}
+	if out != "é!" {
+		t.Errorf("stdout %q, want %q", out, "é!")
+	}
+	sh(t, box, "rm -f "+flag)
+}
+
 func TestExecTimeoutKillsProcessGroup(t *testing.T) {
 	box := sharedBox(t)
 	start := time.Now()
