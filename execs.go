@@ -140,8 +140,6 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 		defer close(out)
 	}
 	seq := 0
-	var held map[string][]byte
-	var streams []string // the order streams first held something, for the flush
 	emit := func(stream string, data []byte) {
 		se := state.Event{Seq: seq, Type: state.EventLog, Stream: stream, Data: string(data)}
 		if err := e.store.AppendEvent(x.ID, se); err != nil {
@@ -156,73 +154,71 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 			}
 		}
 	}
+	var held tails
+	// handle takes one event of the process; true once it was the exit.
+	handle := func(ev agentexec.Event) bool {
+		if ev.Exit == nil {
+			if data := held.cut(ev.Stream, ev.Data, time.Now()); len(data) > 0 {
+				emit(ev.Stream, data)
+			}
+			return false
+		}
+		for _, t := range held.all() {
+			emit(t.stream, t.data)
+		}
+		e.mu.Lock()
+		delete(e.execs, x.ID)
+		e.mu.Unlock()
+		live.mu.Lock()
+		canceled := live.canceled
+		live.mu.Unlock()
+		if canceled {
+			ev.Exit.Error = "canceled"
+		}
+		final := e.finishExec(x, live, seq, ev.Exit)
+		if out != nil {
+			select {
+			case out <- final:
+			case <-ctx.Done(): // the owner left
+			}
+		}
+		return true
+	}
 	events := live.proc.Events()
-	var flush <-chan time.Time // armed while something is held back
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	timer.Stop()
+	var due <-chan time.Time // the timer's, while a tail is held
 	for {
-		var ev agentexec.Event
 		select {
-		case e, ok := <-events:
-			if !ok {
+		case ev, ok := <-events:
+			if !ok || handle(ev) {
 				return
 			}
-			ev = e
-		case <-flush:
+		case <-due:
+			// What came meanwhile goes first: it may be the rest.
+			for drained := false; !drained; {
+				select {
+				case ev, ok := <-events:
+					if !ok || handle(ev) {
+						return
+					}
+				default:
+					drained = true
+				}
+			}
 			// The rest of the character did not come: what the program
 			// printed goes out as it is (a program that answers in
 			// binary and then waits for input must get its answer out).
-			flush = nil
-			for _, s := range streams {
-				if len(held[s]) > 0 {
-					emit(s, held[s])
-					held[s] = nil
-				}
+			for _, t := range held.due(time.Now()) {
+				emit(t.stream, t.data)
 			}
-			continue
 		}
-		if ev.Exit != nil {
-			for _, s := range streams {
-				if len(held[s]) > 0 {
-					emit(s, held[s])
-				}
-			}
-			e.mu.Lock()
-			delete(e.execs, x.ID)
-			e.mu.Unlock()
-			live.mu.Lock()
-			canceled := live.canceled
-			live.mu.Unlock()
-			if canceled {
-				ev.Exit.Error = "canceled"
-			}
-			final := e.finishExec(x, live, seq, ev.Exit)
-			if out != nil {
-				select {
-				case out <- final:
-				case <-ctx.Done(): // the owner left
-				}
-			}
-			return
-		}
-		data := ev.Data
-		if h := held[ev.Stream]; len(h) > 0 {
-			data = append(h, data...)
-			held[ev.Stream] = nil
-		}
-		if cut := completeUTF8(data); cut < len(data) {
-			if held == nil {
-				held = make(map[string][]byte)
-			}
-			if !slices.Contains(streams, ev.Stream) {
-				streams = append(streams, ev.Stream)
-			}
-			held[ev.Stream] = append([]byte(nil), data[cut:]...)
-			data = data[:cut]
-		}
-		if len(data) > 0 {
-			emit(ev.Stream, data)
-		}
-		if flush == nil && len(held[ev.Stream]) > 0 {
-			flush = time.After(holdBackMax)
+		timer.Stop()
+		due = nil
+		if at := held.next(); !at.IsZero() {
+			timer.Reset(time.Until(at))
+			due = timer.C
 		}
 	}
 }
@@ -230,6 +226,86 @@ func (e *Engine) pump(ctx context.Context, x *state.Exec, live *liveExec, out ch
 // holdBackMax bounds how long the start of a UTF-8 character at the end of
 // a chunk waits for the rest of it.
 const holdBackMax = 500 * time.Millisecond
+
+// tails holds back, per stream, an incomplete UTF-8 character that ends a
+// chunk of output, until the rest of it comes (it is put in front of the
+// stream's next chunk), holdBackMax passes, or the command exits.
+type tails struct {
+	held    map[string][]byte
+	since   map[string]time.Time // when the held character began to wait
+	streams []string             // in the order they first held one
+}
+
+type tail struct {
+	stream string
+	data   []byte
+}
+
+// cut returns what of data (after the stream's held bytes) can go out now,
+// holding back an incomplete last character.
+func (t *tails) cut(stream string, data []byte, now time.Time) []byte {
+	prev := t.held[stream]
+	if len(prev) > 0 {
+		data = append(prev, data...)
+		t.held[stream] = nil
+	}
+	c := completeUTF8(data)
+	if c == len(data) {
+		delete(t.since, stream)
+		return data
+	}
+	if t.held == nil {
+		t.held, t.since = map[string][]byte{}, map[string]time.Time{}
+	}
+	if !slices.Contains(t.streams, stream) {
+		t.streams = append(t.streams, stream)
+	}
+	// Still the same character (all of data is its start): it keeps
+	// waiting from when it began; a new one waits from now.
+	if len(prev) == 0 || c > 0 {
+		t.since[stream] = now
+	}
+	t.held[stream] = append([]byte(nil), data[c:]...)
+	return data[:c]
+}
+
+// next is when the first held character is due (zero: none is held).
+func (t *tails) next() time.Time {
+	var at time.Time
+	for _, s := range t.streams {
+		if len(t.held[s]) > 0 {
+			if d := t.since[s].Add(holdBackMax); at.IsZero() || d.Before(at) {
+				at = d
+			}
+		}
+	}
+	return at
+}
+
+// due takes the held characters that have waited holdBackMax at now.
+func (t *tails) due(now time.Time) []tail {
+	var out []tail
+	for _, s := range t.streams {
+		if len(t.held[s]) > 0 && !now.Before(t.since[s].Add(holdBackMax)) {
+			out = append(out, tail{s, t.held[s]})
+			t.held[s] = nil
+			delete(t.since, s)
+		}
+	}
+	return out
+}
+
+// all takes every held character (the command exited).
+func (t *tails) all() []tail {
+	var out []tail
+	for _, s := range t.streams {
+		if len(t.held[s]) > 0 {
+			out = append(out, tail{s, t.held[s]})
+			t.held[s] = nil
+		}
+	}
+	return out
+}
 
 // completeUTF8 is the length of b without an incomplete UTF-8 character at
 // its end (the start of a valid multi-byte sequence whose last bytes have

@@ -477,8 +477,10 @@ func TestUntarOnHostDropsOwnersAndSetID(t *testing.T) {
 }
 
 // A box's users are resolved from its passwd and group once, and again
-// whenever either file changes: in place with the same size, replaced,
-// or removed.
+// whenever either file changes: in place with the same size and its
+// modification time put back, replaced by a rename, or removed. Each new
+// version is cached in turn once it is over a second old (file times have
+// the kernel tick's granularity: younger files are not cached).
 func TestServerUserCacheFollowsTheFiles(t *testing.T) {
 	bb, err := os.ReadFile("/usr/bin/busybox")
 	if err != nil {
@@ -489,55 +491,59 @@ func TestServerUserCacheFollowsTheFiles(t *testing.T) {
 	os.MkdirAll(box+"/etc", 0o755)
 	os.WriteFile(box+"/bin/busybox", bb, 0o755)
 	os.Symlink("/bin/busybox", box+"/bin/id")
+	os.Symlink("/bin/busybox", box+"/bin/sh")
 	passwd := func(uid string) []byte {
 		return []byte("root:x:0:0:root:/root:/bin/sh\napp:x:" + uid + ":1000:app:/:/bin/sh\n")
 	}
-	group := []byte("root:x:0:\napp:x:1000:\n")
 	old := time.Now().Add(-time.Minute)
+	settle := func() {
+		for _, f := range []string{"/etc/passwd", "/etc/group"} {
+			os.Chtimes(box+f, old, old)
+		}
+		time.Sleep(1100 * time.Millisecond) // ctime cannot be set back
+	}
 	os.WriteFile(box+"/etc/passwd", passwd("1001"), 0o644)
-	os.WriteFile(box+"/etc/group", group, 0o644)
-	os.Chtimes(box+"/etc/passwd", old, old)
-	os.Chtimes(box+"/etc/group", old, old)
-	// ctime cannot be set: files younger than a second are not cached
-	// (their times may not show a change in the same tick).
-	time.Sleep(1100 * time.Millisecond)
+	os.WriteFile(box+"/etc/group", []byte("root:x:0:\napp:x:1000:\nextra:x:2000:app\n"), 0o644)
+	settle()
 	c := startServer(t, ServerOptions{Root: box})
-	uid := func() string {
+	ids := func() string {
 		t.Helper()
-		r := run(t, c, Command{Args: []string{"id", "-u"}, User: "app"})
+		r := run(t, c, Command{Args: []string{"sh", "-c", "id -u; id -G"}, User: "app"})
 		if r.exit.Code != 0 {
 			t.Fatalf("id: %q %+v", r.stderr, r.exit)
 		}
 		return trim(r.stdout)
 	}
 	hits := func() int64 { return users.hits.Load() }
-	if got := uid(); got != "1001" {
-		t.Fatalf("uid %s", got)
+	// expect checks the ids twice: the second lookup must come from the
+	// cache and give the same answer.
+	expect := func(what, want string) {
+		t.Helper()
+		if got := ids(); got != want {
+			t.Fatalf("%s: ids %q, want %q", what, got, want)
+		}
+		h := hits()
+		if got := ids(); got != want || hits() != h+1 {
+			t.Fatalf("%s, again: ids %q (want %q), cache hits %d -> %d (want one more)", what, got, want, h, hits())
+		}
 	}
-	h := hits()
-	if got := uid(); got != "1001" || hits() != h+1 {
-		t.Fatalf("second lookup: uid %s, cache hits %d -> %d", got, h, hits())
-	}
-	// Rewritten in place, same size, old mtime put back: its ctime moved.
+	expect("first", "1001\n1000 2000")
+	// Rewritten in place, same size, its modification time put back.
 	f, err := os.OpenFile(box+"/etc/passwd", os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.WriteAt(passwd("1002"), 0)
 	f.Close()
-	os.Chtimes(box+"/etc/passwd", old, old)
-	if got := uid(); got != "1002" {
-		t.Errorf("after an in-place rewrite: uid %s, want 1002", got)
-	}
+	settle()
+	expect("after an in-place rewrite", "1002\n1000 2000")
 	// Replaced by another file.
 	os.WriteFile(box+"/etc/passwd.new", passwd("1003"), 0o644)
 	os.Rename(box+"/etc/passwd.new", box+"/etc/passwd")
-	if got := uid(); got != "1003" {
-		t.Errorf("after a rename over it: uid %s, want 1003", got)
-	}
-	// The group file gone: app keeps its uid; root's groups change.
+	settle()
+	expect("after a rename over it", "1003\n1000 2000")
+	// The group file gone: app keeps its uid, loses its extra group.
 	os.Remove(box + "/etc/group")
-	if got := uid(); got != "1003" {
-		t.Errorf("without /etc/group: uid %s", got)
-	}
+	settle()
+	expect("without /etc/group", "1003\n1000")
 }

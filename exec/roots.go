@@ -143,6 +143,7 @@ func (sv *server) releaseRoot(p string) error {
 	if r != nil {
 		killIn(r.chroot)
 		r.unmount()
+		users.dropRoot(r.root.Path())
 		r.root.Close()
 	}
 	return nil

@@ -661,9 +661,6 @@ func (sv *server) exec(s *stream, req *request) {
 	sv.finish(s, &result{Exit: st}, nil)
 }
 
-// devNull is /dev/null, opened once: the stdin of every exec without one.
-var devNull = sync.OnceValues(func() (*os.File, error) { return os.Open(os.DevNull) })
-
 type process struct {
 	pid  int
 	wait <-chan syscall.WaitStatus
@@ -711,11 +708,15 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 			childEnds, parentEnds = append(childEnds, r), append(parentEnds, w)
 			stdin, pr.stdin = r, w
 		} else {
-			f, err := devNull()
+			// Opened per exec, bare: a descriptor shared by every exec
+			// would share its locks (flock) across them too.
+			fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
 				return nil, err
 			}
-			stdin = f // shared by every exec, never closed
+			f := os.NewFile(uintptr(fd), os.DevNull)
+			childEnds = append(childEnds, f)
+			stdin = f
 		}
 		files[0] = stdin.Fd() // Fd also makes the child's end blocking
 		for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/signal"
 	"path"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -41,6 +40,7 @@ type Reaper struct {
 	log     *slog.Logger
 	mu      sync.Mutex
 	waiters map[int]chan syscall.WaitStatus
+	selfAdj string // this process's oom_score_adj, read at the first start
 }
 
 // NewReaper starts reaping all children of the process.
@@ -87,13 +87,26 @@ func (r *Reaper) reap() {
 func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// A child inherits the agent's oom_score_adj at fork: -1000, never
+	// OOM-killed. Set on the child once ForkExec returns, 0 would come too
+	// late: the box's code runs by then and may have forked processes of
+	// its own that keep -1000. So the agent drops to 0 for the fork and
+	// goes back at once: a box's processes are always killable, and an
+	// OOM in that instant picks the box's biggest process, not the agent.
+	if r.selfAdj == "" {
+		b, _ := readSmall("/proc/self/oom_score_adj")
+		r.selfAdj = strings.TrimSpace(string(b))
+	}
+	lowered := r.selfAdj != "" && r.selfAdj != "0" && writeSmall("/proc/self/oom_score_adj", "0") == nil
 	pid, err := syscall.ForkExec(argv0, argv, attr)
+	if lowered {
+		if werr := writeSmall("/proc/self/oom_score_adj", r.selfAdj); werr != nil {
+			r.log.Warn("restoring the agent's oom_score_adj", "err", werr)
+		}
+	}
 	if err != nil {
 		return 0, nil, err
 	}
-	// Children inherit the agent's -1000 (never OOM-killed): a box's own
-	// commands must be killable when the box runs out of memory.
-	writeSmall("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", "0")
 	ch := make(chan syscall.WaitStatus, 1)
 	r.waiters[pid] = ch
 	return pid, ch, nil
@@ -237,7 +250,13 @@ func getenv(env []string, key string) (string, bool) {
 // since: reading and parsing them costs milliseconds per exec under TCG,
 // most of an exec's own work.
 func lookupUser(root *fsroot.Root, spec string) (*user.ExecUser, error) {
-	key := userKey{root: root.Path(), spec: spec}
+	var st unix.Stat_t
+	if err := root.Stat(&st); err != nil {
+		return parseUser(root, spec)
+	}
+	// The root's own directory, not only its path: a sub-root released
+	// and made again at the same path is another tree.
+	key := userKey{root: root.Path(), dev: st.Dev, ino: st.Ino, spec: spec}
 	files := [2]fileVersion{statIn(root, "/etc/passwd"), statIn(root, "/etc/group")}
 	if u, ok := users.get(key, files); ok {
 		return u, nil
@@ -256,8 +275,9 @@ func lookupUser(root *fsroot.Root, spec string) (*user.ExecUser, error) {
 	return u, nil
 }
 
-// fileVersion tells one version of a file from another: a rewrite changes its
-// times or inode, a copy-up into the box's disk its device and inode.
+// fileVersion tells one version of a file from another: a rewrite, a
+// rename over it or a copy-up into the box's disk changes its change time
+// (and mostly its inode).
 type fileVersion struct {
 	dev, ino, size uint64
 	mtime, ctime   unix.Timespec
@@ -285,7 +305,11 @@ func statIn(root *fsroot.Root, p string) fileVersion {
 	return fileVersion{dev: st.Dev, ino: st.Ino, size: uint64(st.Size), mtime: st.Mtim, ctime: st.Ctim, exists: true}
 }
 
-type userKey struct{ root, spec string }
+type userKey struct {
+	root     string
+	dev, ino uint64
+	spec     string
+}
 
 type userEntry struct {
 	files [2]fileVersion // /etc/passwd, /etc/group
@@ -316,6 +340,17 @@ func (c *userCache) get(k userKey, files [2]fileVersion) (*user.ExecUser, bool) 
 	u := *e.user
 	u.Sgids = append([]int(nil), e.user.Sgids...)
 	return &u, true
+}
+
+// dropRoot forgets the users of the root at path (released).
+func (c *userCache) dropRoot(path string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.m {
+		if k.root == path {
+			delete(c.m, k)
+		}
+	}
 }
 
 func (c *userCache) put(k userKey, files [2]fileVersion, u *user.ExecUser) {

@@ -152,7 +152,12 @@ func TestStreamHeldBackTailIsSent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	first := <-events
+	var first boxrun.Event
+	select {
+	case first = <-events:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the lone byte is still held back after 30 s")
+	}
 	if first.Type != "log" || first.Data != "\xc3" {
 		t.Fatalf("first event %+v, want the lone byte 0xc3", first)
 	}

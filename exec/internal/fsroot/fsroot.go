@@ -53,6 +53,9 @@ func Open(dir string) (*Root, error) {
 // Close releases the root's descriptor.
 func (r *Root) Close() error { return unix.Close(r.fd) }
 
+// Stat is fstat(2) of the root's directory.
+func (r *Root) Stat(st *unix.Stat_t) error { return unix.Fstat(r.fd, st) }
+
 // Path is the directory the root was opened at.
 func (r *Root) Path() string { return r.path }
 
