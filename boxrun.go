@@ -93,9 +93,9 @@ type Config struct {
 	PullPolicy PullPolicy
 	// WarmStart restores boxes from a snapshot of a booted VM of their
 	// shape (a template, made by the first box of the shape) instead of
-	// booting each: about ten times faster under TCG. Default Enabled;
-	// Disabled, or $BOXRUN_WARM_START=0, turns it off. Drivers without
-	// snapshots (Cloud Hypervisor, for now) always boot cold.
+	// booting each: about five times faster under TCG. Default Enabled;
+	// Disabled, or $BOXRUN_WARM_START=0, turns it off. Both drivers
+	// snapshot; on Cloud Hypervisor boxes with volumes boot cold.
 	WarmStart Toggle
 	// Pool keeps this many boxes ready per image and shape (CPUs, memory,
 	// disk size, network on or off), made ahead of time after a Create of
