@@ -714,8 +714,8 @@ func TestCHContractWarmStart(t *testing.T) {
 	var rc ch.RestoreConfig
 	json.Unmarshal(srv.bodies["vm.restore"], &rc)
 	restoreDir := filepath.Join(box.Dir, "restore")
-	if rc.SourceURL != "file://"+restoreDir {
-		t.Errorf("restore source %q", rc.SourceURL)
+	if rc.SourceURL != "file://"+restoreDir || rc.MemoryRestoreMode != "OnDemand" {
+		t.Errorf("restore source %q, memory mode %q (want OnDemand)", rc.SourceURL, rc.MemoryRestoreMode)
 	}
 	var vc ch.VmConfig
 	if err := json.Unmarshal(srv.restored, &vc); err != nil {
@@ -764,13 +764,15 @@ func TestCHContractWarmStart(t *testing.T) {
 		}
 	}
 
-	// CH refuses the snapshot: the restore fails and leaves nothing.
-	srv.then("vm.restore", answer{500, chErr("The VM could not be restored", "Error restoring VM: Failed to restore virtio-block")})
+	// CH refuses the snapshot, on demand and copied: the restore fails
+	// and leaves nothing.
+	refusal := answer{500, chErr("The VM could not be restored", "Error restoring VM: Failed to restore virtio-block")}
+	srv.then("vm.restore", refusal, refusal)
 	bad := noVolumes(contractVM(t, "box_warm2", network))
 	if _, err := drv.Restore(ctx, bad, tpl.Dir); err == nil || !strings.Contains(err.Error(), "Failed to restore virtio-block") {
 		t.Fatalf("restore refused: %v", err)
 	}
-	wantCalls(t, "refused restore", srv.take(), "GET vmm.ping", "PUT vm.restore")
+	wantCalls(t, "refused restore", srv.take(), "GET vmm.ping", "PUT vm.restore", "GET vmm.ping", "PUT vm.restore")
 	time.Sleep(50 * time.Millisecond)
 	if left := processesIn(bad.Dir); len(left) > 0 {
 		t.Errorf("processes left: %v", left)
@@ -783,5 +785,28 @@ func TestCHContractWarmStart(t *testing.T) {
 	}
 	if tap, _ := tapNames(bad.ID); linkExists(tap) {
 		t.Errorf("tap %s left behind", tap)
+	}
+	srv.reset()
+
+	// A CH without userfaultfd refuses the on-demand restore: the box is
+	// restored by copying, and later ones are copied at once.
+	srv.then("vm.restore", answer{500, chErr("The VM could not be restored", "Error restoring VM: userfaultfd: Operation not permitted")})
+	for i, want := range [][]string{
+		{"GET vmm.ping", "PUT vm.restore", "GET vmm.ping", "PUT vm.restore", "PUT vm.resume", "GET vm.info"},
+		{"GET vmm.ping", "PUT vm.restore", "PUT vm.resume", "GET vm.info"},
+	} {
+		b := noVolumes(contractVM(t, fmt.Sprintf("box_copy%d", i), network))
+		v, err := drv.Restore(ctx, b, tpl.Dir)
+		if err != nil {
+			t.Fatalf("restore %d: %v", i, err)
+		}
+		wantCalls(t, fmt.Sprintf("restore %d without userfaultfd", i), srv.take(), want...)
+		json.Unmarshal(srv.bodies["vm.restore"], &rc)
+		if rc.MemoryRestoreMode != "Copy" {
+			t.Errorf("restore %d: memory mode %q, want Copy", i, rc.MemoryRestoreMode)
+		}
+		v.Kill()
+		srv.take()
+		srv.reset()
 	}
 }

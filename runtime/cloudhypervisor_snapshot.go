@@ -35,10 +35,9 @@ import (
 // file's, and vm.resize-disk cannot fix it for a read-only disk (it
 // truncates the file). So the disks' sizes are part of the template's key:
 // the stand-ins have the box's sizes, and a box whose disks differ in size
-// gets a template of its own. Memory is restored in CH's default Copy mode
-// (read from memory-ranges at restore): a restored box has all its memory
-// resident at once, and sharing the template's pages between boxes is
-// QEMU's alone for now.
+// gets a template of its own. Memory is restored on demand where CH can
+// (see Restore), else by copying all of it; either way each box's pages
+// are its own: sharing the template's pages between boxes is QEMU's alone.
 //
 // Boxes with volumes boot cold on CH: a restored vhost-user-fs device
 // waits on an answer that the virtiofsd releases packaged today never
@@ -165,33 +164,75 @@ func (c *CloudHypervisor) SaveTemplate(ctx context.Context, vm VM) error {
 // vm.restore from a copy of the snapshot with the box's own devices, then
 // vm.resume. It returns once CH reports the VM running; a snapshot CH
 // refuses fails it, leaving nothing behind.
+//
+// Memory is restored on demand (memory_restore_mode OnDemand, through
+// userfaultfd): the guest's pages are read from the template when it first
+// touches them, so a restore does not read all of the memory file first,
+// and an idle box holds only what it touched. A CH that cannot (no
+// userfaultfd for its user) gets the template again in Copy mode, and is
+// not asked for OnDemand again once Copy worked.
 func (c *CloudHypervisor) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error) {
 	src := filepath.Join(dir, chSnapshotDir)
 	if _, err := os.Stat(filepath.Join(src, "config.json")); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "template")
 	}
+	bin, _ := c.BinaryPath()
+	if _, copyOnly := chCopyOnly.Load(bin); copyOnly {
+		vm, _, err := c.restore(ctx, cfg, src, "")
+		return vm, err
+	}
+	vm, refused, err := c.restore(ctx, cfg, src, "OnDemand")
+	if !refused || ctx.Err() != nil {
+		return vm, err
+	}
+	vm, _, cerr := c.restore(ctx, cfg, src, "Copy")
+	if cerr == nil {
+		chCopyOnly.Store(bin, true)
+		if cfg.Logger != nil {
+			cfg.Logger.Info("cloud-hypervisor cannot restore memory on demand; restoring by copying it", "err", err)
+		}
+	}
+	return vm, cerr
+}
+
+// chCopyOnly notes the CH binaries that refused an on-demand restore but
+// restored the same template by copying.
+var chCopyOnly sync.Map
+
+// restore is one attempt of Restore with memory mode mode ("": CH's
+// default); refused says that CH answered vm.restore with an error.
+func (c *CloudHypervisor) restore(ctx context.Context, cfg VMConfig, src, mode string) (_ VM, refused bool, _ error) {
 	vm, fail, err := c.launch(ctx, cfg)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	restore := filepath.Join(cfg.Dir, "restore")
 	defer os.RemoveAll(restore)
 	if err := restoreDir(src, restore, cfg, vm.tap); err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "restore from template"))
+		_, err = fail(errdefs.Wrap(errdefs.RuntimeError, err, "restore from template"))
+		return nil, false, err
 	}
 	actx, cancel := context.WithTimeout(ctx, memoryTimeout(cfg.MemoryMB))
 	defer cancel()
-	if err := vm.client.Restore(actx, &ch.RestoreConfig{SourceURL: "file://" + absPath(restore)}); err != nil {
+	rc := &ch.RestoreConfig{SourceURL: "file://" + absPath(restore), MemoryRestoreMode: mode}
+	if err := vm.client.Restore(actx, rc); err != nil {
+		var ae *ch.APIError
+		refused := errors.As(err, &ae)
 		if vm.exited() {
-			return fail(vm.exitedErr("at restore"))
+			err = vm.exitedErr("at restore")
+		} else {
+			err = errdefs.Wrap(errdefs.RuntimeError, err, "restore from template")
 		}
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "restore from template"))
+		_, err = fail(err)
+		return nil, refused, err
 	}
 	vm.connectRelay(ctx, 200*time.Millisecond)
 	if err := vm.client.ResumeVM(actx); err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "resume the restored VM"))
+		_, err = fail(errdefs.Wrap(errdefs.RuntimeError, err, "resume the restored VM"))
+		return nil, false, err
 	}
-	return vm.running(ctx, actx, "restore", fail)
+	v, err := vm.running(ctx, actx, "restore", fail)
+	return v, false, err
 }
 
 // restoreDir makes dst a snapshot directory for cfg from the template's

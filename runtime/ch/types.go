@@ -131,4 +131,8 @@ type RestoreConfig struct {
 	SourceURL string `json:"source_url"`
 	Prefault  bool   `json:"prefault,omitempty"`
 	Resume    bool   `json:"resume,omitempty"`
+	// MemoryRestoreMode is "Copy" (CH's default: all memory read at
+	// restore) or "OnDemand" (pages read when the guest first touches
+	// them, through userfaultfd). Releases without it ignore the field.
+	MemoryRestoreMode string `json:"memory_restore_mode,omitempty"`
 }

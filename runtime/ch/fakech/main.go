@@ -30,7 +30,8 @@
 // refuse: a state.json or memory-ranges it cannot read, and a disk whose
 // size differs from the capacity in state.json (CH would show the guest
 // the snapshot's capacity). With FAKECH_FAIL_RESTORE set, every
-// vm.restore fails.
+// vm.restore fails; with FAKECH_NO_ONDEMAND, every one in OnDemand memory
+// mode (as a CH that may not use userfaultfd).
 //
 // Run as "virtiofsd" (a link named so), it plays the Rust virtiofsd for
 // the driver: it says it has --shared-dir and --readonly, creates its
@@ -585,6 +586,15 @@ func (f *fake) snapshot(url string) error {
 func (f *fake) restore(rc ch.RestoreConfig) error {
 	if os.Getenv("FAKECH_FAIL_RESTORE") != "" {
 		return errors.New("Error restoring VM: FAKECH_FAIL_RESTORE is set")
+	}
+	switch rc.MemoryRestoreMode {
+	case "", "Copy":
+	case "OnDemand":
+		if os.Getenv("FAKECH_NO_ONDEMAND") != "" { // as CH without userfaultfd
+			return errors.New("Error restoring VM: Failed to create userfaultfd: Operation not permitted")
+		}
+	default:
+		return fmt.Errorf("unknown memory_restore_mode %q", rc.MemoryRestoreMode)
 	}
 	dir, err := fileDir(rc.SourceURL)
 	if err != nil {
