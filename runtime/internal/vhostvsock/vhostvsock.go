@@ -106,11 +106,14 @@ const (
 	// consumed since the last fwd_cnt the guest saw.
 	bufAlloc    = 256 << 10
 	creditEvery = bufAlloc / 4
-	// maxPayload bounds a packet to the guest: Linux posts 4 KiB rx
-	// buffers (and a chain that is smaller splits the packet anyway).
+	// maxPayload is the most a read from a host connection takes (the
+	// guest's last rx chain, rxSpace, bounds it further); flushRx splits
+	// what does not fit one rx chain.
 	maxPayload = 4096
 
-	connectTimeout = 5 * time.Second
+	// connectTimeout is shorter than the 2 s a dialHybridVsock attempt
+	// waits: a client that gave up leaves no half-made connection behind.
+	connectTimeout = 1500 * time.Millisecond
 	closeTimeout   = 3 * time.Second
 )
 
@@ -210,9 +213,10 @@ type Backend struct {
 	guestCID uint64
 	logf     func(format string, args ...any)
 	vl, hl   *net.UnixListener
-	paths    []string
 	wg       sync.WaitGroup
 	done     chan struct{}
+	// closeOnce runs close; every Close waits for it (sync.Once does).
+	closeOnce sync.Once
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -264,7 +268,6 @@ func Serve(ctx context.Context, vhostPath, hybridPath string, guestCID uint64, l
 		b.vl.Close()
 		return nil, err
 	}
-	b.paths = []string{vhostPath, hybridPath}
 	b.wg.Add(2)
 	go b.acceptVhost()
 	go b.acceptHybrid()
@@ -288,12 +291,14 @@ func (b *Backend) Stats() Stats {
 // Close stops the back-end: closes the listeners, QEMU's connection and
 // every host connection, waits for its goroutines and unmaps the guest's
 // memory.
+// Every call returns only once the back-end has stopped.
 func (b *Backend) Close() error {
+	b.closeOnce.Do(b.close)
+	return nil
+}
+
+func (b *Backend) close() {
 	b.mu.Lock()
-	if b.closed {
-		b.mu.Unlock()
-		return nil
-	}
 	b.closed = true
 	close(b.done)
 	if b.vconn != nil {
@@ -313,23 +318,14 @@ func (b *Backend) Close() error {
 	b.mu.Lock()
 	b.resetDevice()
 	b.mu.Unlock()
-	for _, p := range b.paths {
-		os.Remove(p)
-	}
-	return nil
 }
 
 // ---- vhost-user ----
 
 func (b *Backend) acceptVhost() {
 	defer b.wg.Done()
+	// One front-end at a time: the next is accepted once it is gone.
 	b.acceptEach(b.vl, func(uc *net.UnixConn) {
-		if b.vconn != nil {
-			b.mu.Unlock()
-			b.logf("vhost-user: refusing a second front-end")
-			uc.Close()
-			return
-		}
 		b.vconn = uc
 		b.mu.Unlock()
 		b.logf("vhost-user: front-end connected")
@@ -402,7 +398,6 @@ func (b *Backend) serveVhost(uc *net.UnixConn) {
 			return
 		}
 		req := binary.LittleEndian.Uint32(hdr[0:])
-		flags := binary.LittleEndian.Uint32(hdr[4:])
 		size := binary.LittleEndian.Uint32(hdr[8:])
 		if size > maxMsgPayload {
 			closeFDs(fds)
@@ -415,15 +410,19 @@ func (b *Backend) serveVhost(uc *net.UnixConn) {
 			b.logf("vhost-user: read: %v", err)
 			return
 		}
+		switch req {
+		case reqSetMemTable, reqSetVringKick, reqSetVringCall, reqSetVringErr:
+			// handle takes (or closes) the descriptors these carry.
+		default:
+			closeFDs(fds)
+			fds = nil
+		}
 		b.mu.Lock()
 		b.stats.VhostMessages++
 		reply, ok := b.handle(req, payload, fds)
 		b.mu.Unlock()
-		if !ok && flags&hdrNeedReply != 0 {
-			reply, ok = make([]byte, 8), true // REPLY_ACK: success
-		}
 		if !ok {
-			continue
+			continue // no reply (REPLY_ACK is not offered)
 		}
 		out := make([]byte, 12+len(reply))
 		binary.LittleEndian.PutUint32(out[0:], req)
@@ -512,10 +511,18 @@ func (b *Backend) handle(req uint32, p []byte, fds []int) ([]byte, bool) {
 			r := p[8+32*i:]
 			reg := region{gpa: le.Uint64(r[0:]), size: le.Uint64(r[8:]), uva: le.Uint64(r[16:])}
 			off := le.Uint64(r[24:])
+			if reg.size == 0 || off > 1<<48 || reg.size > 1<<48 {
+				b.logf("vhost-user: SET_MEM_TABLE: region %d: size %#x at offset %#x", i, reg.size, off)
+				unmapAll(regs)
+				closeFDs(fds)
+				return nil, false
+			}
 			m, err := unix.Mmap(fds[i], 0, int(off+reg.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 			if err != nil {
 				b.logf("vhost-user: SET_MEM_TABLE: mmap region %d: %v", i, err)
-				continue
+				unmapAll(regs)
+				closeFDs(fds)
+				return nil, false
 			}
 			reg.mapping, reg.mem = m, m[off:off+reg.size]
 			regs = append(regs, reg)
@@ -566,6 +573,10 @@ func (b *Backend) handle(req uint32, p []byte, fds []int) ([]byte, bool) {
 			return nil, false
 		}
 		q.desc, q.used, q.avail = le.Uint64(p[8:]), le.Uint64(p[16:]), le.Uint64(p[24:])
+		if q.used%4 != 0 || q.avail%2 != 0 || q.desc%16 != 0 {
+			b.logf("vhost-user: SET_VRING_ADDR: misaligned ring")
+			return nil, false
+		}
 		b.logf("vhost-user: SET_VRING_ADDR %d: desc %#x used %#x avail %#x", le.Uint32(p), q.desc, q.used, q.avail)
 	case reqSetVringKick, reqSetVringCall, reqSetVringErr:
 		if short(8) {
@@ -626,6 +637,10 @@ func (b *Backend) handle(req uint32, p []byte, fds []int) ([]byte, bool) {
 			return nil, false
 		}
 		off, size := le.Uint32(p), le.Uint32(p[4:])
+		if size > 256 {
+			b.logf("vhost-user: GET_CONFIG of %d bytes", size)
+			return nil, false
+		}
 		cfg := u64(b.guestCID) // struct virtio_vsock_config
 		out := make([]byte, 12+size)
 		copy(out, p[:12])
@@ -668,10 +683,14 @@ func (b *Backend) resetDevice() {
 }
 
 func (b *Backend) unmap() {
-	for _, r := range b.regions {
+	unmapAll(b.regions)
+	b.regions = nil
+}
+
+func unmapAll(regs []region) {
+	for _, r := range regs {
 		unix.Munmap(r.mapping)
 	}
-	b.regions = nil
 }
 
 func (b *Backend) kickLoop(idx int, f *os.File) {
@@ -745,11 +764,14 @@ func (b *Backend) pop(q *vring) (head uint16, bufs []buffer, ok bool) {
 	if avail == nil || desc == nil {
 		return 0, nil, false
 	}
+	// The ring's idx, read atomically (the driver writes it after the
+	// entries): the aligned 32-bit word that holds it, flags and idx or
+	// idx and the first entry (the avail ring is only 2-byte aligned).
 	var idx uint16
 	if uintptr(unsafe.Pointer(&avail[0]))%4 == 0 {
 		idx = uint16(atomic.LoadUint32((*uint32)(unsafe.Pointer(&avail[0]))) >> 16)
 	} else {
-		idx = binary.LittleEndian.Uint16(avail[2:])
+		idx = uint16(atomic.LoadUint32((*uint32)(unsafe.Pointer(&avail[2]))))
 	}
 	if idx == q.lastAvail {
 		return 0, nil, false
@@ -792,12 +814,9 @@ func (b *Backend) pushUsed(q *vring, head uint16, n uint32) {
 	binary.LittleEndian.PutUint32(e, uint32(head))
 	binary.LittleEndian.PutUint32(e[4:], n)
 	q.usedIdx++
-	if uintptr(unsafe.Pointer(&used[0]))%4 == 0 {
-		// flags 0 (notify us), idx: one store, after the element.
-		atomic.StoreUint32((*uint32)(unsafe.Pointer(&used[0])), uint32(q.usedIdx)<<16)
-	} else {
-		binary.LittleEndian.PutUint16(used[2:], q.usedIdx)
-	}
+	// flags 0 (notify us), idx: one store, after the element (the used
+	// ring is 4-byte aligned: SET_VRING_ADDR checks it).
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&used[0])), uint32(q.usedIdx)<<16)
 }
 
 func (b *Backend) signal(q *vring) {
@@ -848,7 +867,7 @@ func (b *Backend) flushRx() {
 	any := false
 	for len(b.pending) > 0 {
 		p := b.pending[0]
-		if p.c != nil && p.c.gone && p.hdr.op == opRW {
+		if p.c != nil && p.c.gone && p.hdr.op != opRST { // nothing but its end
 			b.pending = b.pending[1:]
 			continue
 		}
@@ -1001,6 +1020,27 @@ func (b *Backend) fromGuest(pkt []byte) {
 
 // drop removes c (b.mu held); its writer writes what the guest sent and
 // closes the host's connection.
+// abandon ends a connection the host side gave up on: its packets not yet
+// sent are dropped, and the guest gets an RST only if it saw the REQUEST
+// (a guest whose driver comes up late must not get a burst of stale
+// connections). Called with b.mu held.
+func (b *Backend) abandon(c *conn) {
+	seen := true
+	kept := b.pending[:0]
+	for _, p := range b.pending {
+		if p.c == c {
+			seen = seen && p.hdr.op != opRequest
+			continue
+		}
+		kept = append(kept, p)
+	}
+	b.pending = kept
+	if seen {
+		b.send(c, opRST, 0, nil)
+	}
+	b.drop(c)
+}
+
 func (b *Backend) drop(c *conn) {
 	if c.gone {
 		return
@@ -1083,8 +1123,7 @@ func (b *Backend) hybrid(uc *net.UnixConn) {
 	if !c.est {
 		if !c.gone {
 			b.logf("hybrid: CONNECT %d: no answer from the guest", port)
-			b.send(c, opRST, 0, nil)
-			b.drop(c)
+			b.abandon(c)
 		} else {
 			b.logf("hybrid: CONNECT %d: refused by the guest", port)
 		}
