@@ -38,23 +38,7 @@ func TestCloudHypervisorFakeEndToEnd(t *testing.T) {
 		fakeCHChild(t, dir)
 		return
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("the fake cloud-hypervisor's agent chroots into the box root: needs root")
-	}
-	for _, tool := range []string{"debugfs", "mkfs.ext4", "go"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
-	if _, err := runtime.FindKernel(""); err != nil {
-		t.Skip(err)
-	}
-	chBin := filepath.Join(t.TempDir(), "cloud-hypervisor")
-	build := exec.Command("go", "build", "-o", chBin, "github.com/boxrun/boxrun/runtime/ch/fakech")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build fakech: %v\n%s", err, out)
-	}
+	chBin := buildFakeCH(t)
 	layout := testenv.BusyboxLayout(t)
 	data := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -184,25 +168,11 @@ func TestCloudHypervisorFakeEndToEnd(t *testing.T) {
 // restore whose disk sizes differ from the snapshot's, as CH would show
 // the guest the template's capacity); Stop/Start restores again with the
 // box's files kept; a corrupt state.json costs one cold boot and the
-// template, which the next box makes again.
+// template, which the next box makes again; a CH that may not restore
+// memory on demand restores by copying it; a VMM whose restores keep
+// failing backs the shape off to cold boots.
 func TestCloudHypervisorFakeWarmStart(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the fake cloud-hypervisor's agent chroots into the box root: needs root")
-	}
-	for _, tool := range []string{"debugfs", "mkfs.ext4", "go"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
-	if _, err := runtime.FindKernel(""); err != nil {
-		t.Skip(err)
-	}
-	chBin := filepath.Join(t.TempDir(), "cloud-hypervisor")
-	build := exec.Command("go", "build", "-o", chBin, "github.com/boxrun/boxrun/runtime/ch/fakech")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build fakech: %v\n%s", err, out)
-	}
+	chBin := buildFakeCH(t)
 	ref := "oci:" + testenv.BusyboxLayout(t) + ":latest"
 	data := t.TempDir()
 	t.Cleanup(func() { killFakeCH(data) })
@@ -325,6 +295,30 @@ func TestCloudHypervisorFakeWarmStart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// buildFakeCH builds fakech as a "cloud-hypervisor" binary, or skips the
+// test when this host cannot run it.
+func buildFakeCH(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("the fake cloud-hypervisor's agent chroots into the box root: needs root")
+	}
+	for _, tool := range []string{"debugfs", "mkfs.ext4", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	if _, err := runtime.FindKernel(""); err != nil {
+		t.Skip(err)
+	}
+	chBin := filepath.Join(t.TempDir(), "cloud-hypervisor")
+	build := exec.Command("go", "build", "-o", chBin, "github.com/boxrun/boxrun/runtime/ch/fakech")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build fakech: %v\n%s", err, out)
+	}
+	return chBin
 }
 
 func newFakeCHEngine(t *testing.T, ctx context.Context, data, chBin string) *boxrun.Engine {

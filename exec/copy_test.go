@@ -419,8 +419,10 @@ func testServerRootContainment(t *testing.T) {
 	}
 }
 
-// Commands run chrooted into Root.
-func TestServerRootChroot(t *testing.T) {
+// busyboxRoot is a box root with the host's static busybox as /bin/busybox,
+// the commands names as links to it, and an empty /etc.
+func busyboxRoot(t *testing.T, names ...string) string {
+	t.Helper()
 	bb, err := os.ReadFile("/usr/bin/busybox")
 	if err != nil {
 		t.Skip("no static busybox on this host")
@@ -428,11 +430,17 @@ func TestServerRootChroot(t *testing.T) {
 	box := t.TempDir()
 	os.MkdirAll(box+"/bin", 0o755)
 	os.MkdirAll(box+"/etc", 0o755)
-	os.MkdirAll(box+"/home/app", 0o755)
 	os.WriteFile(box+"/bin/busybox", bb, 0o755)
-	for _, n := range []string{"sh", "id", "pwd", "ls", "cat"} {
+	for _, n := range names {
 		os.Symlink("/bin/busybox", box+"/bin/"+n) // absolute: resolved in the box
 	}
+	return box
+}
+
+// Commands run chrooted into Root.
+func TestServerRootChroot(t *testing.T) {
+	box := busyboxRoot(t, "sh", "id", "pwd", "ls", "cat")
+	os.MkdirAll(box+"/home/app", 0o755)
 	os.WriteFile(box+"/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"), 0o644)
 	os.WriteFile(box+"/etc/group", []byte("root:x:0:\napp:x:1000:\nextra:x:2000:app\n"), 0o644)
 	os.WriteFile(box+"/marker", []byte("in the box\n"), 0o644)
@@ -482,16 +490,7 @@ func TestUntarOnHostDropsOwnersAndSetID(t *testing.T) {
 // version is cached in turn once it is over a second old (file times have
 // the kernel tick's granularity: younger files are not cached).
 func TestServerUserCacheFollowsTheFiles(t *testing.T) {
-	bb, err := os.ReadFile("/usr/bin/busybox")
-	if err != nil {
-		t.Skip("no static busybox on this host")
-	}
-	box := t.TempDir()
-	os.MkdirAll(box+"/bin", 0o755)
-	os.MkdirAll(box+"/etc", 0o755)
-	os.WriteFile(box+"/bin/busybox", bb, 0o755)
-	os.Symlink("/bin/busybox", box+"/bin/id")
-	os.Symlink("/bin/busybox", box+"/bin/sh")
+	box := busyboxRoot(t, "sh", "id")
 	passwd := func(uid string) []byte {
 		return []byte("root:x:0:0:root:/root:/bin/sh\napp:x:" + uid + ":1000:app:/:/bin/sh\n")
 	}

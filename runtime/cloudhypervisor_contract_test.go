@@ -499,17 +499,40 @@ func checkVMConfig(t *testing.T, vc *ch.VmConfig, cfg VMConfig, network bool) {
 	}
 }
 
+// contractDriver is the driver on fakech in front of a new contract server.
+func contractDriver(t *testing.T) (srv *chServer, drv *CloudHypervisor, network bool, ctx context.Context) {
+	srv = newCHServer(t)
+	chBin, fsBin := fakeCHBinaries(t)
+	t.Setenv("FAKECH_UPSTREAM", srv.sock)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return srv, &CloudHypervisor{Binary: chBin, Virtiofsd: fsBin}, canTap(), ctx
+}
+
+// nothingLeft checks that a VM that failed to start left nothing: no
+// process in its dir, no socket, pid file or restore dir, no TAP.
+func nothingLeft(t *testing.T, cfg VMConfig) {
+	t.Helper()
+	time.Sleep(50 * time.Millisecond)
+	if left := processesIn(cfg.Dir); len(left) > 0 {
+		t.Errorf("processes left: %v", left)
+	}
+	ents, _ := os.ReadDir(cfg.Dir)
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".sock") || strings.HasSuffix(e.Name(), ".pid") || e.Name() == "restore" {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
+	if tap, _ := tapNames(cfg.ID); linkExists(tap) {
+		t.Errorf("tap %s left behind", tap)
+	}
+}
+
 // TestCHContractErrors checks the driver's handling of CH's error answers:
 // each failure of Start leaves no process, socket or TAP behind and names
 // CH's message.
 func TestCHContractErrors(t *testing.T) {
-	srv := newCHServer(t)
-	chBin, fsBin := fakeCHBinaries(t)
-	t.Setenv("FAKECH_UPSTREAM", srv.sock)
-	network := canTap()
-	drv := &CloudHypervisor{Binary: chBin, Virtiofsd: fsBin}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	srv, drv, network, ctx := contractDriver(t)
 
 	startFails := func(t *testing.T, id, want string, calls ...string) {
 		t.Helper()
@@ -519,20 +542,7 @@ func TestCHContractErrors(t *testing.T) {
 			t.Fatalf("start: got %v, want %q", err, want)
 		}
 		wantCalls(t, "start", srv.take(), calls...)
-		// Nothing left: no process in the dir, no sockets, no TAP.
-		time.Sleep(50 * time.Millisecond)
-		if left := processesIn(cfg.Dir); len(left) > 0 {
-			t.Errorf("processes left: %v", left)
-		}
-		ents, _ := os.ReadDir(cfg.Dir)
-		for _, e := range ents {
-			if strings.HasSuffix(e.Name(), ".sock") || strings.HasSuffix(e.Name(), ".pid") {
-				t.Errorf("left behind: %s", e.Name())
-			}
-		}
-		if tap, _ := tapNames(id); linkExists(tap) {
-			t.Errorf("tap %s left behind", tap)
-		}
+		nothingLeft(t, cfg)
 		srv.reset()
 	}
 
@@ -657,13 +667,7 @@ func processesIn(dir string) []int {
 // it with its own disks, TAP and MAC written into the restored
 // config.json; the template key; and a restore that CH refuses.
 func TestCHContractWarmStart(t *testing.T) {
-	srv := newCHServer(t)
-	chBin, fsBin := fakeCHBinaries(t)
-	t.Setenv("FAKECH_UPSTREAM", srv.sock)
-	network := canTap()
-	drv := &CloudHypervisor{Binary: chBin, Virtiofsd: fsBin}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	srv, drv, network, ctx := contractDriver(t)
 
 	// Volumes boot cold on CH (a restored virtio-fs device hangs with
 	// today's virtiofsd): no key for them.
@@ -773,19 +777,7 @@ func TestCHContractWarmStart(t *testing.T) {
 		t.Fatalf("restore refused: %v", err)
 	}
 	wantCalls(t, "refused restore", srv.take(), "GET vmm.ping", "PUT vm.restore", "GET vmm.ping", "PUT vm.restore")
-	time.Sleep(50 * time.Millisecond)
-	if left := processesIn(bad.Dir); len(left) > 0 {
-		t.Errorf("processes left: %v", left)
-	}
-	ents, _ := os.ReadDir(bad.Dir)
-	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), ".sock") || strings.HasSuffix(e.Name(), ".pid") || e.Name() == "restore" {
-			t.Errorf("left behind: %s", e.Name())
-		}
-	}
-	if tap, _ := tapNames(bad.ID); linkExists(tap) {
-		t.Errorf("tap %s left behind", tap)
-	}
+	nothingLeft(t, bad)
 	srv.reset()
 
 	// A CH without userfaultfd refuses the on-demand restore: the box is

@@ -55,30 +55,14 @@ const chTemplateFormat = 1
 // TemplateFiles is the snapshot directory.
 func (c *CloudHypervisor) TemplateFiles() []string { return []string{chSnapshotDir} }
 
-var chVersions sync.Map // binary path, size, mtime -> version
-
-// versionKey names the binary and its version, cached per binary and
-// modification time: an upgrade invalidates templates.
+// versionKey names the binary and its version (versionOf): an upgrade
+// invalidates templates.
 func (c *CloudHypervisor) versionKey() (string, error) {
 	bin, err := c.BinaryPath()
 	if err != nil {
 		return "", err
 	}
-	st, err := os.Stat(bin)
-	if err != nil {
-		return "", err
-	}
-	key := fmt.Sprintf("%s %d %d", bin, st.Size(), st.ModTime().UnixNano())
-	if v, ok := chVersions.Load(key); ok {
-		return v.(string), nil
-	}
-	v, err := c.Version()
-	if err != nil {
-		return "", err
-	}
-	v = key + " " + v
-	chVersions.Store(key, v)
-	return v, nil
+	return versionOf(bin, c.Version)
 }
 
 // TemplateKey hashes the VmConfig that cfg makes with every per-VM value

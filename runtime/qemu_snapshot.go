@@ -37,29 +37,43 @@ func (q *QEMU) TemplateFiles() []string { return []string{templateRAM, templateS
 // templateFormat is bumped when what a template holds changes meaning.
 const templateFormat = 1
 
-var qemuVersions sync.Map // binary path + mtime -> `qemu --version` first line
-
-// version returns the first line of `qemu --version`, cached per binary
-// and modification time: a QEMU upgrade invalidates templates.
+// version names QEMU's binary and the first line of its --version, per
+// binary and modification time (versionOf): a QEMU upgrade invalidates
+// templates.
 func (q *QEMU) version() (string, error) {
 	bin, err := q.binary()
 	if err != nil {
 		return "", err
 	}
+	return versionOf(bin, func() (string, error) {
+		out, err := exec.Command(bin, "--version").Output()
+		if err != nil {
+			return "", fmt.Errorf("%s --version: %w", bin, err)
+		}
+		return strings.SplitN(string(out), "\n", 2)[0], nil
+	})
+}
+
+var versions sync.Map // binary path, size, mtime -> its version key
+
+// versionOf returns bin's path, size and modification time with the
+// version that get reports, asking get once per such binary: a template
+// key that names it changes when the binary does.
+func versionOf(bin string, get func() (string, error)) (string, error) {
 	st, err := os.Stat(bin)
 	if err != nil {
 		return "", err
 	}
 	key := fmt.Sprintf("%s %d %d", bin, st.Size(), st.ModTime().UnixNano())
-	if v, ok := qemuVersions.Load(key); ok {
+	if v, ok := versions.Load(key); ok {
 		return v.(string), nil
 	}
-	out, err := exec.Command(bin, "--version").Output()
+	v, err := get()
 	if err != nil {
-		return "", fmt.Errorf("%s --version: %w", bin, err)
+		return "", err
 	}
-	v := key + " " + strings.SplitN(string(out), "\n", 2)[0]
-	qemuVersions.Store(key, v)
+	v = key + " " + v
+	versions.Store(key, v)
 	return v, nil
 }
 
