@@ -7,8 +7,10 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -152,4 +154,35 @@ func (sv *server) removeCgroup(p string) {
 		sv.lingering = append(sv.lingering, p)
 		sv.mu.Unlock()
 	}
+}
+
+// killFullLeftovers kills what finished execs left running in cgroups that
+// reached their task limit (pids.events counts a refused fork): fork
+// bombs, which together can take every task the execs may have, so that
+// no new command starts. Called, with sv.mu held, when a new exec could
+// not get a task; it reports whether it killed any, once they are gone.
+// Daemons an exec left behind that stay within their limit are left
+// alone.
+func (sv *server) killFullLeftovers() bool {
+	var killed []string
+	for _, p := range sv.lingering {
+		ev, err := readSmall(filepath.Join(p, "pids.events")) // "max N"
+		if f := strings.Fields(string(ev)); err != nil || len(f) < 2 || f[0] != "max" || f[1] == "0" {
+			continue
+		}
+		if writeSmall(filepath.Join(p, "cgroup.kill"), "1") == nil {
+			killed = append(killed, p)
+			sv.log.Warn("killed what a finished exec left running at its task limit (a fork bomb)", "cgroup", p)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, p := range killed {
+		for time.Now().Before(deadline) {
+			if cur, err := readSmall(filepath.Join(p, "pids.current")); err != nil || string(bytes.TrimSpace(cur)) == "0" {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return len(killed) > 0
 }

@@ -743,6 +743,9 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
 	pid, wait, err := sv.spawn.start(spec.path, spec.argv, attr)
+	if errors.Is(err, syscall.EAGAIN) && cg != nil && sv.killFullLeftovers() {
+		pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
+	}
 	if err != nil {
 		return nil, startError(spec.argv[0], "%v", err)
 	}

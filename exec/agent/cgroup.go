@@ -17,10 +17,18 @@ import (
 // execs (chrooted into it) do not see it.
 const cgroupDir = "/run/boxrun/cgroup"
 
-// setupCgroups mounts cgroup v2 and enables the pids and cpu controllers
-// for the execs' cgroups (see exec.ServerOptions.Cgroup). It returns ""
-// when the kernel cannot confine execs that way (before 5.7, no
-// CLONE_INTO_CGROUP; no pids controller): execs then run unconfined.
+// setupCgroups mounts cgroup v2, makes the parent of the execs' cgroups
+// (execs) with the pids and cpu controllers on for it and its children,
+// and returns it (see exec.ServerOptions.Cgroup) with each exec's task
+// limit. It returns "" when the kernel cannot confine execs that way
+// (before 5.7, no CLONE_INTO_CGROUP; no pids controller): execs then run
+// unconfined.
+//
+// The parent bounds all execs together below the kernel's own task limit
+// (threads-max, about 1900 for 256 MiB): fork bombs left behind by execs
+// then cannot take every task the kernel has, and the agent can always
+// fork the next command. Its cpu weight also gives the agent at least an
+// even share of the CPU against all execs together.
 func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
 	if !kernelAtLeast(kernelRelease(), 5, 7) {
 		log.Info("kernel too old for exec cgroups (5.7+): execs run without task limits")
@@ -35,23 +43,56 @@ func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
 		log.Warn("exec cgroups: mount cgroup2", "err", err)
 		return "", 0
 	}
-	ctl := filepath.Join(cgroupDir, "cgroup.subtree_control")
-	if err := os.WriteFile(ctl, []byte("+pids"), 0); err != nil {
-		log.Warn("exec cgroups: pids controller", "err", err)
+	execs := filepath.Join(cgroupDir, "execs")
+	if err := enableControllers(log, cgroupDir); err != nil {
 		return "", 0
 	}
-	if err := os.WriteFile(ctl, []byte("+cpu"), 0); err != nil {
-		log.Warn("exec cgroups: cpu controller", "err", err) // pids still apply
+	if err := os.Mkdir(execs, 0o755); err != nil && !os.IsExist(err) {
+		log.Warn("exec cgroups", "err", err)
+		return "", 0
 	}
-	return cgroupDir, pidsLimit(readMemTotalKB(), readPidMax())
+	total := execsLimit(readIntFile("/proc/sys/kernel/threads-max", 32768), readIntFile("/proc/sys/kernel/pid_max", 32768))
+	if err := os.WriteFile(filepath.Join(execs, "pids.max"), []byte(strconv.Itoa(total)), 0); err != nil {
+		log.Warn("exec cgroups: pids.max of all execs", "err", err)
+		return "", 0
+	}
+	if err := enableControllers(log, execs); err != nil {
+		return "", 0
+	}
+	return execs, pidsLimit(readMemTotalKB(), total)
+}
+
+// enableControllers turns pids and cpu on for the children of cgroup dir
+// (pids is required; without cpu, the task limits still apply).
+func enableControllers(log *slog.Logger, dir string) error {
+	ctl := filepath.Join(dir, "cgroup.subtree_control")
+	if err := os.WriteFile(ctl, []byte("+pids"), 0); err != nil {
+		log.Warn("exec cgroups: pids controller", "cgroup", dir, "err", err)
+		return err
+	}
+	if err := os.WriteFile(ctl, []byte("+cpu"), 0); err != nil {
+		log.Warn("exec cgroups: cpu controller", "cgroup", dir, "err", err)
+	}
+	return nil
+}
+
+// execsReserve is what the kernel's task limits keep back from all execs
+// together: the agent's threads and the kernel's own.
+const execsReserve = 256
+
+// execsLimit is the task limit of all execs together: the kernel's
+// threads-max or pid_max, whichever is lower, less execsReserve (at least
+// 64).
+func execsLimit(threadsMax, pidMax int) int {
+	return max(min(threadsMax, pidMax)-execsReserve, 64)
 }
 
 // pidsLimit is each exec's task limit: one task per 128 KiB of guest
 // memory (well above what a small process costs, so a fork bomb stops
-// before it exhausts the box's memory), at least 512, at most half the
-// kernel's pid_max (so one exec never takes every pid).
-func pidsLimit(memKB, pidMax int) int {
-	return min(max(memKB/128, 512), pidMax/2)
+// before it exhausts the box's memory), at least 512, at most half of
+// what all execs together may have (so one exec never takes every task).
+func pidsLimit(memKB, total int) int {
+	return min(max(memKB/128, 512), total/2)
 }
 
 func readMemTotalKB() int {
@@ -65,12 +106,13 @@ func readMemTotalKB() int {
 	return 0
 }
 
-func readPidMax() int {
-	b, _ := os.ReadFile("/proc/sys/kernel/pid_max")
+// readIntFile reads a number from a proc file, or returns def.
+func readIntFile(path string, def int) int {
+	b, _ := os.ReadFile(path)
 	if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
 		return n
 	}
-	return 32768
+	return def
 }
 
 // kernelAtLeast reports whether a release such as "6.1.0-57-amd64" is at

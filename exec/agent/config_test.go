@@ -389,4 +389,20 @@ func TestExecCgroupLimits(t *testing.T) {
 			t.Errorf("pidsLimit(%d, %d) = %d, want %d", tc.mem, tc.pmax, got, tc.limit)
 		}
 	}
+	// All execs together stay below the kernel's threads-max (about 1900
+	// for a 256 MiB guest) and pid_max, so the agent can always fork.
+	for _, tc := range []struct{ threads, pidMax, total, perExec int }{
+		{1900, 32768, 1644, 822}, // 256 MiB: each exec gets half of what all may have
+		{15000, 32768, 14744, 2048},
+		{60000, 4096, 3840, 1920},
+		{200, 32768, 64, 32},
+	} {
+		total := execsLimit(tc.threads, tc.pidMax)
+		if total != tc.total || total >= tc.threads || total >= tc.pidMax {
+			t.Errorf("execsLimit(%d, %d) = %d, want %d", tc.threads, tc.pidMax, total, tc.total)
+		}
+		if got := pidsLimit(256<<10, total); got != tc.perExec {
+			t.Errorf("pidsLimit(256 MiB, %d) = %d, want %d", total, got, tc.perExec)
+		}
+	}
 }
