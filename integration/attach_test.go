@@ -98,7 +98,7 @@ func TestAttach(t *testing.T) {
 	}
 	typeIn(`test -t 0 && test -t 1 && echo "size:$(stty size) tty:$(tty) cg:$(cat /proc/self/cgroup)"` + "\r")
 	out.expect(t, "size:40 120 tty:/dev/pts/")
-	out.expect(t, "cg:0::/exec-")
+	out.expect(t, "cg:0::/execs/exec-")
 	out.expect(t, "$ ")
 	typeIn("exit 7\r")
 	if err := out.end(t); err != io.EOF {
