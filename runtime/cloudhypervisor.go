@@ -147,11 +147,10 @@ func fsPidFile(tag string) string { return "virtiofsd-" + tag + ".pid" }
 // VMConfig returns the body of PUT /vm.create for cfg; tap is the NIC's
 // TAP ("" for none).
 func (c *CloudHypervisor) VMConfig(cfg VMConfig, tap string) *ch.VmConfig {
-	abs := absPath
 	vc := &ch.VmConfig{
 		Cpus:    &ch.CpusConfig{BootVcpus: cfg.CPUs, MaxVcpus: cfg.CPUs},
 		Memory:  &ch.MemoryConfig{Size: int64(cfg.MemoryMB) << 20, Shared: len(cfg.Volumes) > 0},
-		Payload: ch.PayloadConfig{Kernel: abs(cfg.Kernel), Initramfs: abs(cfg.Initramfs), Cmdline: c.Cmdline(cfg)},
+		Payload: ch.PayloadConfig{Kernel: absPath(cfg.Kernel), Initramfs: absPath(cfg.Initramfs), Cmdline: c.Cmdline(cfg)},
 		Rng:     &ch.RngConfig{Src: "/dev/urandom"},
 		Serial:  &ch.ConsoleConfig{Mode: "Socket", Socket: consoleSock},
 		// The virtio console's default is CH's stdout: unbounded.
@@ -159,7 +158,7 @@ func (c *CloudHypervisor) VMConfig(cfg VMConfig, tap string) *ch.VmConfig {
 		Vsock:   &ch.VsockConfig{Cid: chGuestCID, Socket: chVsockSock},
 	}
 	for i, d := range cfg.Disks {
-		vc.Disks = append(vc.Disks, ch.DiskConfig{Path: abs(d.Path), Readonly: d.ReadOnly, ID: fmt.Sprintf("disk%d", i), ImageType: "Raw"})
+		vc.Disks = append(vc.Disks, ch.DiskConfig{Path: absPath(d.Path), Readonly: d.ReadOnly, ID: fmt.Sprintf("disk%d", i), ImageType: "Raw"})
 	}
 	for _, v := range cfg.Volumes {
 		vc.Fs = append(vc.Fs, ch.FsConfig{Tag: v.Tag, Socket: fsSocket(v.Tag), NumQueues: 1, QueueSize: 1024, ID: "fs-" + v.Tag})
