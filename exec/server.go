@@ -559,13 +559,11 @@ func (sv *server) exec(s *stream, req *request) {
 		sv.log.Warn("exec cgroup", "err", err) // run it without one
 	}
 	pr, err := sv.startProcess(spec, req, cg)
-	cg.closeFD()
 	if err != nil {
 		sv.release(cg)
 		sv.finish(s, nil, err)
 		return
 	}
-	defer sv.release(cg)
 	pid := pr.pid
 	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args, "tty", pr.tty != nil)
 
@@ -658,6 +656,9 @@ func (sv *server) exec(s *stream, req *request) {
 		st.TimedOut = timedOut.Load() && ws.Signal() == unix.SIGKILL
 	}
 	sv.log.Debug("exited", "channel", s.id, "pid", pid, "code", st.Code, "signal", st.Signal)
+	// Given back before the Result: the host's next exec, sent as soon as
+	// this one ends, then finds the cgroup free to take again.
+	sv.release(cg)
 	sv.finish(s, &result{Exit: st}, nil)
 }
 
@@ -720,7 +721,7 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 		}
 		files[0] = stdin.Fd() // Fd also makes the child's end blocking
 		for i, dst := range []**os.File{&pr.stdout, &pr.stderr} {
-			r, w, err := os.Pipe()
+			r, w, err := outputPipe()
 			if err != nil {
 				return nil, err
 			}
@@ -752,6 +753,28 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	sv.pgids[pid] = struct{}{}
 	pr.pid, pr.wait = pid, wait
 	return pr, nil
+}
+
+// outputPipe is a pipe for one output stream: the agent's read end
+// nonblocking and in the runtime's poller (for read deadlines), the
+// command's write end blocking and outside it. os.Pipe would put both ends
+// in the poller, and handing the write end to the child would make it
+// blocking again and take it out: about five more system calls per pipe,
+// each costly under TCG.
+func outputPipe() (r, w *os.File, err error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, nil, err
+	}
+	// O_NONBLOCK belongs to each end's open file description: clearing it
+	// on the write end leaves the read end nonblocking.
+	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETFL, 0); err != nil {
+		unix.Close(p[0])
+		unix.Close(p[1])
+		return nil, nil, err
+	}
+	// NewFile polls a descriptor that is nonblocking, and only that.
+	return os.NewFile(uintptr(p[0]), "|0"), os.NewFile(uintptr(p[1]), "|1"), nil
 }
 
 // pumpBuffers are the output pumps' read buffers: two per exec would

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"log/slog"
-	"os"
-	"os/signal"
 	"path"
 	"strings"
 	"sync"
@@ -29,10 +27,15 @@ type spawner interface {
 
 // Reaper collects the exit status of every child of this process: the
 // processes the server starts and the orphans the kernel reparents to PID 1.
-// A single loop calls wait4(-1) on SIGCHLD and hands each status to whoever
-// started that pid, so an orphan reap can never steal the status of a
-// process we are waiting for (which happens when os/exec's per-pid Wait
-// races a wait4(-1) loop).
+// A single loop calls wait4(-1) and hands each status to whoever started
+// that pid, so an orphan reap can never steal the status of a process we
+// are waiting for (which happens when os/exec's per-pid Wait races a
+// wait4(-1) loop).
+//
+// The loop blocks in wait4 itself: the kernel wakes it the moment a child
+// exits. SIGCHLD is not used, so no signal delivery, Go signal handler or
+// hand-off between goroutines sits between a command's exit and its
+// status: work on every command, and every instruction counts under TCG.
 //
 // Only one Reaper may exist per process, and only in a process that owns
 // all its children (PID 1, or a child subreaper that uses no os/exec).
@@ -40,7 +43,8 @@ type Reaper struct {
 	log     *slog.Logger
 	mu      sync.Mutex
 	waiters map[int]chan syscall.WaitStatus
-	selfAdj string // this process's oom_score_adj, read at the first start
+	forked  chan struct{} // start forked a child: wakes a loop that had none
+	selfAdj string        // this process's oom_score_adj, read at the first start
 }
 
 // NewReaper starts reaping all children of the process.
@@ -48,27 +52,28 @@ func NewReaper(log *slog.Logger) *Reaper {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &Reaper{log: log, waiters: make(map[int]chan syscall.WaitStatus)}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGCHLD)
-	go func() {
-		r.reap() // children that exited before Notify
-		for range sigs {
-			r.reap()
-		}
-	}()
+	r := &Reaper{log: log, waiters: make(map[int]chan syscall.WaitStatus), forked: make(chan struct{}, 1)}
+	go r.loop()
 	return r
 }
 
-func (r *Reaper) reap() {
+// loop reaps children as they exit. With no child at all (ECHILD) the
+// process has no descendant either, so no orphan can be reparented to it
+// until start forks again: the loop sleeps until then.
+func (r *Reaper) loop() {
 	for {
 		var ws syscall.WaitStatus
-		pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
-		if err == syscall.EINTR {
+		pid, err := syscall.Wait4(-1, &ws, 0, nil)
+		switch {
+		case err == syscall.EINTR:
 			continue
-		}
-		if err != nil || pid <= 0 {
-			return
+		case err == syscall.ECHILD:
+			<-r.forked
+			continue
+		case err != nil || pid <= 0:
+			r.log.Warn("wait4", "pid", pid, "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
 		}
 		r.mu.Lock()
 		ch, ok := r.waiters[pid]
@@ -87,12 +92,12 @@ func (r *Reaper) reap() {
 func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	// A child inherits the agent's oom_score_adj at fork: -1000, never
-	// OOM-killed. Set on the child once ForkExec returns, 0 would come too
-	// late: the box's code runs by then and may have forked processes of
-	// its own that keep -1000. So the agent drops to 0 for the fork and
-	// goes back at once: a box's processes are always killable, and an
-	// OOM in that instant picks the box's biggest process, not the agent.
+	// A child inherits its parent's oom_score_adj at fork. The agent, as
+	// PID 1, keeps 0 (the kernel never OOM-kills init), but a process
+	// started with a lowered score (a service manager's OOMScoreAdjust)
+	// would pass it on, and set on the child once ForkExec returns, 0
+	// would come too late: the command runs by then and may have forked.
+	// So such a process drops to 0 for the fork and goes back at once.
 	if r.selfAdj == "" {
 		b, _ := readSmall("/proc/self/oom_score_adj")
 		r.selfAdj = strings.TrimSpace(string(b))
@@ -109,6 +114,10 @@ func (r *Reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int
 	}
 	ch := make(chan syscall.WaitStatus, 1)
 	r.waiters[pid] = ch
+	select {
+	case r.forked <- struct{}{}:
+	default: // the loop is awake, or will be
+	}
 	return pid, ch, nil
 }
 
