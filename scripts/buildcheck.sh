@@ -28,6 +28,11 @@ step() {
 step go build ./...
 step go vet ./...
 step env CGO_ENABLED=0 GOFLAGS="$tagged" go build ./...
+# go.mod and go.sum must be tidy. Checking it also fetches every module
+# of the whole graph, the tests of dependencies' packages included, which
+# building only fetches in part: the consumer below, resolved offline,
+# takes them from the module cache.
+step go mod tidy -diff
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
