@@ -141,13 +141,19 @@ type cgroupList struct {
 
 const maxFreeCgroups = 8 // per parent
 
-// take returns a free cgroup below parent, or nil.
+// take returns a free cgroup below parent, or nil. One that is not empty
+// any more, or gone (root in the box can mount the cgroup tree and move
+// processes or remove directories), is closed and passed over.
 func (l *cgroupList) take(parent string) *execCgroup {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for i := len(l.free) - 1; i >= 0; i-- {
 		if c := l.free[i]; filepath.Dir(c.path) == parent {
 			l.free = append(l.free[:i], l.free[i+1:]...)
+			if !c.empty() {
+				c.close()
+				continue
+			}
 			return &execCgroup{path: c.path, fd: c.fd, events: c.events}
 		}
 	}
@@ -155,15 +161,24 @@ func (l *cgroupList) take(parent string) *execCgroup {
 }
 
 // put keeps c, unless maxFreeCgroups of its parent's are kept already.
+// Kept cgroups of other parents that are gone (a server's parent removed,
+// as tests do) are dropped on the way.
 func (l *cgroupList) put(c *execCgroup) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := 0
+	kept := l.free[:0]
 	for _, f := range l.free {
-		if filepath.Dir(f.path) == filepath.Dir(c.path) {
+		switch {
+		case filepath.Dir(f.path) == filepath.Dir(c.path):
 			n++
+		case !f.empty():
+			f.close()
+			continue
 		}
+		kept = append(kept, f)
 	}
+	l.free = kept
 	if n >= maxFreeCgroups {
 		return false
 	}
@@ -179,6 +194,30 @@ func (sv *server) removeCgroup(p string) {
 	}
 }
 
+// nearTaskLimit reports whether the cgroup at p has refused a fork for its
+// task limit (pids.events) and holds at least nine tenths of that limit
+// now. The refusal alone is not enough: the count only grows, and a
+// cgroup taken again by a later exec keeps an earlier exec's; a daemon
+// that exec left behind is not a fork bomb.
+func nearTaskLimit(p string) bool {
+	ev, err := readSmall(filepath.Join(p, "pids.events")) // "max N"
+	if f := strings.Fields(string(ev)); err != nil || len(f) < 2 || f[0] != "max" || f[1] == "0" {
+		return false
+	}
+	limit, err1 := readInt(filepath.Join(p, "pids.max"))
+	cur, err2 := readInt(filepath.Join(p, "pids.current"))
+	return err1 == nil && err2 == nil && cur*10 >= limit*9
+}
+
+// readInt reads a cgroup file that holds one integer ("max" is an error).
+func readInt(p string) (int, error) {
+	b, err := readSmall(p)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(string(bytes.TrimSpace(b)))
+}
+
 // killFullLeftovers kills what finished execs left running in cgroups that
 // reached their task limit (pids.events counts a refused fork): fork
 // bombs, which together can take every task the execs may have, so that
@@ -189,8 +228,7 @@ func (sv *server) removeCgroup(p string) {
 func (sv *server) killFullLeftovers() bool {
 	var killed []string
 	for _, p := range sv.lingering {
-		ev, err := readSmall(filepath.Join(p, "pids.events")) // "max N"
-		if f := strings.Fields(string(ev)); err != nil || len(f) < 2 || f[0] != "max" || f[1] == "0" {
+		if !nearTaskLimit(p) {
 			continue
 		}
 		if writeSmall(filepath.Join(p, "cgroup.kill"), "1") == nil {

@@ -86,6 +86,14 @@ func TestExecCgroupReuse(t *testing.T) {
 			t.Errorf("exec %d ran in %s, want the emptied %s again", i+2, got, first)
 		}
 	}
+	// A free cgroup removed behind the agent's back (root in the box can
+	// mount the cgroup tree) is passed over.
+	if err := unix.Rmdir(filepath.Join(parent, first)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := cgroupOf(sh("grep ^0:: /proc/self/cgroup")); got == first {
+		t.Fatalf("an exec ran in the removed cgroup %s", first)
+	}
 	// A daemon left behind keeps its exec's cgroup busy: the next exec
 	// gets another one.
 	busy, pid := cgroupOf(sh("grep ^0:: /proc/self/cgroup; sleep 60 </dev/null >/dev/null 2>&1 & echo $!"))
@@ -118,5 +126,34 @@ func TestExecCgroupReuse(t *testing.T) {
 	collect(t, p1)
 	if _, err := os.Stat(filepath.Join(parent, busy)); !os.IsNotExist(err) {
 		t.Errorf("the emptied cgroup %s of a finished exec was not removed: %v", busy, err)
+	}
+}
+
+// A finished exec's leftovers count as a fork bomb only while they hold
+// nearly all of their task limit, having been refused a fork for it: a
+// reused cgroup keeps the refusals of earlier execs.
+func TestNearTaskLimit(t *testing.T) {
+	for _, tc := range []struct {
+		events, max, current string
+		want                 bool
+	}{
+		{"max 3\n", "100\n", "95\n", true},
+		{"max 3\n", "100\n", "90\n", true},
+		{"max 3\n", "100\n", "3\n", false}, // a daemon in a cgroup an earlier bomb filled
+		{"max 0\n", "100\n", "100\n", false},
+		{"max 3\n", "max\n", "100\n", false},
+	} {
+		dir := t.TempDir()
+		for name, v := range map[string]string{"pids.events": tc.events, "pids.max": tc.max, "pids.current": tc.current} {
+			if err := os.WriteFile(filepath.Join(dir, name), []byte(v), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := nearTaskLimit(dir); got != tc.want {
+			t.Errorf("events %q max %q current %q: %v, want %v", tc.events, tc.max, tc.current, got, tc.want)
+		}
+	}
+	if nearTaskLimit(t.TempDir()) {
+		t.Error("a cgroup without pids files is not at its limit")
 	}
 }

@@ -33,9 +33,12 @@ type spawner interface {
 // wait4(-1) loop).
 //
 // The loop blocks in wait4 itself: the kernel wakes it the moment a child
-// exits. SIGCHLD is not used, so no signal delivery, Go signal handler or
-// hand-off between goroutines sits between a command's exit and its
-// status: work on every command, and every instruction counts under TCG.
+// exits. os/signal is not used for SIGCHLD, so no hand-off between
+// goroutines sits between a command's exit and its status: work on every
+// command, and every instruction counts under TCG. (The Go runtime's own
+// handler still takes each SIGCHLD, with SA_RESTART. SIGCHLD must never
+// be ignored, SIG_IGN: the kernel would then reap the children itself and
+// their statuses would be lost.)
 //
 // Only one Reaper may exist per process, and only in a process that owns
 // all its children (PID 1, or a child subreaper that uses no os/exec).
@@ -58,9 +61,12 @@ func NewReaper(log *slog.Logger) *Reaper {
 }
 
 // loop reaps children as they exit. With no child at all (ECHILD) the
-// process has no descendant either, so no orphan can be reparented to it
-// until start forks again: the loop sleeps until then.
+// loop sleeps until start forks again, or a second has passed: a process
+// without children can still be given orphans, as PID 1 is those of the
+// kernel's helper programs (modprobe, a core_pattern pipe), which are not
+// its descendants; they wait at most that second to be reaped.
 func (r *Reaper) loop() {
+	idle := time.NewTimer(time.Second)
 	for {
 		var ws syscall.WaitStatus
 		pid, err := syscall.Wait4(-1, &ws, 0, nil)
@@ -68,7 +74,11 @@ func (r *Reaper) loop() {
 		case err == syscall.EINTR:
 			continue
 		case err == syscall.ECHILD:
-			<-r.forked
+			idle.Reset(time.Second)
+			select {
+			case <-r.forked:
+			case <-idle.C:
+			}
 			continue
 		case err != nil || pid <= 0:
 			r.log.Warn("wait4", "pid", pid, "err", err)
