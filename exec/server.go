@@ -579,7 +579,6 @@ func (sv *server) exec(s *stream, req *request) {
 		onResize := func(rows, cols uint16) { pr.resize(rows, cols) }
 		s.onResize.Store(&onResize)
 	}
-	exited := make(chan struct{})
 	var timedOut atomic.Bool
 	var timer *time.Timer
 	if req.TimeoutMS > 0 {
@@ -589,15 +588,13 @@ func (sv *server) exec(s *stream, req *request) {
 			cg.kill()
 		})
 	}
-	// Cancel (or the end of the session) kills the group.
-	go func() {
-		select {
-		case <-s.ctx.Done():
-			pr.signal(unix.SIGKILL)
-			cg.kill()
-		case <-exited:
-		}
-	}()
+	// Cancel (or the end of the session) kills the group, until the
+	// command's output is done: a callback on the context, not a goroutine
+	// per exec waiting for either.
+	stopCancelKill := context.AfterFunc(s.ctx, func() {
+		pr.signal(unix.SIGKILL)
+		cg.kill()
+	})
 
 	if err := s.m.writeJSON(s.id, frameStarted, &result{Pid: pid}); err != nil {
 		pr.signal(unix.SIGKILL)
@@ -637,7 +634,7 @@ func (sv *server) exec(s *stream, req *request) {
 		o.f.SetReadDeadline(deadline)
 	}
 	wg.Wait()
-	close(exited)
+	stopCancelKill()
 	// Closing the terminal's master hangs it up: what still runs on it
 	// gets SIGHUP.
 	for _, f := range []*os.File{pr.stdout, pr.stderr, pr.stdin} {
