@@ -72,10 +72,10 @@ func mountEarly() error {
 	}
 	// The agent is the box's lifeline, and the OOM killer never picks it:
 	// the kernel exempts the global init, PID 1 of the VM, and all its
-	// threads (oom_unkillable_task). So it
-	// keeps oom_score_adj 0, and the box's commands inherit that 0 from
-	// their first instruction; lowering it (-1000) would have to be undone
-	// around every fork, two writes to /proc per command.
+	// threads (oom_unkillable_task). So it keeps oom_score_adj 0, and the
+	// box's commands inherit that 0 from their first instruction; lowering
+	// it (-1000) would have to be undone around every fork, two writes to
+	// /proc per command.
 	return nil
 }
 
