@@ -19,11 +19,12 @@ import (
 // ServerOptions.Cgroup).
 type execCgroup struct {
 	path string
-	// The directory (for CLONE_INTO_CGROUP) and its cgroup.events, open
-	// for as long as the cgroup is kept for reuse: opened once per cgroup,
-	// not per exec. (A profile of the agent under TCG put a tenth of its
-	// time per exec into opening and reading cgroup.events alone.)
-	fd, events int
+	// The directory (for CLONE_INTO_CGROUP), its cgroup.events and its
+	// pids.events (-1 without the pids controller), open for as long as
+	// the cgroup is kept for reuse: opened once per cgroup, not per exec.
+	// (A profile of the agent under TCG put a tenth of its time per exec
+	// into opening and reading cgroup.events alone.)
+	fd, events, pidsEvents int
 
 	mu       sync.Mutex
 	released bool // given back: a late kill (timeout, cancel) must not reach the next exec
@@ -80,13 +81,20 @@ func openCgroup(p string, pidsMax int) (*execCgroup, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	return &execCgroup{path: p, fd: fd, events: events}, nil
+	pidsEvents, err := unix.Openat(fd, "pids.events", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		pidsEvents = -1
+	}
+	return &execCgroup{path: p, fd: fd, events: events, pidsEvents: pidsEvents}, nil
 }
 
 // close closes the cgroup's descriptors (it is not kept for reuse).
 func (c *execCgroup) close() {
 	unix.Close(c.fd)
 	unix.Close(c.events)
+	if c.pidsEvents >= 0 {
+		unix.Close(c.pidsEvents)
+	}
 }
 
 // empty reports whether no process is left in the cgroup. A read at
@@ -95,6 +103,26 @@ func (c *execCgroup) empty() bool {
 	var buf [256]byte
 	n, err := unix.Pread(c.events, buf[:], 0)
 	return err == nil && bytes.Contains(buf[:max(n, 0)], []byte("populated 0"))
+}
+
+// refusedFork reports whether the cgroup's task limit has refused a fork
+// (pids.events counts them, and never goes back). Such a cgroup is not
+// taken again: a count in a cgroup of finished execs then always belongs
+// to the last exec, and marks what it left behind as a fork bomb
+// (killFullLeftovers).
+func (c *execCgroup) refusedFork() bool {
+	if c.pidsEvents < 0 {
+		return false
+	}
+	var buf [64]byte
+	n, err := unix.Pread(c.pidsEvents, buf[:], 0)
+	return err != nil || forksRefused(buf[:max(n, 0)])
+}
+
+// forksRefused parses pids.events ("max N"): N > 0.
+func forksRefused(ev []byte) bool {
+	f := strings.Fields(string(ev))
+	return len(f) >= 2 && f[0] == "max" && f[1] != "0"
 }
 
 // kill SIGKILLs every process in the cgroup, including those that left the
@@ -121,7 +149,7 @@ func (sv *server) release(c *execCgroup) {
 	c.mu.Lock()
 	c.released = true // from here on, kill is a no-op
 	c.mu.Unlock()
-	if c.empty() && freeCgroups.put(c) {
+	if c.empty() && !c.refusedFork() && freeCgroups.put(c) {
 		return
 	}
 	c.close()
@@ -154,7 +182,7 @@ func (l *cgroupList) take(parent string) *execCgroup {
 				c.close()
 				continue
 			}
-			return &execCgroup{path: c.path, fd: c.fd, events: c.events}
+			return &execCgroup{path: c.path, fd: c.fd, events: c.events, pidsEvents: c.pidsEvents}
 		}
 	}
 	return nil
@@ -194,30 +222,6 @@ func (sv *server) removeCgroup(p string) {
 	}
 }
 
-// nearTaskLimit reports whether the cgroup at p has refused a fork for its
-// task limit (pids.events) and holds at least nine tenths of that limit
-// now. The refusal alone is not enough: the count only grows, and a
-// cgroup taken again by a later exec keeps an earlier exec's; a daemon
-// that exec left behind is not a fork bomb.
-func nearTaskLimit(p string) bool {
-	ev, err := readSmall(filepath.Join(p, "pids.events")) // "max N"
-	if f := strings.Fields(string(ev)); err != nil || len(f) < 2 || f[0] != "max" || f[1] == "0" {
-		return false
-	}
-	limit, err1 := readInt(filepath.Join(p, "pids.max"))
-	cur, err2 := readInt(filepath.Join(p, "pids.current"))
-	return err1 == nil && err2 == nil && cur*10 >= limit*9
-}
-
-// readInt reads a cgroup file that holds one integer ("max" is an error).
-func readInt(p string) (int, error) {
-	b, err := readSmall(p)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(string(bytes.TrimSpace(b)))
-}
-
 // killFullLeftovers kills what finished execs left running in cgroups that
 // reached their task limit (pids.events counts a refused fork): fork
 // bombs, which together can take every task the execs may have, so that
@@ -228,7 +232,7 @@ func readInt(p string) (int, error) {
 func (sv *server) killFullLeftovers() bool {
 	var killed []string
 	for _, p := range sv.lingering {
-		if !nearTaskLimit(p) {
+		if ev, err := readSmall(filepath.Join(p, "pids.events")); err != nil || !forksRefused(ev) {
 			continue
 		}
 		if writeSmall(filepath.Join(p, "cgroup.kill"), "1") == nil {

@@ -129,31 +129,18 @@ func TestExecCgroupReuse(t *testing.T) {
 	}
 }
 
-// A finished exec's leftovers count as a fork bomb only while they hold
-// nearly all of their task limit, having been refused a fork for it: a
-// reused cgroup keeps the refusals of earlier execs.
-func TestNearTaskLimit(t *testing.T) {
-	for _, tc := range []struct {
-		events, max, current string
-		want                 bool
-	}{
-		{"max 3\n", "100\n", "95\n", true},
-		{"max 3\n", "100\n", "90\n", true},
-		{"max 3\n", "100\n", "3\n", false}, // a daemon in a cgroup an earlier bomb filled
-		{"max 0\n", "100\n", "100\n", false},
-		{"max 3\n", "max\n", "100\n", false},
+// pids.events counts the forks a cgroup's task limit refused: a cgroup
+// with any is not reused, and what a finished exec left in one is a fork
+// bomb.
+func TestForksRefused(t *testing.T) {
+	for ev, want := range map[string]bool{
+		"max 3\n": true,
+		"max 0\n": false,
+		"":        false,
+		"max\n":   false,
 	} {
-		dir := t.TempDir()
-		for name, v := range map[string]string{"pids.events": tc.events, "pids.max": tc.max, "pids.current": tc.current} {
-			if err := os.WriteFile(filepath.Join(dir, name), []byte(v), 0o644); err != nil {
-				t.Fatal(err)
-			}
+		if got := forksRefused([]byte(ev)); got != want {
+			t.Errorf("forksRefused(%q) = %v, want %v", ev, got, want)
 		}
-		if got := nearTaskLimit(dir); got != tc.want {
-			t.Errorf("events %q max %q current %q: %v, want %v", tc.events, tc.max, tc.current, got, tc.want)
-		}
-	}
-	if nearTaskLimit(t.TempDir()) {
-		t.Error("a cgroup without pids files is not at its limit")
 	}
 }
