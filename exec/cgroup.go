@@ -39,6 +39,14 @@ func (sv *server) newExecCgroup() (*execCgroup, error) {
 		sv.mu.Unlock()
 		return nil, nil
 	}
+	// Fork bombs that finished execs left at their task limits go before
+	// the next exec starts, once they leave it few tasks: waiting until
+	// the exec's own fork fails would let the command start whenever one
+	// of the bombs' tasks happens to be exiting, and then fail at its own
+	// first fork.
+	if len(sv.lingering) > 0 && sv.tasksLow() {
+		sv.killFullLeftovers()
+	}
 	// An emptied cgroup of an earlier exec is taken again: making and
 	// removing one costs milliseconds under TCG, on every exec.
 	if c := freeCgroups.take(sv.opts.Cgroup); c != nil {
@@ -222,13 +230,26 @@ func (sv *server) removeCgroup(p string) {
 	}
 }
 
+// tasksLow reports whether fewer than an eighth of the tasks all execs may
+// have together (the parent cgroup's pids.max) are free.
+func (sv *server) tasksLow() bool {
+	limit, err1 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.max"))
+	cur, err2 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.current"))
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	m, err1 := strconv.Atoi(string(bytes.TrimSpace(limit))) // "max": no limit
+	c, err2 := strconv.Atoi(string(bytes.TrimSpace(cur)))
+	return err1 == nil && err2 == nil && m-c < max(m/8, 8)
+}
+
 // killFullLeftovers kills what finished execs left running in cgroups that
 // reached their task limit (pids.events counts a refused fork): fork
 // bombs, which together can take every task the execs may have, so that
-// no new command starts. Called, with sv.mu held, when a new exec could
-// not get a task; it reports whether it killed any, once they are gone.
-// Daemons an exec left behind that stay within their limit are left
-// alone.
+// no new command starts. Called, with sv.mu held, when a new exec finds
+// few tasks free (tasksLow) or could not get one; it reports whether it
+// killed any, once they are gone. Daemons an exec left behind that never
+// reached a task limit are left alone.
 func (sv *server) killFullLeftovers() bool {
 	var killed []string
 	for _, p := range sv.lingering {

@@ -74,7 +74,9 @@ type ServerOptions struct {
 	// starts, even outside its process group (setsid), stays confined:
 	// at most PidsMax tasks, and a fair share of the CPU against the
 	// agent and every other exec. A fork bomb left behind by one exec thus
-	// cannot keep the next one from starting. A timeout or cancel also
+	// cannot keep the next one from starting: what finished execs left
+	// running at a task limit is killed when the next exec finds less
+	// than an eighth of the parent's tasks free. A timeout or cancel also
 	// kills the whole cgroup (cgroup.kill, 5.14+), not only the process
 	// group. A cgroup is removed once empty.
 	Cgroup string

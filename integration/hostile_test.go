@@ -212,6 +212,7 @@ func TestHostileForkBombAndMemoryHog(t *testing.T) {
 	if err != nil || res.Stdout == "0\n" {
 		t.Errorf("no OOM kill for 450 MiB in a 256 MiB box")
 	}
+	ooms := res.Stdout
 	alive(t, box, "a memory hog")
 	// However the hog is shaped, the OOM killer never picks the agent (the
 	// kernel exempts init: the box is alive above), and the box's commands
@@ -224,20 +225,35 @@ func TestHostileForkBombAndMemoryHog(t *testing.T) {
 	// Fork bombs that leave their exec's process group (setsid) and
 	// outlive the exec: confined to that exec's cgroup (task limit, CPU
 	// share; see exec.ServerOptions.Cgroup), and all execs together below
-	// the kernel's own task limit (threads-max: about 1900 tasks here), two
-	// of them at their limits do not keep the next exec from starting.
+	// the kernel's own task limit (threads-max: about 1500 tasks here) and
+	// below what the guest's memory holds, two of them at their limits do
+	// not keep the next exec from starting, nor its command from forking.
 	for range 2 {
 		res = sh(t, box, "setsid sh -c 'b() { b | b & }; b' </dev/null >/dev/null 2>&1 & echo started")
 		if res.Stdout != "started\n" {
 			t.Fatalf("escaped fork bomb: %+v", res)
 		}
 	}
-	// Let them grow to their limits (about 600 tasks in 5 s here), and
-	// past what all execs may have together: the next exec then gets its
-	// tasks by killing what finished execs left at their task limits.
+	// Let them grow to their limits: each exec may have half of the tasks
+	// of all execs together (about 820 here: one per 256 KiB of the
+	// guest's memory, so that they fit in it), which they reach in seconds.
 	time.Sleep(15 * time.Second)
-	alive(t, box, "two escaped fork bombs at their limits")
-	res = sh(t, box, "ps -o comm | grep -c '^sh$'")
-	t.Logf("sh processes of the escaped fork bombs after that: %s (exit %d, stderr %q)", strings.TrimSpace(res.Stdout), res.ExitCode, res.Stderr)
+	// The next command starts and can fork: the bombs at their limits
+	// leave it less than an eighth of the execs' tasks, so the agent kills
+	// them before it starts it. (Waiting for its own fork to fail would
+	// let the command start whenever a bomb's task happened to be exiting,
+	// and then fail at its first fork.) The guest never ran out of memory.
+	start = time.Now()
+	res, err = fx.eng.Exec(ctxT(t, 2*time.Minute), box.ID, boxrun.ExecSpec{
+		Cmd:     []string{"sh", "-c", "echo $(echo forked); ps -o comm | grep -c '^sh$'; dmesg | grep -ci 'out of memory'"},
+		Timeout: 60 * time.Second,
+	})
+	t.Logf("first exec after two escaped fork bombs at their limits: %v after %v: %+v", err, time.Since(start).Round(time.Millisecond), res)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("after two escaped fork bombs: %+v %v", res, err)
+	}
+	if want := "forked\n1\n" + ooms; res.Stdout != want {
+		t.Errorf("after two escaped fork bombs: got %q, want %q (the command forked, one sh left: its own; no new OOM kill)", res.Stdout, want)
+	}
 	removeLeavesNoVMM(t, box)
 }

@@ -25,8 +25,9 @@ const cgroupDir = "/run/boxrun/cgroup"
 // unconfined.
 //
 // The parent bounds all execs together below the kernel's own task limit
-// (threads-max, about 1900 for 256 MiB): fork bombs left behind by execs
-// then cannot take every task the kernel has, and the agent can always
+// (threads-max, about 1500 for 256 MiB) and below what the guest's memory
+// holds: fork bombs left behind by execs then can neither take every task
+// the kernel has nor run the guest out of memory, and the agent can always
 // fork the next command. Its cpu weight also gives the agent at least an
 // even share of the CPU against all execs together.
 func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
@@ -51,7 +52,7 @@ func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
 		log.Warn("exec cgroups", "err", err)
 		return "", 0
 	}
-	total := execsLimit(readIntFile("/proc/sys/kernel/threads-max", 32768), readIntFile("/proc/sys/kernel/pid_max", 32768))
+	total := execsLimit(readIntFile("/proc/sys/kernel/threads-max", 32768), readIntFile("/proc/sys/kernel/pid_max", 32768), readMemTotalKB())
 	if err := os.WriteFile(filepath.Join(execs, "pids.max"), []byte(strconv.Itoa(total)), 0); err != nil {
 		log.Warn("exec cgroups: pids.max of all execs", "err", err)
 		return "", 0
@@ -59,7 +60,7 @@ func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
 	if err := enableControllers(log, execs); err != nil {
 		return "", 0
 	}
-	return execs, pidsLimit(readMemTotalKB(), total)
+	return execs, pidsLimit(total)
 }
 
 // enableControllers turns pids and cpu on for the children of cgroup dir
@@ -80,19 +81,32 @@ func enableControllers(log *slog.Logger, dir string) error {
 // together: the agent's threads and the kernel's own.
 const execsReserve = 256
 
+// taskMemoryKB is the guest memory per task that the limit of all execs
+// together allows for. A task costs more than its own pages (kernel stack,
+// page tables, task structures): busybox sh subshells of a fork bomb took
+// about 100 KiB each (1188 tasks, 114 MiB of a 256 MiB guest). At 256 KiB
+// per task, execs reach their task limit before they run the guest out of
+// memory, and bombs left at their limits are killed by the next exec
+// (exec.ServerOptions.Cgroup) instead of holding the box near OOM, where
+// every new command starves.
+const taskMemoryKB = 256
+
 // execsLimit is the task limit of all execs together: the kernel's
-// threads-max or pid_max, whichever is lower, less execsReserve (at least
-// 64).
-func execsLimit(threadsMax, pidMax int) int {
-	return max(min(threadsMax, pidMax)-execsReserve, 64)
+// threads-max or pid_max, whichever is lower, less execsReserve, and at
+// most one task per taskMemoryKB of memory (memKB 0: unknown); at least 64.
+func execsLimit(threadsMax, pidMax, memKB int) int {
+	total := min(threadsMax, pidMax) - execsReserve
+	if memKB > 0 {
+		total = min(total, memKB/taskMemoryKB)
+	}
+	return max(total, 64)
 }
 
-// pidsLimit is each exec's task limit: one task per 128 KiB of guest
-// memory (well above what a small process costs, so a fork bomb stops
-// before it exhausts the box's memory), at least 512, at most half of
-// what all execs together may have (so one exec never takes every task).
-func pidsLimit(memKB, total int) int {
-	return min(max(memKB/128, 512), total/2)
+// pidsLimit is each exec's task limit: half of what all execs together may
+// have, so that no single exec takes every task (and two bombs left behind
+// at their limits take them all, which the next exec notices).
+func pidsLimit(total int) int {
+	return total / 2
 }
 
 func readMemTotalKB() int {

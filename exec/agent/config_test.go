@@ -370,39 +370,37 @@ func defaultRoute(t *testing.T) string {
 
 func TestExecCgroupLimits(t *testing.T) {
 	for _, tc := range []struct {
-		rel   string
-		ok    bool
-		mem   int
-		pmax  int
-		limit int
+		rel string
+		ok  bool
 	}{
-		{"6.1.0-57-amd64", true, 230000, 32768, 1796},
-		{"5.7.0", true, 16 << 20, 32768, 16384},
-		{"5.6.19", false, 1000, 32768, 512},
-		{"4.19.0-26-amd64", false, 1000, 600, 300},
-		{"garbage", false, 0, 4194304, 512},
+		{"6.1.0-57-amd64", true},
+		{"5.7.0", true},
+		{"5.6.19", false},
+		{"4.19.0-26-amd64", false},
+		{"garbage", false},
 	} {
 		if got := kernelAtLeast(tc.rel, 5, 7); got != tc.ok {
 			t.Errorf("kernelAtLeast(%q, 5, 7) = %v", tc.rel, got)
 		}
-		if got := pidsLimit(tc.mem, tc.pmax); got != tc.limit {
-			t.Errorf("pidsLimit(%d, %d) = %d, want %d", tc.mem, tc.pmax, got, tc.limit)
-		}
 	}
-	// All execs together stay below the kernel's threads-max (about 1900
-	// for a 256 MiB guest) and pid_max, so the agent can always fork.
-	for _, tc := range []struct{ threads, pidMax, total, perExec int }{
-		{1900, 32768, 1644, 822}, // 256 MiB: each exec gets half of what all may have
-		{15000, 32768, 14744, 2048},
-		{60000, 4096, 3840, 1920},
-		{200, 32768, 64, 32},
+	// All execs together stay below the kernel's threads-max and pid_max,
+	// so the agent can always fork, and below one task per 256 KiB of the
+	// guest's memory, so that they cannot run it out of memory with tasks
+	// alone; each exec gets half of that.
+	for _, tc := range []struct{ threads, pidMax, memKB, total, perExec int }{
+		{1518, 32768, 210848, 823, 411},           // a 256 MiB guest (measured): memory bound
+		{1518, 32768, 0, 1262, 631},               // memory unknown: the kernel's limits
+		{15000, 32768, 1 << 20, 4096, 2048},       // 1 GiB
+		{60000, 4096, 16 << 20, 3840, 1920},       // pid_max lower
+		{128000, 4194304, 16 << 20, 65536, 32768}, // 16 GiB
+		{200, 32768, 1 << 20, 64, 32},             // at least 64
 	} {
-		total := execsLimit(tc.threads, tc.pidMax)
-		if total != tc.total || total >= tc.threads || total >= tc.pidMax {
-			t.Errorf("execsLimit(%d, %d) = %d, want %d", tc.threads, tc.pidMax, total, tc.total)
+		total := execsLimit(tc.threads, tc.pidMax, tc.memKB)
+		if total != tc.total {
+			t.Errorf("execsLimit(%d, %d, %d) = %d, want %d", tc.threads, tc.pidMax, tc.memKB, total, tc.total)
 		}
-		if got := pidsLimit(256<<10, total); got != tc.perExec {
-			t.Errorf("pidsLimit(256 MiB, %d) = %d, want %d", total, got, tc.perExec)
+		if got := pidsLimit(total); got != tc.perExec {
+			t.Errorf("pidsLimit(%d) = %d, want %d", total, got, tc.perExec)
 		}
 	}
 }
