@@ -255,5 +255,16 @@ func TestHostileForkBombAndMemoryHog(t *testing.T) {
 	if want := "forked\n1\n" + ooms; res.Stdout != want {
 		t.Errorf("after two escaped fork bombs: got %q, want %q (the command forked, one sh left: its own; no new OOM kill)", res.Stdout, want)
 	}
+
+	// Processes that keep the CPU busy, left behind by a finished exec,
+	// share the CPU per exec (cgroup cpu controller), not per process: the
+	// next command gets its share, and the agent its own.
+	res = sh(t, box, "setsid sh -c 'for i in $(seq 32); do (while :; do :; done) & done' </dev/null >/dev/null 2>&1 & echo started")
+	if res.Stdout != "started\n" {
+		t.Fatalf("CPU hogs: %+v", res)
+	}
+	time.Sleep(3 * time.Second)
+	alive(t, box, "32 processes spinning on the CPU")
+	sh(t, box, "kill -9 -1")
 	removeLeavesNoVMM(t, box)
 }
