@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,9 +44,14 @@ func (sv *server) newExecCgroup() (*execCgroup, error) {
 	// the next exec starts, once they leave it few tasks: waiting until
 	// the exec's own fork fails would let the command start whenever one
 	// of the bombs' tasks happens to be exiting, and then fail at its own
-	// first fork.
-	if len(sv.lingering) > 0 && sv.tasksLow() {
-		sv.killFullLeftovers()
+	// first fork. (Outside sv.mu: the bombs may take a while to die.)
+	if len(sv.lingering) > 0 {
+		lingering := slices.Clone(sv.lingering)
+		sv.mu.Unlock()
+		if sv.tasksLow() {
+			sv.killBombs(lingering)
+		}
+		sv.mu.Lock()
 	}
 	// An emptied cgroup of an earlier exec is taken again: making and
 	// removing one costs milliseconds under TCG, on every exec.
@@ -113,11 +119,11 @@ func (c *execCgroup) empty() bool {
 	return err == nil && bytes.Contains(buf[:max(n, 0)], []byte("populated 0"))
 }
 
-// refusedFork reports whether the cgroup's task limit has refused a fork
+// refusedFork reports whether a fork in the cgroup was refused
 // (pids.events counts them, and never goes back). Such a cgroup is not
 // taken again: a count in a cgroup of finished execs then always belongs
-// to the last exec, and marks what it left behind as a fork bomb
-// (killFullLeftovers).
+// to the last exec, one of the two signs (isBomb) that what it left
+// behind is a fork bomb.
 func (c *execCgroup) refusedFork() bool {
 	if c.pidsEvents < 0 {
 		return false
@@ -243,17 +249,32 @@ func (sv *server) tasksLow() bool {
 	return err1 == nil && err2 == nil && m-c < max(m/8, 8)
 }
 
-// killFullLeftovers kills what finished execs left running in cgroups that
-// reached their task limit (pids.events counts a refused fork): fork
-// bombs, which together can take every task the execs may have, so that
-// no new command starts. Called, with sv.mu held, when a new exec finds
-// few tasks free (tasksLow) or could not get one; it reports whether it
-// killed any, once they are gone. Daemons an exec left behind that never
-// reached a task limit are left alone.
-func (sv *server) killFullLeftovers() bool {
+// isBomb tells a fork bomb among what a finished exec left running, from
+// its cgroup's pids.events, pids.current and pids.max: its task limit
+// refused a fork, and it holds three quarters of that limit or more now.
+// A daemon the exec left holds few tasks, even if a fork of its exec was
+// refused once (on Linux before 6.12 a refusal by the parent's limit,
+// which the bombs fill, also counts in the cgroup of the task that forked).
+func isBomb(events, current, limit []byte) bool {
+	c, err1 := strconv.Atoi(string(bytes.TrimSpace(current)))
+	m, err2 := strconv.Atoi(string(bytes.TrimSpace(limit)))
+	return forksRefused(events) && err1 == nil && err2 == nil && c >= m-m/4
+}
+
+// killBombs kills the fork bombs (isBomb) among the cgroups that finished
+// execs left running (lingering, a copy of sv.lingering): together they
+// can take every task the execs may have, so that no new command starts.
+// Called, without sv.mu, when a new exec finds few tasks free (tasksLow)
+// or could not get one; it reports whether it killed any, once they are
+// gone (or after drainTimeout), and removes their cgroups. Daemons are
+// left alone.
+func (sv *server) killBombs(lingering []string) bool {
 	var killed []string
-	for _, p := range sv.lingering {
-		if ev, err := readSmall(filepath.Join(p, "pids.events")); err != nil || !forksRefused(ev) {
+	for _, p := range lingering {
+		ev, err1 := readSmall(filepath.Join(p, "pids.events"))
+		cur, err2 := readSmall(filepath.Join(p, "pids.current"))
+		limit, err3 := readSmall(filepath.Join(p, "pids.max"))
+		if err1 != nil || err2 != nil || err3 != nil || !isBomb(ev, cur, limit) {
 			continue
 		}
 		if writeSmall(filepath.Join(p, "cgroup.kill"), "1") == nil {
@@ -261,7 +282,7 @@ func (sv *server) killFullLeftovers() bool {
 			sv.log.Warn("killed what a finished exec left running at its task limit (a fork bomb)", "cgroup", p)
 		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(drainTimeout)
 	for _, p := range killed {
 		for time.Now().Before(deadline) {
 			if cur, err := readSmall(filepath.Join(p, "pids.current")); err != nil || string(bytes.TrimSpace(cur)) == "0" {
@@ -269,6 +290,15 @@ func (sv *server) killFullLeftovers() bool {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
+		if err := unix.Rmdir(p); err == nil || errors.Is(err, unix.ENOENT) {
+			sv.mu.Lock()
+			sv.lingering = slices.DeleteFunc(sv.lingering, func(l string) bool { return l == p })
+			sv.mu.Unlock()
+		}
 	}
 	return len(killed) > 0
 }
+
+// drainTimeout bounds the wait for killed fork bombs to be gone (their
+// tasks reaped) before the exec that killed them forks.
+const drainTimeout = 10 * time.Second

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -142,5 +143,95 @@ func TestForksRefused(t *testing.T) {
 		if got := forksRefused([]byte(ev)); got != want {
 			t.Errorf("forksRefused(%q) = %v, want %v", ev, got, want)
 		}
+	}
+}
+
+// What finished execs left running is a fork bomb when a fork of it was
+// refused and it holds three quarters of its task limit or more.
+func TestIsBomb(t *testing.T) {
+	for _, tc := range []struct {
+		events, current, limit string
+		want                   bool
+	}{
+		{"max 12\n", "411\n", "411\n", true},
+		{"max 1\n", "309\n", "411\n", true},
+		{"max 1\n", "307\n", "411\n", false}, // below three quarters
+		{"max 3\n", "1\n", "411\n", false},   // a daemon refused a fork once
+		{"max 0\n", "411\n", "411\n", false}, // never refused
+		{"max 5\n", "411\n", "max\n", false}, // no limit of its own
+		{"", "", "", false},
+	} {
+		if got := isBomb([]byte(tc.events), []byte(tc.current), []byte(tc.limit)); got != tc.want {
+			t.Errorf("isBomb(%q, %q, %q) = %v, want %v", tc.events, tc.current, tc.limit, got, tc.want)
+		}
+	}
+}
+
+// When few of the execs' tasks are free, the bombs among the cgroups that
+// finished execs left running are killed (cgroup.kill), the rest left
+// alone; with enough free, nothing is. On stand-in cgroup files: the
+// kernel's side is the hostile integration test.
+func TestKillBombs(t *testing.T) {
+	parent := t.TempDir()
+	write := func(p, s string) {
+		t.Helper()
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk := func(name, events, current string) string {
+		p := filepath.Join(parent, name)
+		if err := os.Mkdir(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		write(filepath.Join(p, "pids.events"), events)
+		write(filepath.Join(p, "pids.current"), current)
+		write(filepath.Join(p, "pids.max"), "411\n")
+		write(filepath.Join(p, "cgroup.kill"), "")
+		return p
+	}
+	bomb := mk("exec-1", "max 40\n", "411\n")
+	daemon := mk("exec-2", "max 2\n", "1\n")
+	busy := mk("exec-3", "max 0\n", "400\n")
+	sv := &server{opts: ServerOptions{Cgroup: parent}, log: testLogger()}
+	sv.lingering = []string{bomb, daemon, busy}
+	write(filepath.Join(parent, "pids.max"), "823\n")
+	killedAs := func(p string) string {
+		b, _ := os.ReadFile(filepath.Join(p, "cgroup.kill"))
+		return string(b)
+	}
+
+	write(filepath.Join(parent, "pids.current"), "700\n") // 123 free: enough
+	if sv.tasksLow() {
+		t.Fatal("tasksLow with 123 of 823 tasks free")
+	}
+	write(filepath.Join(parent, "pids.current"), "812\n")
+	if !sv.tasksLow() {
+		t.Fatal("not tasksLow with 11 of 823 tasks free")
+	}
+	// The killed bomb's tasks go away, as the kernel's would.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			if killedAs(bomb) == "1" {
+				os.WriteFile(filepath.Join(bomb, "pids.current"), []byte("0\n"), 0o644)
+			}
+		}
+	}()
+	if !sv.killBombs(slices.Clone(sv.lingering)) {
+		t.Fatal("killBombs killed nothing")
+	}
+	if killedAs(bomb) != "1" || killedAs(daemon) != "" || killedAs(busy) != "" {
+		t.Errorf("cgroup.kill written: bomb %q, daemon %q, busy %q; want only the bomb", killedAs(bomb), killedAs(daemon), killedAs(busy))
+	}
+	write(filepath.Join(parent, "pids.max"), "max\n")
+	if sv.tasksLow() {
+		t.Error("tasksLow without a limit")
 	}
 }

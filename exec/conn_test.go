@@ -1,9 +1,11 @@
 package exec
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -11,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -233,9 +236,12 @@ func TestClientRejectsMisbehavingAgent(t *testing.T) {
 // --- PID 1 reaping ---------------------------------------------------------
 
 func TestMain(m *testing.M) {
-	if os.Getenv("BOXRUN_TEST_REAPER") == "1" {
+	switch os.Getenv("BOXRUN_TEST_REAPER") {
+	case "1":
 		reaperHelper()
 		return
+	case "lock":
+		os.Exit(reaperLockHelper())
 	}
 	os.Exit(m.Run())
 }
@@ -253,6 +259,68 @@ func reaperHelper() {
 	}
 	Serve(context.Background(), conn, ServerOptions{Reaper: NewReaper(nil)})
 	os.Exit(0)
+}
+
+// reaperLockHelper checks, in a process of its own (a Reaper reaps every
+// child), that a child is reaped only under the Reaper's lock: while the
+// lock is held, an exited child stays a zombie, so its pid cannot be given
+// to a new child before its status went to its own waiter.
+func reaperLockHelper() int {
+	r := NewReaper(nil)
+	// The child exits once its stdin closes, which is after the lock is
+	// held: it cannot exit (and be reaped) before.
+	in, out, err := os.Pipe()
+	if err != nil {
+		return 2
+	}
+	attr := &syscall.ProcAttr{Files: []uintptr{in.Fd(), 2, 2}}
+	pid, ch, err := r.start("/bin/sh", []string{"sh", "-c", "read x; exit 7"}, attr)
+	in.Close()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "start:", err)
+		return 3
+	}
+	r.mu.Lock() // as start does while it forks
+	out.Close()
+	state := func() string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return "gone"
+		}
+		return strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))[0]
+	}
+	for deadline := time.Now().Add(10 * time.Second); state() != "Z"; time.Sleep(5 * time.Millisecond) {
+		if st := state(); st == "gone" || time.Now().After(deadline) {
+			fmt.Fprintf(os.Stderr, "child %d: %s, want a zombie while the reaper's lock is held\n", pid, st)
+			return 4
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if st := state(); st != "Z" {
+		fmt.Fprintf(os.Stderr, "child %d reaped while the reaper's lock was held (%s)\n", pid, st)
+		return 5
+	}
+	r.mu.Unlock()
+	select {
+	case ws := <-ch:
+		if ws.ExitStatus() != 7 {
+			fmt.Fprintf(os.Stderr, "child %d: status %v, want exit 7\n", pid, ws)
+			return 6
+		}
+	case <-time.After(10 * time.Second):
+		fmt.Fprintf(os.Stderr, "child %d: no status\n", pid)
+		return 7
+	}
+	return 0
+}
+
+func TestReaperReapsUnderItsLock(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "BOXRUN_TEST_REAPER=lock")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
 }
 
 func zombieChildren(ppid int) []int {

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -743,8 +744,14 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
 	pid, wait, err := sv.spawn.start(spec.path, spec.argv, attr)
-	if errors.Is(err, syscall.EAGAIN) && cg != nil && sv.killFullLeftovers() {
-		pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
+	if errors.Is(err, syscall.EAGAIN) && cg != nil {
+		lingering := slices.Clone(sv.lingering)
+		sv.mu.Unlock()
+		killed := sv.killBombs(lingering)
+		sv.mu.Lock()
+		if killed {
+			pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
+		}
 	}
 	if err != nil {
 		return nil, startError(spec.argv[0], "%v", err)

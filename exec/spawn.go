@@ -2,6 +2,7 @@ package exec
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"path"
@@ -10,6 +11,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"github.com/moby/sys/user"
@@ -27,12 +29,12 @@ type spawner interface {
 
 // Reaper collects the exit status of every child of this process: the
 // processes the server starts and the orphans the kernel reparents to PID 1.
-// A single loop calls wait4(-1) and hands each status to whoever started
-// that pid, so an orphan reap can never steal the status of a process we
-// are waiting for (which happens when os/exec's per-pid Wait races a
-// wait4(-1) loop).
+// A single loop waits for any child and hands each status to whoever
+// started that pid, so an orphan reap can never steal the status of a
+// process we are waiting for (which happens when os/exec's per-pid Wait
+// races a wait4(-1) loop).
 //
-// The loop blocks in wait4 itself: the kernel wakes it the moment a child
+// The loop blocks in waitid itself: the kernel wakes it the moment a child
 // exits. os/signal is not used for SIGCHLD, so no hand-off between
 // goroutines sits between a command's exit and its status: work on every
 // command, and every instruction counts under TCG. (The Go runtime's own
@@ -65,27 +67,49 @@ func NewReaper(log *slog.Logger) *Reaper {
 // without children can still be given orphans, as PID 1 is those of the
 // kernel's helper programs (modprobe, a core_pattern pipe), which are not
 // its descendants; they wait at most that second to be reaped.
+//
+// A child is only looked at while it exits (waitid with WNOWAIT leaves it
+// a zombie); it is reaped, and its status handed on, under r.mu. Its pid
+// stays taken until then, so start, which forks under r.mu, cannot be
+// given the same pid for a new child meanwhile: reaped outside the lock,
+// a pid reused at once (a fork bomb cycles through pid_max quickly) would
+// have taken the earlier process's status to the new one's waiter.
 func (r *Reaper) loop() {
 	idle := time.NewTimer(time.Second)
 	for {
-		var ws syscall.WaitStatus
-		pid, err := syscall.Wait4(-1, &ws, 0, nil)
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOWAIT, nil)
 		switch {
-		case err == syscall.EINTR:
+		case err == unix.EINTR:
 			continue
-		case err == syscall.ECHILD:
+		case err == unix.ECHILD:
 			idle.Reset(time.Second)
 			select {
 			case <-r.forked:
 			case <-idle.C:
 			}
 			continue
-		case err != nil || pid <= 0:
-			r.log.Warn("wait4", "pid", pid, "err", err)
+		case err != nil:
+			r.log.Warn("waitid", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		pid := sigchldPid(&info)
+		if pid <= 0 { // wait4 would take any child: never
+			r.log.Warn("waitid: no pid", "pid", pid)
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
 		r.mu.Lock()
+		var ws syscall.WaitStatus
+		got, err := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		if err != nil || got <= 0 {
+			r.mu.Unlock()
+			r.log.Warn("wait4", "pid", pid, "got", got, "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		pid = got // the same, short of a kernel that disagrees with itself
 		ch, ok := r.waiters[pid]
 		delete(r.waiters, pid)
 		r.mu.Unlock()
@@ -95,6 +119,16 @@ func (r *Reaper) loop() {
 			r.log.Debug("reaped orphan", "pid", pid, "status", int(ws))
 		}
 	}
+}
+
+// sigchldPid is si_pid of a siginfo_t that waitid filled in: the first
+// field of its union, which follows three ints, aligned to a pointer (16
+// bytes in on 64-bit Linux, 12 on 32-bit).
+func sigchldPid(info *unix.Siginfo) int {
+	b := (*[unsafe.Sizeof(unix.Siginfo{})]byte)(unsafe.Pointer(info))
+	const ptr = unsafe.Sizeof(uintptr(0))
+	off := (12 + ptr - 1) &^ (ptr - 1)
+	return int(int32(binary.NativeEndian.Uint32(b[off:])))
 }
 
 // start forks and registers the child under r.mu: the reap loop needs r.mu
