@@ -79,6 +79,28 @@ func (sv *server) newExecCgroup() (*execCgroup, error) {
 	return c, nil
 }
 
+// PrepareCgroup makes an exec cgroup below parent (ServerOptions.Cgroup)
+// with a task limit of pidsMax, and keeps it for the next exec, as if an
+// earlier exec had emptied it. The agent makes one at boot: a VM restored
+// from a template that holds it does not make the first exec's cgroup,
+// which is slow kernel work done for the first time in that VM.
+func PrepareCgroup(parent string, pidsMax int) error {
+	p := filepath.Join(parent, fmt.Sprintf("exec-%d", cgroupSeq.Add(1)))
+	if err := os.Mkdir(p, 0o755); err != nil {
+		return err
+	}
+	c, err := openCgroup(p, pidsMax)
+	if err != nil {
+		unix.Rmdir(p)
+		return err
+	}
+	if !freeCgroups.put(c) {
+		c.close()
+		unix.Rmdir(p)
+	}
+	return nil
+}
+
 // openCgroup sets a new cgroup's task limit (0: none) and opens it.
 func openCgroup(p string, pidsMax int) (*execCgroup, error) {
 	if pidsMax > 0 {

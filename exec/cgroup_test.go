@@ -235,3 +235,24 @@ func TestKillBombs(t *testing.T) {
 		t.Error("tasksLow without a limit")
 	}
 }
+
+// A cgroup made ahead (the agent makes one at boot, before a template is
+// taken) is the first exec's.
+func TestPrepareCgroup(t *testing.T) {
+	parent := cgroup2Parent(t)
+	if err := PrepareCgroup(parent, 0); err != nil {
+		t.Fatal(err)
+	}
+	made, _ := filepath.Glob(filepath.Join(parent, "exec-*"))
+	if len(made) != 1 {
+		t.Fatalf("PrepareCgroup made %v", made)
+	}
+	c := startServer(t, ServerOptions{Cgroup: parent})
+	r := run(t, c, sh("grep ^0:: /proc/self/cgroup"))
+	if got := filepath.Base(strings.TrimSpace(r.stdout)); got != filepath.Base(made[0]) {
+		t.Errorf("the first exec ran in %q, want the prepared %s", r.stdout, filepath.Base(made[0]))
+	}
+	if left, _ := filepath.Glob(filepath.Join(parent, "exec-*")); len(left) != 1 {
+		t.Errorf("cgroups after the first exec: %v, want only the prepared one", left)
+	}
+}

@@ -199,6 +199,13 @@ func (a *agent) boot() error {
 		a.log.Warn("bringing up lo", "err", err)
 	}
 	a.cgroup, a.pidsMax = setupCgroups(a.log)
+	if a.cgroup != "" {
+		// The first exec's cgroup, made before a template is taken: a
+		// restored box's first command takes it instead of making one.
+		if err := exec.PrepareCgroup(a.cgroup, a.pidsMax); err != nil {
+			a.log.Warn("exec cgroups", "err", err)
+		}
+	}
 	a.log.Info("waiting for the host", "elapsed", time.Since(start).Round(time.Millisecond))
 	return nil
 }
