@@ -182,34 +182,10 @@ func BenchmarkBoot(b *testing.B) {
 		}
 	})
 	b.Run("baseline-restore", func(b *testing.B) {
-		q := &runtime.QEMU{}
-		tdir := b.TempDir()
-		tvm, err := q.StartTemplate(context.Background(), baselineConfig(b, tdir))
-		if err != nil {
-			b.Fatal(err)
-		}
-		conn, err := tvm.DialAgent(context.Background())
-		if err != nil {
-			tvm.Kill()
-			b.Fatal(err)
-		}
-		echo(b, conn, []byte("x"))
-		conn.Close()
-		if err := q.SaveTemplate(context.Background(), tvm); err != nil {
-			b.Fatal(err)
-		}
+		tdir := baselineTemplate(b)
 		b.ResetTimer()
 		for i := 0; i < b.N; i++ {
-			vm, err := q.Restore(context.Background(), baselineConfig(b, b.TempDir()), tdir)
-			if err != nil {
-				b.Fatal(err)
-			}
-			conn, err := vm.DialAgent(context.Background())
-			if err != nil {
-				vm.Kill()
-				b.Fatal(err)
-			}
-			echo(b, conn, []byte("x"))
+			vm, conn := baselineRestore(b, tdir)
 			b.StopTimer()
 			conn.Close()
 			vm.Kill()
@@ -243,6 +219,98 @@ func BenchmarkBoot(b *testing.B) {
 	b.Run("box-cold", func(b *testing.B) { create(b, env.cold, false) })
 	b.Run("box-warm", func(b *testing.B) { create(b, env.eng, false) })
 	b.Run("box-pooled", func(b *testing.B) { create(b, env.pooled, true) })
+	// The warm create and both baselines interleaved: each iteration times
+	// one of each, in an order that rotates, and the medians and their
+	// ratios are reported. The host is shared: its load moves the means of
+	// separate runs of a few iterations by a third.
+	b.Run("paired", func(b *testing.B) {
+		tdir := baselineTemplate(b)
+		timeCold := func() float64 {
+			t0 := time.Now()
+			vm, conn := baselineVM(b)
+			d := time.Since(t0).Seconds() * 1000
+			conn.Close()
+			vm.Kill()
+			return d
+		}
+		timeRestore := func() float64 {
+			t0 := time.Now()
+			vm, conn := baselineRestore(b, tdir)
+			d := time.Since(t0).Seconds() * 1000
+			conn.Close()
+			vm.Kill()
+			return d
+		}
+		timeWarm := func() float64 {
+			t0 := time.Now()
+			box, err := env.eng.Create(context.Background(), boxSpec())
+			if err != nil {
+				b.Fatal(err)
+			}
+			res, err := env.eng.Exec(context.Background(), box.ID, boxrun.ExecSpec{Cmd: []string{"true"}})
+			if err != nil || res.ExitCode != 0 {
+				b.Fatal(res, err)
+			}
+			d := time.Since(t0).Seconds() * 1000
+			env.eng.Remove(context.Background(), box.ID, boxrun.Force)
+			return d
+		}
+		timers := []func() float64{timeCold, timeRestore, timeWarm}
+		times := make([][]float64, len(timers))
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			for j := range timers {
+				k := (i + j) % len(timers)
+				times[k] = append(times[k], timers[k]())
+				time.Sleep(300 * time.Millisecond) // the VM just killed winds down
+			}
+		}
+		cold, restore, warm := median(times[0]), median(times[1]), median(times[2])
+		b.ReportMetric(cold, "bare-cold-ms")
+		b.ReportMetric(restore, "bare-restore-ms")
+		b.ReportMetric(warm, "warm-ms")
+		b.ReportMetric(warm/cold, "warm/cold")
+		b.ReportMetric(warm/restore, "warm/restore")
+	})
+}
+
+// baselineTemplate boots the bare guest, waits for its first echo and
+// saves it as a template (QEMU: migration to a file), in a directory of
+// the benchmark's.
+func baselineTemplate(b *testing.B) string {
+	q := &runtime.QEMU{}
+	tdir := b.TempDir()
+	tvm, err := q.StartTemplate(context.Background(), baselineConfig(b, tdir))
+	if err != nil {
+		b.Fatal(err)
+	}
+	conn, err := tvm.DialAgent(context.Background())
+	if err != nil {
+		tvm.Kill()
+		b.Fatal(err)
+	}
+	echo(b, conn, []byte("x"))
+	conn.Close()
+	if err := q.SaveTemplate(context.Background(), tvm); err != nil {
+		b.Fatal(err)
+	}
+	return tdir
+}
+
+// baselineRestore restores the bare guest from its template and waits for
+// its first echo.
+func baselineRestore(b *testing.B, tdir string) (runtime.VM, io.ReadWriteCloser) {
+	vm, err := (&runtime.QEMU{}).Restore(context.Background(), baselineConfig(b, b.TempDir()), tdir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	conn, err := vm.DialAgent(context.Background())
+	if err != nil {
+		vm.Kill()
+		b.Fatal(err)
+	}
+	echo(b, conn, []byte("x"))
+	return vm, conn
 }
 
 // waitPool waits until the engine's pool holds n VMs.
