@@ -40,17 +40,15 @@ func (sv *server) newExecCgroup() (*execCgroup, error) {
 		sv.mu.Unlock()
 		return nil, nil
 	}
-	// Fork bombs that finished execs left at their task limits go before
-	// the next exec starts, once they leave it few tasks: waiting until
-	// the exec's own fork fails would let the command start whenever one
-	// of the bombs' tasks happens to be exiting, and then fail at its own
-	// first fork. (Outside sv.mu: the bombs may take a while to die.)
+	// Fork bombs that finished execs left behind go before the next exec
+	// starts (killLeftovers): waiting until the exec's own fork fails
+	// would let the command start whenever the bombs' tasks happen to dip,
+	// and then fail at its own first fork. (Outside sv.mu: they may take a
+	// while to die.)
 	if len(sv.lingering) > 0 {
 		lingering := slices.Clone(sv.lingering)
 		sv.mu.Unlock()
-		if sv.tasksLow() {
-			sv.killBombs(lingering)
-		}
+		sv.killLeftovers(lingering)
 		sv.mu.Lock()
 	}
 	// An emptied cgroup of an earlier exec is taken again: making and
@@ -143,9 +141,8 @@ func (c *execCgroup) empty() bool {
 
 // refusedFork reports whether a fork in the cgroup was refused
 // (pids.events counts them, and never goes back). Such a cgroup is not
-// taken again: a count in a cgroup of finished execs then always belongs
-// to the last exec, one of the two signs (isBomb) that what it left
-// behind is a fork bomb.
+// taken again: a count in a cgroup then always belongs to its last exec,
+// and marks what that exec left behind (killLeftovers).
 func (c *execCgroup) refusedFork() bool {
 	if c.pidsEvents < 0 {
 		return false
@@ -258,9 +255,22 @@ func (sv *server) removeCgroup(p string) {
 	}
 }
 
-// tasksLow reports whether fewer than an eighth of the tasks all execs may
-// have together (the parent cgroup's pids.max) are free.
-func (sv *server) tasksLow() bool {
+// killLeftovers kills what finished execs left running (lingering, a copy
+// of sv.lingering) where it keeps new execs from their tasks. With m the
+// tasks all execs may have together (the parent cgroup's pids.max):
+//   - every leftover that holds m/16 tasks or more and was refused a fork
+//     goes (fork bombs; all of them at once, or those left would take the
+//     freed tasks again at once), whatever is free at the moment: a bomb's
+//     tasks come and go, and a command that starts in a dip would fail at
+//     its own first fork;
+//   - then, while fewer than m/8 are free, the others, those that hold the
+//     most tasks first (bombs that keep each other below their own limits
+//     may not show a refusal of their own, from Linux 6.12).
+//
+// A daemon of a few tasks is the last to go. Called without sv.mu; it
+// reports whether it killed any, once they are gone (or after
+// drainTimeout), and removes their cgroups.
+func (sv *server) killLeftovers(lingering []string) bool {
 	limit, err1 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.max"))
 	cur, err2 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.current"))
 	if err1 != nil || err2 != nil {
@@ -268,41 +278,40 @@ func (sv *server) tasksLow() bool {
 	}
 	m, err1 := strconv.Atoi(string(bytes.TrimSpace(limit))) // "max": no limit
 	c, err2 := strconv.Atoi(string(bytes.TrimSpace(cur)))
-	return err1 == nil && err2 == nil && m-c < max(m/8, 8)
-}
-
-// isBomb tells a fork bomb among what a finished exec left running, from
-// its cgroup's pids.events, pids.current and pids.max: its task limit
-// refused a fork, and it holds three quarters of that limit or more now.
-// A daemon the exec left holds few tasks, even if a fork of its exec was
-// refused once (on Linux before 6.12 a refusal by the parent's limit,
-// which the bombs fill, also counts in the cgroup of the task that forked).
-func isBomb(events, current, limit []byte) bool {
-	c, err1 := strconv.Atoi(string(bytes.TrimSpace(current)))
-	m, err2 := strconv.Atoi(string(bytes.TrimSpace(limit)))
-	return forksRefused(events) && err1 == nil && err2 == nil && c >= m-m/4
-}
-
-// killBombs kills the fork bombs (isBomb) among the cgroups that finished
-// execs left running (lingering, a copy of sv.lingering): together they
-// can take every task the execs may have, so that no new command starts.
-// Called, without sv.mu, when a new exec finds few tasks free (tasksLow)
-// or could not get one; it reports whether it killed any, once they are
-// gone (or after drainTimeout), and removes their cgroups. Daemons are
-// left alone.
-func (sv *server) killBombs(lingering []string) bool {
-	var killed []string
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	need, big := max(m/8, 8)-(m-c), m/16
+	type leftover struct {
+		path    string
+		tasks   int
+		refused bool
+	}
+	var all []leftover
 	for _, p := range lingering {
-		ev, err1 := readSmall(filepath.Join(p, "pids.events"))
-		cur, err2 := readSmall(filepath.Join(p, "pids.current"))
-		limit, err3 := readSmall(filepath.Join(p, "pids.max"))
-		if err1 != nil || err2 != nil || err3 != nil || !isBomb(ev, cur, limit) {
+		cur, err := readSmall(filepath.Join(p, "pids.current"))
+		if err != nil {
 			continue
 		}
-		if writeSmall(filepath.Join(p, "cgroup.kill"), "1") == nil {
-			killed = append(killed, p)
-			sv.log.Warn("killed what a finished exec left running at its task limit (a fork bomb)", "cgroup", p)
+		n, err := strconv.Atoi(string(bytes.TrimSpace(cur)))
+		if err != nil || n == 0 {
+			continue
 		}
+		ev, _ := readSmall(filepath.Join(p, "pids.events"))
+		all = append(all, leftover{p, n, forksRefused(ev)})
+	}
+	slices.SortStableFunc(all, func(a, b leftover) int { return b.tasks - a.tasks })
+	var killed []string
+	for _, l := range all {
+		if !(l.tasks >= big && l.refused) && need <= 0 {
+			continue
+		}
+		if writeSmall(filepath.Join(l.path, "cgroup.kill"), "1") != nil {
+			continue
+		}
+		killed = append(killed, l.path)
+		need -= l.tasks
+		sv.log.Warn("killed what a finished exec left running, for the tasks of new execs (a fork bomb?)", "cgroup", l.path, "tasks", l.tasks)
 	}
 	deadline := time.Now().Add(drainTimeout)
 	for _, p := range killed {

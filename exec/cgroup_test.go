@@ -146,93 +146,106 @@ func TestForksRefused(t *testing.T) {
 	}
 }
 
-// What finished execs left running is a fork bomb when a fork of it was
-// refused and it holds three quarters of its task limit or more.
-func TestIsBomb(t *testing.T) {
-	for _, tc := range []struct {
-		events, current, limit string
-		want                   bool
-	}{
-		{"max 12\n", "411\n", "411\n", true},
-		{"max 1\n", "309\n", "411\n", true},
-		{"max 1\n", "307\n", "411\n", false}, // below three quarters
-		{"max 3\n", "1\n", "411\n", false},   // a daemon refused a fork once
-		{"max 0\n", "411\n", "411\n", false}, // never refused
-		{"max 5\n", "411\n", "max\n", false}, // no limit of its own
-		{"", "", "", false},
-	} {
-		if got := isBomb([]byte(tc.events), []byte(tc.current), []byte(tc.limit)); got != tc.want {
-			t.Errorf("isBomb(%q, %q, %q) = %v, want %v", tc.events, tc.current, tc.limit, got, tc.want)
-		}
-	}
-}
-
-// When few of the execs' tasks are free, the bombs among the cgroups that
-// finished execs left running are killed (cgroup.kill), the rest left
-// alone; with enough free, nothing is. On stand-in cgroup files: the
-// kernel's side is the hostile integration test.
-func TestKillBombs(t *testing.T) {
-	parent := t.TempDir()
+// What finished execs left running is killed for new execs: every
+// leftover refused a fork that holds a sixteenth of the execs' tasks or
+// more, however many are free; then, while fewer than an eighth are free,
+// the others that hold the most first. A small daemon stays. On stand-in
+// cgroup files: the kernel's side is the hostile integration test.
+func TestKillLeftovers(t *testing.T) {
 	write := func(p, s string) {
 		t.Helper()
 		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	mk := func(name, events, current string) string {
-		p := filepath.Join(parent, name)
-		if err := os.Mkdir(p, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		write(filepath.Join(p, "pids.events"), events)
-		write(filepath.Join(p, "pids.current"), current)
-		write(filepath.Join(p, "pids.max"), "411\n")
-		write(filepath.Join(p, "cgroup.kill"), "")
-		return p
-	}
-	bomb := mk("exec-1", "max 40\n", "411\n")
-	daemon := mk("exec-2", "max 2\n", "1\n")
-	busy := mk("exec-3", "max 0\n", "400\n")
-	sv := &server{opts: ServerOptions{Cgroup: parent}, log: testLogger()}
-	sv.lingering = []string{bomb, daemon, busy}
-	write(filepath.Join(parent, "pids.max"), "823\n")
-	killedAs := func(p string) string {
+	killed := func(p string) bool {
 		b, _ := os.ReadFile(filepath.Join(p, "cgroup.kill"))
-		return string(b)
+		return string(b) == "1"
 	}
-
-	write(filepath.Join(parent, "pids.current"), "700\n") // 123 free: enough
-	if sv.tasksLow() {
-		t.Fatal("tasksLow with 123 of 823 tasks free")
+	type left struct {
+		tasks   int
+		refused bool
 	}
-	write(filepath.Join(parent, "pids.current"), "812\n")
-	if !sv.tasksLow() {
-		t.Fatal("not tasksLow with 11 of 823 tasks free")
-	}
-	// The killed bomb's tasks go away, as the kernel's would.
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
+	// run makes a parent with a limit (823 tasks unless given), used of
+	// them in use, and leftovers, and kills among them.
+	run := func(t *testing.T, limit, used string, leftovers map[string]left) (bool, map[string]bool) {
+		parent := t.TempDir()
+		write(filepath.Join(parent, "pids.max"), limit)
+		write(filepath.Join(parent, "pids.current"), used)
+		sv := &server{opts: ServerOptions{Cgroup: parent}, log: testLogger()}
+		for name, l := range leftovers {
+			p := filepath.Join(parent, name)
+			if err := os.Mkdir(p, 0o755); err != nil {
+				t.Fatal(err)
 			}
-			if killedAs(bomb) == "1" {
-				os.WriteFile(filepath.Join(bomb, "pids.current"), []byte("0\n"), 0o644)
+			write(filepath.Join(p, "pids.current"), strconv.Itoa(l.tasks)+"\n")
+			ev := "max 0\n"
+			if l.refused {
+				ev = "max 17\n"
 			}
+			write(filepath.Join(p, "pids.events"), ev)
+			write(filepath.Join(p, "cgroup.kill"), "")
+			sv.lingering = append(sv.lingering, p)
 		}
-	}()
-	if !sv.killBombs(slices.Clone(sv.lingering)) {
-		t.Fatal("killBombs killed nothing")
+		// Killed tasks go away, as the kernel's would.
+		paths := slices.Clone(sv.lingering)
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		defer func() { close(stop); <-stopped }()
+		go func() {
+			defer close(stopped)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+				for _, p := range paths {
+					if killed(p) {
+						os.WriteFile(filepath.Join(p, "pids.current"), []byte("0\n"), 0o644)
+					}
+				}
+			}
+		}()
+		any := sv.killLeftovers(slices.Clone(sv.lingering))
+		got := map[string]bool{}
+		for name := range leftovers {
+			got[name] = killed(filepath.Join(parent, name))
+		}
+		return any, got
 	}
-	if killedAs(bomb) != "1" || killedAs(daemon) != "" || killedAs(busy) != "" {
-		t.Errorf("cgroup.kill written: bomb %q, daemon %q, busy %q; want only the bomb", killedAs(bomb), killedAs(daemon), killedAs(busy))
-	}
-	write(filepath.Join(parent, "pids.max"), "max\n")
-	if sv.tasksLow() {
-		t.Error("tasksLow without a limit")
+	for _, tc := range []struct {
+		name, limit, used string
+		leftovers         map[string]left
+		want              []string // killed
+	}{
+		{"two bombs, few tasks free", "823\n", "812\n",
+			map[string]left{"bomb1": {411, true}, "bomb2": {400, true}, "daemon": {1, true}},
+			[]string{"bomb1", "bomb2"}},
+		{"two bombs in a dip", "823\n", "600\n",
+			map[string]left{"bomb1": {300, true}, "bomb2": {290, true}, "daemon": {1, false}},
+			[]string{"bomb1", "bomb2"}},
+		{"a big daemon never refused, tasks free", "823\n", "600\n",
+			map[string]left{"workers": {300, false}, "daemon": {3, true}},
+			nil},
+		{"many small bombs, few tasks free", "823\n", "815\n",
+			// 94 tasks lacking: the three largest (40+39+38).
+			map[string]left{"b0": {40, true}, "b1": {39, true}, "b2": {38, false}, "b3": {37, true}, "b4": {36, true}, "daemon": {2, false}},
+			[]string{"b0", "b1", "b2"}},
+		{"no limit", "max\n", "815\n",
+			map[string]left{"bomb": {600, true}},
+			nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			any, got := run(t, tc.limit, tc.used, tc.leftovers)
+			if any != (len(tc.want) > 0) {
+				t.Errorf("killLeftovers reported %v", any)
+			}
+			for name := range tc.leftovers {
+				if want := slices.Contains(tc.want, name); got[name] != want {
+					t.Errorf("%s killed: %v, want %v", name, got[name], want)
+				}
+			}
+		})
 	}
 }
 

@@ -75,9 +75,9 @@ type ServerOptions struct {
 	// starts, even outside its process group (setsid), stays confined:
 	// at most PidsMax tasks, and a fair share of the CPU against the
 	// agent and every other exec. A fork bomb left behind by one exec thus
-	// cannot keep the next one from starting: what finished execs left
-	// running at a task limit is killed when the next exec finds less
-	// than an eighth of the parent's tasks free. A timeout or cancel also
+	// cannot keep the next one from starting: the next exec kills it, and
+	// whatever else finished execs left running while it holds the tasks
+	// new execs need (killLeftovers). A timeout or cancel also
 	// kills the whole cgroup (cgroup.kill, 5.14+), not only the process
 	// group. A cgroup is removed once empty.
 	Cgroup string
@@ -747,7 +747,7 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	if errors.Is(err, syscall.EAGAIN) && cg != nil {
 		lingering := slices.Clone(sv.lingering)
 		sv.mu.Unlock()
-		killed := sv.killBombs(lingering)
+		killed := sv.killLeftovers(lingering)
 		sv.mu.Lock()
 		if killed {
 			pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
