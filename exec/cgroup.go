@@ -46,10 +46,7 @@ func (sv *server) newExecCgroup() (*execCgroup, error) {
 	// and then fail at its own first fork. (Outside sv.mu: they may take a
 	// while to die.)
 	if len(sv.lingering) > 0 {
-		lingering := slices.Clone(sv.lingering)
-		sv.mu.Unlock()
-		sv.killLeftovers(lingering)
-		sv.mu.Lock()
+		sv.unlocked(func() { sv.killLeftovers(false) })
 	}
 	// An emptied cgroup of an earlier exec is taken again: making and
 	// removing one costs milliseconds under TCG, on every exec.
@@ -255,63 +252,91 @@ func (sv *server) removeCgroup(p string) {
 	}
 }
 
-// killLeftovers kills what finished execs left running (lingering, a copy
-// of sv.lingering) where it keeps new execs from their tasks. With m the
-// tasks all execs may have together (the parent cgroup's pids.max):
-//   - every leftover that holds m/16 tasks or more and was refused a fork
-//     goes (fork bombs; all of them at once, or those left would take the
-//     freed tasks again at once), whatever is free at the moment: a bomb's
-//     tasks come and go, and a command that starts in a dip would fail at
-//     its own first fork;
-//   - then, while fewer than m/8 are free, the others, those that hold the
-//     most tasks first (bombs that keep each other below their own limits
-//     may not show a refusal of their own, from Linux 6.12).
+// killLeftovers kills what finished execs left running (sv.lingering)
+// where it keeps new execs from their tasks. With m the tasks all execs
+// may have together (the parent cgroup's pids.max):
+//   - every leftover that was refused a fork and holds an eighth of m or
+//     more (at least 32) goes: fork bombs, all of them at once, or those
+//     left would take the freed tasks again; and whatever is free at the
+//     moment, since a bomb's tasks come and go, and a command started in
+//     a dip would fail at its own first fork;
+//   - then, if fewer than an eighth of m would be free, or short (the new
+//     exec's fork was refused), the others, those that hold the most
+//     tasks first, until enough would be: bombs that keep each other below
+//     their own limits may not show a refusal of their own (from Linux
+//     6.12 the parent's refusals count in the parent). A daemon of a few
+//     tasks is the last to go.
 //
-// A daemon of a few tasks is the last to go. Called without sv.mu; it
-// reports whether it killed any, once they are gone (or after
-// drainTimeout), and removes their cgroups.
-func (sv *server) killLeftovers(lingering []string) bool {
-	limit, err1 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.max"))
-	cur, err2 := readSmall(filepath.Join(sv.opts.Cgroup, "pids.current"))
-	if err1 != nil || err2 != nil {
-		return false
+// Leftovers that have emptied, or are gone, are removed. Called without
+// sv.mu; it returns once what it killed is gone (or after drainTimeout).
+func (sv *server) killLeftovers(short bool) {
+	sv.killMu.Lock()
+	defer sv.killMu.Unlock()
+	sv.mu.Lock()
+	lingering := slices.Clone(sv.lingering)
+	sv.mu.Unlock()
+	if sv.tasksMax == 0 {
+		sv.tasksMax = -1
+		if b, err := readSmall(filepath.Join(sv.opts.Cgroup, "pids.max")); err == nil {
+			if n, err := strconv.Atoi(string(bytes.TrimSpace(b))); err == nil && n > 0 {
+				sv.tasksMax = n
+			}
+		}
 	}
-	m, err1 := strconv.Atoi(string(bytes.TrimSpace(limit))) // "max": no limit
-	c, err2 := strconv.Atoi(string(bytes.TrimSpace(cur)))
-	if err1 != nil || err2 != nil {
-		return false
+	m := sv.tasksMax
+	if m < 0 {
+		return
 	}
-	need, big := max(m/8, 8)-(m-c), m/16
+	big := max(m/8, 32)
 	type leftover struct {
 		path    string
 		tasks   int
 		refused bool
 	}
-	var all []leftover
-	for _, p := range lingering {
-		cur, err := readSmall(filepath.Join(p, "pids.current"))
-		if err != nil {
-			continue
+	var drop, killed []string
+	var rest []leftover
+	kill := func(l leftover, why string) {
+		if writeSmall(filepath.Join(l.path, "cgroup.kill"), "1") == nil {
+			killed = append(killed, l.path)
+			sv.log.Warn("killed what a finished exec left running", "why", why, "cgroup", l.path, "tasks", l.tasks)
 		}
-		n, err := strconv.Atoi(string(bytes.TrimSpace(cur)))
-		if err != nil || n == 0 {
-			continue
-		}
-		ev, _ := readSmall(filepath.Join(p, "pids.events"))
-		all = append(all, leftover{p, n, forksRefused(ev)})
 	}
-	slices.SortStableFunc(all, func(a, b leftover) int { return b.tasks - a.tasks })
-	var killed []string
-	for _, l := range all {
-		if !(l.tasks >= big && l.refused) && need <= 0 {
+	freed := 0
+	for _, p := range lingering {
+		ev, err := readSmall(filepath.Join(p, "pids.events"))
+		if err != nil {
+			drop = append(drop, p) // gone
 			continue
 		}
-		if writeSmall(filepath.Join(l.path, "cgroup.kill"), "1") != nil {
-			continue
+		cur, err := readSmall(filepath.Join(p, "pids.current"))
+		n, err2 := strconv.Atoi(string(bytes.TrimSpace(cur)))
+		switch {
+		case err != nil || err2 != nil:
+			drop = append(drop, p)
+		case n == 0:
+			drop = append(drop, p) // emptied: removed below
+		case n >= big && forksRefused(ev):
+			kill(leftover{p, n, true}, "a fork bomb: refused a fork, holds many tasks")
+			freed += n
+		default:
+			rest = append(rest, leftover{p, n, false})
 		}
-		killed = append(killed, l.path)
-		need -= l.tasks
-		sv.log.Warn("killed what a finished exec left running, for the tasks of new execs (a fork bomb?)", "cgroup", l.path, "tasks", l.tasks)
+	}
+	cur, err := readSmall(filepath.Join(sv.opts.Cgroup, "pids.current"))
+	c, err2 := strconv.Atoi(string(bytes.TrimSpace(cur)))
+	if err == nil && err2 == nil {
+		need := max(m/8, 8) - (m - c) - freed
+		if short {
+			need = max(need, 1)
+		}
+		slices.SortStableFunc(rest, func(a, b leftover) int { return b.tasks - a.tasks })
+		for _, l := range rest {
+			if need <= 0 {
+				break
+			}
+			kill(l, "the execs' tasks ran out")
+			need -= l.tasks
+		}
 	}
 	deadline := time.Now().Add(drainTimeout)
 	for _, p := range killed {
@@ -321,13 +346,15 @@ func (sv *server) killLeftovers(lingering []string) bool {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
+		drop = append(drop, p)
+	}
+	for _, p := range drop {
 		if err := unix.Rmdir(p); err == nil || errors.Is(err, unix.ENOENT) {
 			sv.mu.Lock()
 			sv.lingering = slices.DeleteFunc(sv.lingering, func(l string) bool { return l == p })
 			sv.mu.Unlock()
 		}
 	}
-	return len(killed) > 0
 }
 
 // drainTimeout bounds the wait for killed fork bombs to be gone (their

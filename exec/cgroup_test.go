@@ -147,10 +147,10 @@ func TestForksRefused(t *testing.T) {
 }
 
 // What finished execs left running is killed for new execs: every
-// leftover refused a fork that holds a sixteenth of the execs' tasks or
-// more, however many are free; then, while fewer than an eighth are free,
-// the others that hold the most first. A small daemon stays. On stand-in
-// cgroup files: the kernel's side is the hostile integration test.
+// leftover refused a fork that holds an eighth of the execs' tasks or
+// more, however many are free; then, while fewer than an eighth would be
+// free, the others that hold the most first. A small daemon stays. On
+// stand-in cgroup files: the kernel's side is the hostile integration test.
 func TestKillLeftovers(t *testing.T) {
 	write := func(p, s string) {
 		t.Helper()
@@ -166,9 +166,10 @@ func TestKillLeftovers(t *testing.T) {
 		tasks   int
 		refused bool
 	}
-	// run makes a parent with a limit (823 tasks unless given), used of
-	// them in use, and leftovers, and kills among them.
-	run := func(t *testing.T, limit, used string, leftovers map[string]left) (bool, map[string]bool) {
+	// run makes a parent with a task limit, used of them in use, and
+	// leftovers, and kills among them; it returns the leftovers killed and
+	// the lingering list after.
+	run := func(t *testing.T, limit, used string, leftovers map[string]left, short bool) (map[string]bool, []string) {
 		parent := t.TempDir()
 		write(filepath.Join(parent, "pids.max"), limit)
 		write(filepath.Join(parent, "pids.current"), used)
@@ -187,6 +188,7 @@ func TestKillLeftovers(t *testing.T) {
 			write(filepath.Join(p, "cgroup.kill"), "")
 			sv.lingering = append(sv.lingering, p)
 		}
+		sv.lingering = append(sv.lingering, filepath.Join(parent, "gone")) // removed meanwhile
 		// Killed tasks go away, as the kernel's would.
 		paths := slices.Clone(sv.lingering)
 		stop, stopped := make(chan struct{}), make(chan struct{})
@@ -206,44 +208,55 @@ func TestKillLeftovers(t *testing.T) {
 				}
 			}
 		}()
-		any := sv.killLeftovers(slices.Clone(sv.lingering))
+		sv.killLeftovers(short)
 		got := map[string]bool{}
 		for name := range leftovers {
 			got[name] = killed(filepath.Join(parent, name))
 		}
-		return any, got
+		return got, sv.lingering
 	}
 	for _, tc := range []struct {
 		name, limit, used string
 		leftovers         map[string]left
+		short             bool
 		want              []string // killed
 	}{
 		{"two bombs, few tasks free", "823\n", "812\n",
-			map[string]left{"bomb1": {411, true}, "bomb2": {400, true}, "daemon": {1, true}},
+			map[string]left{"bomb1": {411, true}, "bomb2": {400, true}, "daemon": {1, true}}, false,
 			[]string{"bomb1", "bomb2"}},
 		{"two bombs in a dip", "823\n", "600\n",
-			map[string]left{"bomb1": {300, true}, "bomb2": {290, true}, "daemon": {1, false}},
+			map[string]left{"bomb1": {300, true}, "bomb2": {250, true}, "daemon": {1, false}}, false,
 			[]string{"bomb1", "bomb2"}},
 		{"a big daemon never refused, tasks free", "823\n", "600\n",
-			map[string]left{"workers": {300, false}, "daemon": {3, true}},
+			map[string]left{"workers": {300, false}, "daemon": {3, true}}, false,
 			nil},
+		{"a refused daemon of 60 threads, tasks free", "823\n", "600\n",
+			map[string]left{"jvm": {60, true}}, false,
+			nil},
+		{"a big daemon and two bombs, few tasks free", "823\n", "815\n",
+			// The bombs free enough: the daemon stays.
+			map[string]left{"workers": {300, false}, "bomb1": {250, true}, "bomb2": {250, true}}, false,
+			[]string{"bomb1", "bomb2"}},
 		{"many small bombs, few tasks free", "823\n", "815\n",
 			// 94 tasks lacking: the three largest (40+39+38).
-			map[string]left{"b0": {40, true}, "b1": {39, true}, "b2": {38, false}, "b3": {37, true}, "b4": {36, true}, "daemon": {2, false}},
+			map[string]left{"b0": {40, true}, "b1": {39, true}, "b2": {38, false}, "b3": {37, true}, "b4": {36, true}, "daemon": {2, false}}, false,
 			[]string{"b0", "b1", "b2"}},
+		{"a fork refused, tasks free", "823\n", "700\n",
+			map[string]left{"d1": {5, false}, "d2": {3, false}}, true,
+			[]string{"d1"}},
 		{"no limit", "max\n", "815\n",
-			map[string]left{"bomb": {600, true}},
+			map[string]left{"bomb": {600, true}}, false,
 			nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			any, got := run(t, tc.limit, tc.used, tc.leftovers)
-			if any != (len(tc.want) > 0) {
-				t.Errorf("killLeftovers reported %v", any)
-			}
+			got, lingering := run(t, tc.limit, tc.used, tc.leftovers, tc.short)
 			for name := range tc.leftovers {
 				if want := slices.Contains(tc.want, name); got[name] != want {
 					t.Errorf("%s killed: %v, want %v", name, got[name], want)
 				}
+			}
+			if tc.limit != "max\n" && slices.ContainsFunc(lingering, func(p string) bool { return filepath.Base(p) == "gone" }) {
+				t.Errorf("a cgroup that is gone is still lingering: %v", lingering)
 			}
 		})
 	}

@@ -11,7 +11,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -101,6 +100,10 @@ type server struct {
 	stopping bool
 
 	lingering []string // cgroups of finished execs whose processes still ran
+	// killMu serialises killLeftovers: a second exec waits for what the
+	// first killed to be gone, then sees the tasks it freed.
+	killMu   sync.Mutex
+	tasksMax int // the parent cgroup's pids.max, once read (0: not yet; -1: none)
 
 	roots map[string]*subRoot // container roots set up for execs (roots.go)
 }
@@ -744,14 +747,14 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
 	pid, wait, err := sv.spawn.start(spec.path, spec.argv, attr)
-	if errors.Is(err, syscall.EAGAIN) && cg != nil {
-		lingering := slices.Clone(sv.lingering)
-		sv.mu.Unlock()
-		killed := sv.killLeftovers(lingering)
-		sv.mu.Lock()
-		if killed {
-			pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
+	if errors.Is(err, syscall.EAGAIN) && cg != nil && len(sv.lingering) > 0 {
+		// Once more after the leftovers gave up tasks, by this exec or by
+		// another one meanwhile.
+		sv.unlocked(func() { sv.killLeftovers(true) })
+		if sv.stopping {
+			return nil, startError(spec.argv[0], "the box is shutting down")
 		}
+		pid, wait, err = sv.spawn.start(spec.path, spec.argv, attr)
 	}
 	if err != nil {
 		return nil, startError(spec.argv[0], "%v", err)
@@ -759,6 +762,14 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	sv.pgids[pid] = struct{}{}
 	pr.pid, pr.wait = pid, wait
 	return pr, nil
+}
+
+// unlocked runs f with sv.mu, which the caller holds, released: it is
+// held again when f returns or panics.
+func (sv *server) unlocked(f func()) {
+	sv.mu.Unlock()
+	defer sv.mu.Lock()
+	f()
 }
 
 // outputPipe is a pipe for one output stream: the agent's read end
