@@ -31,6 +31,7 @@ type process struct {
 	execID     string          // the engine's exec (no terminal)
 	session    *boxrun.Session // the terminal session
 	stdinW     io.Closer       // our writer on the stdin FIFO: closed by CloseIO
+	stdinDone  bool            // CloseIO came (perhaps before stdinW was opened)
 	exitStatus uint32
 	exitedAt   time.Time
 	done       chan struct{} // closed once exited
@@ -127,6 +128,18 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 		if stdinW, err = fifo.OpenFifo(ctx, p.stdio.stdin, syscall.O_WRONLY|syscall.O_NONBLOCK, 0); err != nil {
 			return fail(err)
 		}
+		// Known to CloseIO from here on, and closed at once if CloseIO
+		// came already: a client that has written all its input may send
+		// CloseIO before the command has started, and one that found no
+		// writer would leave the command waiting for more input forever.
+		// Closing it twice (on failure, or by CloseIO) is harmless.
+		p.mu.Lock()
+		p.stdinW = stdinW
+		done := p.stdinDone
+		p.mu.Unlock()
+		if done {
+			stdinW.Close()
+		}
 	}
 	if p.terminal {
 		s, err := eng.Attach(ctx, box, boxrun.AttachSpec{Cmd: p.spec.args, Env: p.spec.env, Workdir: p.spec.cwd,
@@ -140,7 +153,7 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 			s.Close()
 			return fail(errStopped)
 		}
-		p.session, p.pid, p.stdinW, p.status, p.cancel = s, s.Pid(), stdinW, task.Status_RUNNING, cancel
+		p.session, p.pid, p.status, p.cancel = s, s.Pid(), task.Status_RUNNING, cancel
 		p.mu.Unlock()
 		if stdin != nil {
 			go io.Copy(s, stdin)
@@ -192,7 +205,7 @@ func (p *process) start(eng *boxrun.Engine, box string, exited func(*process, ui
 		closeAll()
 		return errStopped
 	}
-	p.execID, p.pid, p.stdinW, p.status, p.cancel = info.ID, info.Pid, stdinW, task.Status_RUNNING, cancel
+	p.execID, p.pid, p.status, p.cancel = info.ID, info.Pid, task.Status_RUNNING, cancel
 	p.mu.Unlock()
 	go func() {
 		status := uint32(255)
@@ -278,6 +291,7 @@ func (p *process) signal(eng *boxrun.Engine, sig syscall.Signal) error {
 func (p *process) closeStdin() {
 	p.mu.Lock()
 	w := p.stdinW
+	p.stdinDone = true
 	p.mu.Unlock()
 	if w != nil {
 		w.Close()
