@@ -142,8 +142,13 @@ func baselineConfig(b *testing.B, dir string) runtime.VMConfig {
 
 // baselineVM boots the echo-only guest and waits for its first echo.
 func baselineVM(b *testing.B) (runtime.VM, io.ReadWriteCloser) {
-	dir := b.TempDir()
-	vm, err := (&runtime.QEMU{}).Start(context.Background(), baselineConfig(b, dir))
+	vm, err := (&runtime.QEMU{}).Start(context.Background(), baselineConfig(b, b.TempDir()))
+	return firstEcho(b, vm, err)
+}
+
+// firstEcho connects to a bare guest that started (err nil) and waits for
+// its first echo.
+func firstEcho(b *testing.B, vm runtime.VM, err error) (runtime.VM, io.ReadWriteCloser) {
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -301,16 +306,7 @@ func baselineTemplate(b *testing.B) string {
 // its first echo.
 func baselineRestore(b *testing.B, tdir string) (runtime.VM, io.ReadWriteCloser) {
 	vm, err := (&runtime.QEMU{}).Restore(context.Background(), baselineConfig(b, b.TempDir()), tdir)
-	if err != nil {
-		b.Fatal(err)
-	}
-	conn, err := vm.DialAgent(context.Background())
-	if err != nil {
-		vm.Kill()
-		b.Fatal(err)
-	}
-	echo(b, conn, []byte("x"))
-	return vm, conn
+	return firstEcho(b, vm, err)
 }
 
 // waitPool waits until the engine's pool holds n VMs.
