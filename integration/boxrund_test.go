@@ -28,6 +28,7 @@ import (
 
 var release struct {
 	once sync.Once
+	dir  string // removed when the suite ends (133 MB)
 	bin  string // the boxrund binary
 	err  error
 }
@@ -40,6 +41,7 @@ func boxrundBinary(t *testing.T) string {
 			release.err = err
 			return
 		}
+		release.dir = dir
 		out, err := exec.Command("../scripts/build.sh", dir).CombinedOutput()
 		if err != nil {
 			release.err = fmt.Errorf("scripts/build.sh: %v\n%s", err, out)

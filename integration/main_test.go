@@ -43,6 +43,11 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
+	defer func() {
+		if release.dir != "" {
+			os.RemoveAll(release.dir)
+		}
+	}()
 	if dir := os.Getenv("BOXRUN_CRASH_CHILD"); dir != "" {
 		crashChild(dir, os.Getenv("BOXRUN_CRASH_IMAGE"))
 	}
