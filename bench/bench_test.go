@@ -286,16 +286,9 @@ func baselineTemplate(b *testing.B) string {
 	q := &runtime.QEMU{}
 	tdir := b.TempDir()
 	tvm, err := q.StartTemplate(context.Background(), baselineConfig(b, tdir))
-	if err != nil {
-		b.Fatal(err)
-	}
-	conn, err := tvm.DialAgent(context.Background())
-	if err != nil {
-		tvm.Kill()
-		b.Fatal(err)
-	}
-	echo(b, conn, []byte("x"))
+	tvm, conn := firstEcho(b, tvm, err)
 	conn.Close()
+	// SaveTemplate kills the template VM, whether or not it saved it.
 	if err := q.SaveTemplate(context.Background(), tvm); err != nil {
 		b.Fatal(err)
 	}
