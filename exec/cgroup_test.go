@@ -282,3 +282,109 @@ func TestPrepareCgroup(t *testing.T) {
 		t.Errorf("cgroups after the first exec: %v, want only the prepared one", left)
 	}
 }
+
+// With FairCPU, the cpu controller is on only while execs compete for the
+// CPU: another exec's process runs, or a finished exec left processes
+// running. (Stand-in files: the kernel's side, including the order of the
+// writes, is checked by the integration tests.)
+func TestShareCPU(t *testing.T) {
+	parent := t.TempDir()
+	execs := filepath.Join(parent, "execs")
+	if err := os.Mkdir(execs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctls := []string{filepath.Join(parent, "cgroup.subtree_control"), filepath.Join(execs, "cgroup.subtree_control")}
+	setCtls := func(s string) {
+		for _, f := range ctls {
+			if err := os.WriteFile(f, []byte(s), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// The last write to each file: "+cpu", "-cpu", or what was there.
+	state := func() string {
+		var s []string
+		for _, f := range ctls {
+			b, _ := os.ReadFile(f)
+			s = append(s, strings.TrimSpace(string(b)))
+		}
+		return strings.Join(s, " | ")
+	}
+	check := func(what, want string) {
+		t.Helper()
+		if got := state(); got != want {
+			t.Errorf("%s: subtree_control %q, want %q", what, got, want)
+		}
+	}
+	setCtls("pids\n")
+	sv := &server{opts: ServerOptions{Cgroup: execs, FairCPU: true}, log: testLogger(), pgids: map[int]struct{}{}}
+
+	sv.shareCPU()
+	check("alone", "pids | pids") // already off: nothing written
+	sv.pgids[42] = struct{}{}
+	sv.shareCPU()
+	check("another exec runs", "+cpu | +cpu")
+	delete(sv.pgids, 42)
+	sv.shareCPU()
+	check("alone again", "-cpu | -cpu")
+	sv.lingering = []string{filepath.Join(execs, "exec-x")}
+	sv.shareCPU()
+	check("a finished exec left processes", "+cpu | +cpu")
+	sv.lingering = nil
+	sv.shareCPU()
+	check("they are gone", "-cpu | -cpu")
+
+	// An exec that ends and leaves processes turns it on at once, before
+	// the next exec asks.
+	left := filepath.Join(execs, "exec-left")
+	if err := os.Mkdir(left, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(left, "cgroup.events"), []byte("populated 1\nfrozen 0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := openCgroup(left, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sv.release(c)
+	check("an exec left a process behind", "+cpu | +cpu")
+	if !slices.Contains(sv.lingering, left) {
+		t.Errorf("lingering %v, want %s in it", sv.lingering, left)
+	}
+	sv.lingering = nil
+
+	// Without FairCPU nothing is written.
+	setCtls("pids\n")
+	other := &server{opts: ServerOptions{Cgroup: execs}, log: testLogger(), pgids: map[int]struct{}{42: {}}}
+	other.shareCPU()
+	check("without FairCPU", "pids | pids")
+
+	// A switch reads the kernel's state first: on, an exec alone turns it
+	// off. A write that fails leaves the switch alone from then on.
+	parent2 := t.TempDir()
+	execs2 := filepath.Join(parent2, "execs")
+	if err := os.Mkdir(execs2, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctls = []string{filepath.Join(parent2, "cgroup.subtree_control"), filepath.Join(execs2, "cgroup.subtree_control")}
+	setCtls("cpu pids\n")
+	sv2 := &server{opts: ServerOptions{Cgroup: execs2, FairCPU: true}, log: testLogger(), pgids: map[int]struct{}{}}
+	sv2.shareCPU()
+	check("found on, exec alone", "-cpupids | -cpupids") // "-cpu" written over "cpu pids"
+	os.Remove(ctls[1])
+	if err := os.Mkdir(ctls[1], 0o755); err != nil { // writing it fails
+		t.Fatal(err)
+	}
+	sv2.pgids[7] = struct{}{}
+	sv2.shareCPU()
+	if b, _ := os.ReadFile(ctls[0]); strings.TrimSpace(string(b)) != "+cpupids" {
+		t.Errorf("parent's subtree_control %q, want +cpu first", b)
+	}
+	os.WriteFile(ctls[0], []byte("pids\n"), 0o644)
+	delete(sv2.pgids, 7)
+	sv2.shareCPU()
+	if b, _ := os.ReadFile(ctls[0]); strings.TrimSpace(string(b)) != "pids" {
+		t.Errorf("after a failed write the switch wrote again: parent's %q", b)
+	}
+}

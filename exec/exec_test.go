@@ -396,3 +396,29 @@ func TestShutdown(t *testing.T) {
 		t.Errorf("start after shutdown: %v", err)
 	}
 }
+
+// An exec as the agent's own user and groups skips the credential switch;
+// any difference keeps it.
+func TestOwnCredential(t *testing.T) {
+	groups, err := unix.Getgroups()
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid())}
+	for _, g := range groups {
+		own.Groups = append(own.Groups, uint32(g))
+	}
+	if !ownCredential(own) || !ownCredential(nil) {
+		t.Fatalf("the agent's own credential %+v is not recognised", own)
+	}
+	for name, c := range map[string]*syscall.Credential{
+		"uid":          {Uid: own.Uid + 1, Gid: own.Gid, Groups: own.Groups},
+		"gid":          {Uid: own.Uid, Gid: own.Gid + 1, Groups: own.Groups},
+		"a group more": {Uid: own.Uid, Gid: own.Gid, Groups: append(append([]uint32{}, own.Groups...), 4242)},
+		"NoSetGroups":  {Uid: own.Uid, Gid: own.Gid, Groups: own.Groups, NoSetGroups: true},
+	} {
+		if ownCredential(c) {
+			t.Errorf("%s differs, but the credential %+v counts as the agent's own", name, c)
+		}
+	}
+}

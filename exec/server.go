@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -67,13 +68,13 @@ type ServerOptions struct {
 	// exited while nothing more arrives: background processes that keep
 	// stdout open must not hold the exit event back forever. Default 1s.
 	OutputGrace time.Duration
-	// Cgroup, when set, is a cgroup v2 directory with the pids (and cpu)
-	// controllers enabled for its children, on a kernel with
-	// CLONE_INTO_CGROUP (5.7+). Each exec then runs in a cgroup of its own
-	// below it, entered atomically at fork, so that whatever the command
-	// starts, even outside its process group (setsid), stays confined:
-	// at most PidsMax tasks, and a fair share of the CPU against the
-	// agent and every other exec. A fork bomb left behind by one exec thus
+	// Cgroup, when set, is a cgroup v2 directory with the pids controller
+	// enabled for its children, on a kernel with CLONE_INTO_CGROUP
+	// (5.7+). Each exec then runs in a cgroup of its own below it, entered
+	// atomically at fork, so that whatever the command starts, even
+	// outside its process group (setsid), stays confined: at most PidsMax
+	// tasks, and with FairCPU a fair share of the CPU against the agent
+	// and every other exec. A fork bomb left behind by one exec thus
 	// cannot keep the next one from starting: the next exec kills it, and
 	// whatever else finished execs left running while it holds the tasks
 	// new execs need (killLeftovers). A timeout or cancel also
@@ -82,6 +83,13 @@ type ServerOptions struct {
 	Cgroup string
 	// PidsMax is each exec's pids.max with Cgroup; 0 sets none.
 	PidsMax int
+	// FairCPU, with Cgroup, lets the server turn the cpu controller on
+	// for Cgroup's children (and for Cgroup in its parent, whose
+	// controllers it must offer) while execs compete for the CPU: another
+	// exec runs, a finished one left processes running, or the exec has
+	// run for cpuFairAfter; and off again when an exec starts alone (see
+	// cpuSwitch).
+	FairCPU bool
 }
 
 type server struct {
@@ -564,11 +572,20 @@ func (sv *server) exec(s *stream, req *request) {
 	if err != nil {
 		sv.log.Warn("exec cgroup", "err", err) // run it without one
 	}
+	if cg != nil {
+		sv.shareCPU()
+	}
 	pr, err := sv.startProcess(spec, req, cg)
 	if err != nil {
 		sv.release(cg)
 		sv.finish(s, nil, err)
 		return
+	}
+	// Alone, the exec runs without the cpu controller; one that runs on
+	// turns it on, so that the agent gets its share of the CPU back.
+	var fairTimer *time.Timer
+	if c := sv.cpu(); cg != nil && c != nil && !c.isOn() {
+		fairTimer = time.AfterFunc(cpuFairAfter, func() { c.set(true, sv) })
 	}
 	pid := pr.pid
 	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args, "tty", pr.tty != nil)
@@ -631,6 +648,9 @@ func (sv *server) exec(s *stream, req *request) {
 	if timer != nil {
 		timer.Stop()
 	}
+	if fairTimer != nil {
+		fairTimer.Stop()
+	}
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
 	// silence.
@@ -689,6 +709,11 @@ func (sv *server) startProcess(spec *execSpec, req *request, cg *execCgroup) (_ 
 	pr := &process{}
 	var files [3]uintptr
 	sys := &syscall.SysProcAttr{Chroot: spec.chroot, Credential: spec.cred}
+	if ownCredential(spec.cred) {
+		// Already ours: the child's setgroups, setgid and setuid would
+		// change nothing, and cost 3% of a short exec under TCG.
+		sys.Credential = nil
+	}
 	if req.TTY != nil {
 		rows, cols := req.TTY.size()
 		master, slave, err := sv.openPTY(rows, cols, int(spec.cred.Uid))
@@ -771,6 +796,31 @@ func (sv *server) unlocked(f func()) {
 	defer sv.mu.Lock()
 	f()
 }
+
+// ownCredential reports whether cred is the agent's own: its uid, gid
+// and supplementary groups (root's, without any, for the agent as PID 1).
+func ownCredential(cred *syscall.Credential) bool {
+	if cred == nil {
+		return true
+	}
+	own := processCredential()
+	return own != nil && cred.Uid == own.Uid && cred.Gid == own.Gid && !cred.NoSetGroups &&
+		slices.Equal(cred.Groups, own.Groups)
+}
+
+// processCredential is the agent's credential, read once (it never
+// changes them); nil if its groups cannot be read.
+var processCredential = sync.OnceValue(func() *syscall.Credential {
+	groups, err := unix.Getgroups()
+	if err != nil {
+		return nil
+	}
+	c := &syscall.Credential{Uid: uint32(unix.Getuid()), Gid: uint32(unix.Getgid()), Groups: []uint32{}}
+	for _, g := range groups {
+		c.Groups = append(c.Groups, uint32(g))
+	}
+	return c
+})
 
 // outputPipe is a pipe for one output stream: the agent's read end
 // nonblocking and in the runtime's poller (for read deadlines), the

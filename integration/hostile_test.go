@@ -272,3 +272,54 @@ func TestHostileForkBombAndMemoryHog(t *testing.T) {
 	sh(t, box, "kill -9 -1")
 	removeLeavesNoVMM(t, box)
 }
+
+// The cpu controller, which makes execs share the CPU per exec (and all of
+// them with the agent), is on only while execs compete for it: another
+// exec runs, a finished one left processes running, or the command has
+// run a while. A short command alone pays no group scheduling (a sixth of
+// its round trip under TCG). Root in the box reads it from the cgroup
+// tree, which it can mount.
+func TestExecCPUControllerOnlyWhenShared(t *testing.T) {
+	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
+	const read = `d=$(mktemp -d) && mount -t cgroup2 cgroup2 $d && cat $d/cgroup.subtree_control $d/execs/cgroup.subtree_control; umount $d; rmdir $d`
+	const off, on = "pids\npids\n", "cpu pids\ncpu pids\n"
+	// check reads the state until it is want (a leftover that was killed
+	// may take a moment to be reaped), for at most 30 s.
+	check := func(what, script, want string) {
+		t.Helper()
+		var got string
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+			if got = sh(t, box, script).Stdout; got == want {
+				return
+			}
+		}
+		t.Errorf("%s: root's and execs' subtree_control %q, want %q", what, got, want)
+	}
+	check("a command alone", read, off)
+
+	x, err := fx.eng.StartExec(ctxT(t, time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sleep", "600"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sh(t, box, read).Stdout; got != on {
+		t.Errorf("while another exec runs: %q, want %q", got, on)
+	}
+	if _, err := fx.eng.CancelExec(ctxT(t, time.Minute), x.ID); err != nil {
+		t.Fatal(err)
+	}
+	check("after the other exec ended", read, off)
+
+	if got := sh(t, box, "sleep 1; "+read).Stdout; got != on {
+		t.Errorf("a command that has run for a second: %q, want %q", got, on)
+	}
+	check("the next command alone", read, off)
+
+	if res := sh(t, box, "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo started"); res.Stdout != "started\n" {
+		t.Fatalf("leftover: %+v", res)
+	}
+	if got := sh(t, box, read).Stdout; got != on {
+		t.Errorf("a finished exec left a process running: %q, want %q", got, on)
+	}
+	sh(t, box, "kill -9 -1")
+	check("the leftover is gone", read, off)
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -18,61 +19,65 @@ import (
 const cgroupDir = "/run/boxrun/cgroup"
 
 // setupCgroups mounts cgroup v2, makes the parent of the execs' cgroups
-// (execs) with the pids and cpu controllers on for it and its children,
-// and returns it (see exec.ServerOptions.Cgroup) with each exec's task
-// limit. It returns "" when the kernel cannot confine execs that way
-// (before 5.7, no CLONE_INTO_CGROUP; no pids controller): execs then run
+// (execs) with the pids controller on for it and its children, and
+// returns it (see exec.ServerOptions.Cgroup) with each exec's task limit,
+// and whether the kernel has the cpu controller, which the exec server
+// turns on while execs compete for the CPU (exec.ServerOptions.FairCPU).
+// It returns "" when the kernel cannot confine execs that way (before
+// 5.7, no CLONE_INTO_CGROUP; no pids controller): execs then run
 // unconfined.
 //
 // The parent bounds all execs together below the kernel's own task limit
 // (threads-max, about 1500 for 256 MiB) and below what the guest's memory
 // holds: fork bombs left behind by execs then can neither take every task
 // the kernel has nor run the guest out of memory, and the agent can always
-// fork the next command. Its cpu weight also gives the agent at least an
-// even share of the CPU against all execs together.
-func setupCgroups(log *slog.Logger) (dir string, pidsMax int) {
+// fork the next command. While the cpu controller is on, its cpu weight
+// also gives the agent at least an even share of the CPU against all
+// execs together.
+func setupCgroups(log *slog.Logger) (dir string, pidsMax int, fairCPU bool) {
 	if !kernelAtLeast(kernelRelease(), 5, 7) {
 		log.Info("kernel too old for exec cgroups (5.7+): execs run without task limits")
-		return "", 0
+		return "", 0, false
 	}
 	if err := os.MkdirAll(cgroupDir, 0o755); err != nil {
 		log.Warn("exec cgroups", "err", err)
-		return "", 0
+		return "", 0, false
 	}
 	err := unix.Mount("cgroup2", cgroupDir, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 	if err != nil && err != unix.EBUSY {
 		log.Warn("exec cgroups: mount cgroup2", "err", err)
-		return "", 0
+		return "", 0, false
 	}
 	execs := filepath.Join(cgroupDir, "execs")
 	if err := enableControllers(log, cgroupDir); err != nil {
-		return "", 0
+		return "", 0, false
 	}
 	if err := os.Mkdir(execs, 0o755); err != nil && !os.IsExist(err) {
 		log.Warn("exec cgroups", "err", err)
-		return "", 0
+		return "", 0, false
 	}
 	total := execsLimit(readIntFile("/proc/sys/kernel/threads-max", 32768), readIntFile("/proc/sys/kernel/pid_max", 32768), readMemTotalKB())
 	if err := os.WriteFile(filepath.Join(execs, "pids.max"), []byte(strconv.Itoa(total)), 0); err != nil {
 		log.Warn("exec cgroups: pids.max of all execs", "err", err)
-		return "", 0
+		return "", 0, false
 	}
 	if err := enableControllers(log, execs); err != nil {
-		return "", 0
+		return "", 0, false
 	}
-	return execs, pidsLimit(total)
+	ctls, _ := os.ReadFile(filepath.Join(cgroupDir, "cgroup.controllers"))
+	fairCPU = slices.Contains(strings.Fields(string(ctls)), "cpu")
+	if !fairCPU {
+		log.Warn("exec cgroups: no cpu controller: execs do not share the CPU fairly")
+	}
+	return execs, pidsLimit(total), fairCPU
 }
 
-// enableControllers turns pids and cpu on for the children of cgroup dir
-// (pids is required; without cpu, the task limits still apply).
+// enableControllers turns pids on for the children of cgroup dir.
 func enableControllers(log *slog.Logger, dir string) error {
 	ctl := filepath.Join(dir, "cgroup.subtree_control")
 	if err := os.WriteFile(ctl, []byte("+pids"), 0); err != nil {
 		log.Warn("exec cgroups: pids controller", "cgroup", dir, "err", err)
 		return err
-	}
-	if err := os.WriteFile(ctl, []byte("+cpu"), 0); err != nil {
-		log.Warn("exec cgroups: cpu controller", "cgroup", dir, "err", err)
 	}
 	return nil
 }

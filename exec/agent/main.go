@@ -132,6 +132,7 @@ type agent struct {
 
 	cgroup  string // exec cgroups' parent (cgroup.go); "" for none
 	pidsMax int    // each exec's task limit
+	fairCPU bool   // the kernel has the cpu controller (exec.ServerOptions.FairCPU)
 
 	heldBack bool // boot held the per-box devices back (see perBoxDevices)
 	ready    bool // setup done: the box root is mounted
@@ -198,7 +199,7 @@ func (a *agent) boot() error {
 	if err := loopbackUp(); err != nil {
 		a.log.Warn("bringing up lo", "err", err)
 	}
-	a.cgroup, a.pidsMax = setupCgroups(a.log)
+	a.cgroup, a.pidsMax, a.fairCPU = setupCgroups(a.log)
 	if a.cgroup != "" {
 		// The first exec's cgroup, made before a template is taken: a
 		// restored box's first command takes it instead of making one.
@@ -271,6 +272,7 @@ func (a *agent) serve(reaper *exec.Reaper) {
 		Halt:      a.halt,
 		Cgroup:    a.cgroup,
 		PidsMax:   a.pidsMax,
+		FairCPU:   a.fairCPU,
 	}
 	if a.cfg.useVsock {
 		a.serveVsock(opts)
