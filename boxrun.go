@@ -324,8 +324,13 @@ func CodeOf(err error) Code { return errdefs.CodeOf(err) }
 // canceled returns an error.
 func (e *Engine) Exec(ctx context.Context, id string, spec ExecSpec) (*ExecResult, error) {
 	start := time.Now()
-	events, err := e.Stream(ctx, id, spec)
+	_, events, err := e.streamExec(ctx, id, spec, true)
 	if err != nil {
+		if c := errdefs.CodeOf(err); ctx.Err() != nil && (c == errdefs.Canceled || c == errdefs.Timeout) {
+			// ctx ended before the command was known to have started:
+			// as when it ends later (below).
+			return &ExecResult{Duration: time.Since(start)}, errdefs.Wrap(errdefs.Canceled, ctx.Err(), "exec %q", spec.Cmd[0])
+		}
 		return nil, err
 	}
 	var res ExecResult

@@ -72,8 +72,15 @@ func (e *Engine) Stream(ctx context.Context, box string, spec ExecSpec) (<-chan 
 // StreamExec is Stream that also returns the exec's record: its ID (for
 // SignalExec and CancelExec) and its Pid in the box.
 func (e *Engine) StreamExec(ctx context.Context, box string, spec ExecSpec) (*ExecInfo, <-chan Event, error) {
+	return e.streamExec(ctx, box, spec, false)
+}
+
+// streamExec is StreamExec; late lets the agent hold back that the
+// command started (agentexec.Command.LateStart), for Exec, which waits
+// for the exit anyway: the returned info then comes up to 50 ms late.
+func (e *Engine) streamExec(ctx context.Context, box string, spec ExecSpec, late bool) (*ExecInfo, <-chan Event, error) {
 	out := make(chan Event, 16)
-	info, err := e.startExec(ctx, box, spec, out)
+	info, err := e.startExec(ctx, box, spec, out, late)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -83,10 +90,10 @@ func (e *Engine) StreamExec(ctx context.Context, box string, spec ExecSpec) (*Ex
 // StartExec starts a command that runs on its own, independent of ctx once
 // started; follow it with ExecEvents, end it with CancelExec.
 func (e *Engine) StartExec(ctx context.Context, box string, spec ExecSpec) (*ExecInfo, error) {
-	return e.startExec(ctx, box, spec, nil)
+	return e.startExec(ctx, box, spec, nil, false)
 }
 
-func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out chan Event) (*ExecInfo, error) {
+func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out chan Event, late bool) (*ExecInfo, error) {
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
@@ -105,7 +112,9 @@ func (e *Engine) startExec(ctx context.Context, box string, spec ExecSpec, out c
 	if out == nil {
 		pctx = context.WithoutCancel(ctx)
 	}
-	p, err := lb.agent.Start(pctx, e.command(rec, lb, spec))
+	cmd := e.command(rec, lb, spec)
+	cmd.LateStart = late
+	p, err := lb.agent.Start(pctx, cmd)
 	if err != nil {
 		e.finishExec(&x, nil, 0, &agentexec.ExitStatus{Code: -1, Error: err.Error()})
 		return nil, err

@@ -521,6 +521,8 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		Stdin: cmd.Stdin != nil,
 		TTY:   cmd.TTY,
 		Root:  cmd.Root,
+		// Without input the agent may hold Started back (LateStart).
+		LateStart: cmd.LateStart && cmd.Stdin == nil && cmd.TTY == nil,
 	}
 	if cmd.Timeout > 0 {
 		req.TimeoutMS = max(1, int64((cmd.Timeout+time.Millisecond-1)/time.Millisecond))

@@ -422,3 +422,58 @@ func TestOwnCredential(t *testing.T) {
 		}
 	}
 }
+
+// With LateStart the agent holds Started back until the command's first
+// output or its exit (or lateStartMax): no output is lost to it, the pid
+// is the command's, a silent command's Start returns while it still runs,
+// and a command that cannot start fails Start as without it.
+func TestExecLateStart(t *testing.T) {
+	c := startServer(t, ServerOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	late := func(args ...string) Command { return Command{Args: args, LateStart: true} }
+
+	p, err := c.Start(ctx, late("sh", "-c", "echo $$; echo err >&2; exit 3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := collect(t, p)
+	if trim(r.stdout) != strconv.Itoa(p.Pid()) || r.stderr != "err\n" || r.exit.Code != 3 {
+		t.Errorf("output first: pid %d, %q %q %+v", p.Pid(), r.stdout, r.stderr, r.exit)
+	}
+	for _, cmd := range []Command{late("true"), late("sh", "-c", "exit 7")} {
+		p, err := c.Start(ctx, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := collect(t, p)
+		if want := map[string]int{"true": 0, "sh": 7}[cmd.Args[0]]; p.Pid() <= 0 || r.exit.Code != want || len(r.events) != 1 {
+			t.Errorf("%q, silent: pid %d, events %+v, want only an exit %d", cmd.Args, p.Pid(), r.events, want)
+		}
+	}
+
+	p, err = c.Start(ctx, late("sleep", "5"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-p.Events():
+		t.Fatalf("first event %+v right after Start: Start waited for the exit", ev)
+	default:
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if r := collect(t, p); r.exit.Signal != "SIGKILL" {
+		t.Errorf("sleep killed: %+v", r.exit)
+	}
+
+	in := late("cat")
+	in.Stdin = strings.NewReader("typed\n")
+	if r := run(t, c, in); r.stdout != "typed\n" || r.exit.Code != 0 {
+		t.Errorf("with stdin: %q %+v", r.stdout, r.exit)
+	}
+	if _, err := c.Start(ctx, late("no-such-command")); errdefs.CodeOf(err) != errdefs.RuntimeError {
+		t.Errorf("a command that is not found: %v, want a RUNTIME_ERROR from Start", err)
+	}
+}

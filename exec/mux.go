@@ -376,6 +376,12 @@ func (m *mux) forget(s *stream) {
 // write sends one frame. Frames are written whole, with one Write, under
 // the writer's lock, so frames of different channels never interleave.
 func (m *mux) write(id uint32, typ byte, p []byte) error {
+	return m.writeFrames(id, typ, p, 0, nil)
+}
+
+// writeFrames sends a frame of type typ, and one of type typ2 after it
+// unless typ2 is 0, with one Write.
+func (m *mux) writeFrames(id uint32, typ byte, p []byte, typ2 byte, p2 []byte) error {
 	m.w.mu.Lock()
 	select {
 	case <-m.done:
@@ -389,6 +395,9 @@ func (m *mux) write(id uint32, typ byte, p []byte) error {
 		m.synced = true
 	}
 	buf = appendFrame(buf, id, typ, p)
+	if typ2 != 0 {
+		buf = appendFrame(buf, id, typ2, p2)
+	}
 	_, err := m.w.w.Write(buf)
 	if cap(buf) <= 2*maxDataFrame {
 		m.w.buf = buf

@@ -619,8 +619,12 @@ func (sv *server) exec(s *stream, req *request) {
 		cg.kill()
 	})
 
-	if err := s.m.writeJSON(s.id, frameStarted, &result{Pid: pid}); err != nil {
-		pr.signal(unix.SIGKILL)
+	started := &startedFrame{s: s, pr: pr}
+	var startedTimer *time.Timer
+	if req.LateStart && pr.tty == nil && pr.stdin == nil {
+		startedTimer = time.AfterFunc(lateStartMax, started.send)
+	} else {
+		started.send()
 	}
 	outputs := []struct {
 		f   *os.File
@@ -640,7 +644,7 @@ func (sv *server) exec(s *stream, req *request) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sv.pumpOutput(s, o.f, o.typ, &outMu, &done)
+			sv.pumpOutput(s, o.f, o.typ, &outMu, &done, started)
 		}()
 	}
 
@@ -650,6 +654,9 @@ func (sv *server) exec(s *stream, req *request) {
 	}
 	if fairTimer != nil {
 		fairTimer.Stop()
+	}
+	if startedTimer != nil {
+		startedTimer.Stop()
 	}
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
@@ -682,7 +689,62 @@ func (sv *server) exec(s *stream, req *request) {
 	// Given back before the Result: the host's next exec, sent as soon as
 	// this one ends, then finds the cgroup free to take again.
 	sv.release(cg)
-	sv.finish(s, &result{Exit: st}, nil)
+	started.finish(sv, &result{Exit: st})
+}
+
+// lateStartMax bounds how long the agent holds an exec's Started frame
+// back (Command.LateStart).
+const lateStartMax = 50 * time.Millisecond
+
+// startedFrame sends an exec's Started frame once: at once, or, with
+// Command.LateStart, before its first output, after lateStartMax, or
+// with its Result (finish), whichever comes first.
+type startedFrame struct {
+	s  *stream
+	pr *process
+
+	mu   sync.Mutex
+	sent atomic.Bool
+}
+
+func (f *startedFrame) send() {
+	if f.sent.Load() {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.sent.Load() {
+		return
+	}
+	f.sent.Store(true)
+	if err := f.s.m.writeJSON(f.s.id, frameStarted, &result{Pid: f.pr.pid}); err != nil {
+		f.pr.signal(unix.SIGKILL)
+	}
+}
+
+// finish sends the exec's Result, after its Started frame if that is
+// still to go: both in one write.
+func (f *startedFrame) finish(sv *server, res *result) {
+	f.mu.Lock()
+	if f.sent.Load() {
+		f.mu.Unlock()
+		sv.finish(f.s, res, nil)
+		return
+	}
+	f.sent.Store(true)
+	defer f.mu.Unlock()
+	sp, err := json.Marshal(&result{Pid: f.pr.pid})
+	if err == nil {
+		var rp []byte
+		if rp, err = json.Marshal(res); err == nil {
+			err = f.s.m.writeFrames(f.s.id, frameStarted, sp, frameResult, rp)
+		}
+	}
+	if err != nil {
+		sv.log.Debug("sending result", "channel", f.s.id, "err", err)
+	}
+	f.s.m.forget(f.s)
+	f.s.cancel()
 }
 
 type process struct {
@@ -850,13 +912,14 @@ var pumpBuffers = sync.Pool{New: func() any { b := make([]byte, maxDataFrame); r
 
 // pumpOutput forwards one output pipe. Chunks of stdout and stderr are
 // sent under outMu in the order they were read.
-func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool) {
+func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool, started *startedFrame) {
 	bp := pumpBuffers.Get().(*[]byte)
 	defer pumpBuffers.Put(bp)
 	buf := *bp
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
+			started.send() // before any output
 			outMu.Lock()
 			serr := s.send(s.ctx, typ, buf[:n])
 			outMu.Unlock()
