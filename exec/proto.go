@@ -297,7 +297,7 @@ type Command struct {
 	// for, until the command's first output or its exit (sent with the
 	// Result, in one write), or for at most lateStartMax: for callers that
 	// wait for the exit anyway. A short command then costs the agent and
-	// the host one frame less, about 5% of an `exec true` under TCG.
+	// the host one frame less: 4-10% of an `exec true` under TCG.
 	// Ignored with Stdin or TTY, whose input may only flow once Start
 	// returned.
 	LateStart bool
