@@ -366,12 +366,13 @@ func (sv *server) killLeftovers(short bool) {
 // tasks reaped) before the exec that killed them forks.
 const drainTimeout = 10 * time.Second
 
-// cpuFairAfter is how long an exec runs before the cpu controller is
-// turned on for it (ServerOptions.FairCPU): long enough that a short
-// command (`true`, `ls`: 10-20 ms under TCG) never turns it on, short
-// enough that a command which goes on to fill the CPU soon shares it with
-// the agent again.
-const cpuFairAfter = 50 * time.Millisecond
+// longExec is how long an exec runs before it counts as a long one: the
+// cpu controller is turned on for it (ServerOptions.FairCPU), and the
+// host learns that it started if Command.LateStart held that back. Long
+// enough that a short command (`true`, `ls`: 10-20 ms under TCG) never
+// gets there, short enough that a command which goes on to fill the CPU
+// soon shares it with the agent again.
+const longExec = 50 * time.Millisecond
 
 // cpuSwitch turns the cpu controller on and off for the execs below one
 // Cgroup (ServerOptions.FairCPU). On, each exec's cgroup gets an even

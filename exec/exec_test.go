@@ -424,7 +424,7 @@ func TestOwnCredential(t *testing.T) {
 }
 
 // With LateStart the agent holds Started back until the command's first
-// output or its exit (or lateStartMax): no output is lost to it, the pid
+// output or its exit (or longExec): no output is lost to it, the pid
 // is the command's, a silent command's Start returns while it still runs,
 // and a command that cannot start fails Start as without it.
 func TestExecLateStart(t *testing.T) {

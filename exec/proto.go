@@ -142,7 +142,7 @@ type request struct {
 	Stdin     bool     `json:"stdin,omitempty"`
 	TTY       *TTY     `json:"tty,omitempty"` // exec: run on a terminal of this size
 	// LateStart (exec): Started may wait for the first output or the
-	// Result, or lateStartMax (Command.LateStart).
+	// Result, or longExec (Command.LateStart).
 	LateStart bool `json:"late_start,omitempty"`
 	// Root (exec) runs the command chrooted into this directory of the
 	// box root (a pod's container's root filesystem), with /proc, /sys
@@ -295,7 +295,7 @@ type Command struct {
 	TTY *TTY
 	// LateStart lets the agent hold the Started frame, which Start waits
 	// for, until the command's first output or its exit (sent with the
-	// Result, in one write), or for at most lateStartMax: for callers that
+	// Result, in one write), or for at most longExec: for callers that
 	// wait for the exit anyway. A short command then costs the agent and
 	// the host one frame less: 4-10% of an `exec true` under TCG.
 	// Ignored with Stdin or TTY, whose input may only flow once Start

@@ -87,7 +87,7 @@ type ServerOptions struct {
 	// for Cgroup's children (and for Cgroup in its parent, whose
 	// controllers it must offer) while execs compete for the CPU: another
 	// exec runs, a finished one left processes running, or the exec has
-	// run for cpuFairAfter; and off again when an exec starts alone (see
+	// run for longExec; and off again when an exec starts alone (see
 	// cpuSwitch).
 	FairCPU bool
 }
@@ -581,12 +581,6 @@ func (sv *server) exec(s *stream, req *request) {
 		sv.finish(s, nil, err)
 		return
 	}
-	// Alone, the exec runs without the cpu controller; one that runs on
-	// turns it on, so that the agent gets its share of the CPU back.
-	var fairTimer *time.Timer
-	if c := sv.cpu(); cg != nil && c != nil && !c.isOn() {
-		fairTimer = time.AfterFunc(cpuFairAfter, func() { c.set(true, sv) })
-	}
 	pid := pr.pid
 	sv.log.Debug("started", "channel", s.id, "pid", pid, "args", req.Args, "tty", pr.tty != nil)
 
@@ -619,12 +613,24 @@ func (sv *server) exec(s *stream, req *request) {
 		cg.kill()
 	})
 
+	// A command that runs for longExec is a long one: the host learns
+	// that it started (if LateStart held that back), and, if it ran alone
+	// without the cpu controller, the controller goes on, so that the
+	// agent gets its share of the CPU back. One timer for both: each
+	// costs system calls under TCG.
 	started := &startedFrame{s: s, pr: pr}
-	var startedTimer *time.Timer
-	if req.LateStart && pr.tty == nil && pr.stdin == nil {
-		startedTimer = time.AfterFunc(lateStartMax, started.send)
-	} else {
+	late := req.LateStart && pr.tty == nil && pr.stdin == nil
+	if !late {
 		started.send()
+	}
+	var longTimer *time.Timer
+	if c := sv.cpu(); late || cg != nil && c != nil && !c.isOn() {
+		longTimer = time.AfterFunc(longExec, func() {
+			started.send()
+			if cg != nil {
+				c.set(true, sv)
+			}
+		})
 	}
 	outputs := []struct {
 		f   *os.File
@@ -652,11 +658,8 @@ func (sv *server) exec(s *stream, req *request) {
 	if timer != nil {
 		timer.Stop()
 	}
-	if fairTimer != nil {
-		fairTimer.Stop()
-	}
-	if startedTimer != nil {
-		startedTimer.Stop()
+	if longTimer != nil {
+		longTimer.Stop()
 	}
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
@@ -692,12 +695,8 @@ func (sv *server) exec(s *stream, req *request) {
 	started.finish(sv, &result{Exit: st})
 }
 
-// lateStartMax bounds how long the agent holds an exec's Started frame
-// back (Command.LateStart).
-const lateStartMax = 50 * time.Millisecond
-
 // startedFrame sends an exec's Started frame once: at once, or, with
-// Command.LateStart, before its first output, after lateStartMax, or
+// Command.LateStart, before its first output, after longExec, or
 // with its Result (finish), whichever comes first.
 type startedFrame struct {
 	s  *stream
