@@ -433,13 +433,18 @@ func TestExecLateStart(t *testing.T) {
 	defer cancel()
 	late := func(args ...string) Command { return Command{Args: args, LateStart: true} }
 
-	p, err := c.Start(ctx, late("sh", "-c", "echo $$; echo err >&2; exit 3"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := collect(t, p)
-	if trim(r.stdout) != strconv.Itoa(p.Pid()) || r.stderr != "err\n" || r.exit.Code != 3 {
-		t.Errorf("output first: pid %d, %q %q %+v", p.Pid(), r.stdout, r.stderr, r.exit)
+	// Output on both streams at once: whichever pump sends Started, the
+	// other's output must wait for it to be written (many times: the
+	// race is narrow).
+	for i := range 100 {
+		p, err := c.Start(ctx, late("sh", "-c", "echo $$ & echo err >&2; wait; exit 3"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := collect(t, p)
+		if trim(r.stdout) != strconv.Itoa(p.Pid()) || r.stderr != "err\n" || r.exit.Code != 3 {
+			t.Fatalf("output first, run %d: pid %d, %q %q %+v", i, p.Pid(), r.stdout, r.stderr, r.exit)
+		}
 	}
 	for _, cmd := range []Command{late("true"), late("sh", "-c", "exit 7")} {
 		p, err := c.Start(ctx, cmd)
@@ -452,7 +457,7 @@ func TestExecLateStart(t *testing.T) {
 		}
 	}
 
-	p, err = c.Start(ctx, late("sleep", "5"))
+	p, err := c.Start(ctx, late("sleep", "5"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -703,9 +703,12 @@ type startedFrame struct {
 	pr *process
 
 	mu   sync.Mutex
-	sent atomic.Bool
+	sent atomic.Bool // set once the frame is written: output may follow
 }
 
+// send writes the frame unless it was. It returns once the frame is
+// written (by this call or another), so that the caller's output goes
+// after it: the host drops output that comes before Started.
 func (f *startedFrame) send() {
 	if f.sent.Load() {
 		return
@@ -715,10 +718,10 @@ func (f *startedFrame) send() {
 	if f.sent.Load() {
 		return
 	}
-	f.sent.Store(true)
 	if err := f.s.m.writeJSON(f.s.id, frameStarted, &result{Pid: f.pr.pid}); err != nil {
 		f.pr.signal(unix.SIGKILL)
 	}
+	f.sent.Store(true)
 }
 
 // finish sends the exec's Result, after its Started frame if that is
@@ -730,8 +733,8 @@ func (f *startedFrame) finish(sv *server, res *result) {
 		sv.finish(f.s, res, nil)
 		return
 	}
-	f.sent.Store(true)
 	defer f.mu.Unlock()
+	defer f.sent.Store(true)
 	sp, err := json.Marshal(&result{Pid: f.pr.pid})
 	if err == nil {
 		var rp []byte
