@@ -57,7 +57,9 @@ func BenchmarkAgents(b *testing.B) {
 		b.Cleanup(func() { eng.Remove(context.Background(), box.ID, boxrun.Force) })
 		agents = append(agents, &agent{name: name, eng: eng, box: box.ID})
 	}
-	execTrue := func(eng *boxrun.Engine, box string) {
+	// execTrue runs `true`; b is the (sub-)benchmark calling it: FailNow
+	// must come from its own goroutine.
+	execTrue := func(b *testing.B, eng *boxrun.Engine, box string) {
 		res, err := eng.Exec(context.Background(), box, boxrun.ExecSpec{Cmd: []string{"true"}})
 		if err != nil || res.ExitCode != 0 {
 			b.Fatal(res, err)
@@ -84,12 +86,12 @@ func BenchmarkAgents(b *testing.B) {
 	b.Run("exec", func(b *testing.B) {
 		for _, a := range agents {
 			for range 10 { // the box's first execs are slower
-				execTrue(a.eng, a.box)
+				execTrue(b, a.eng, a.box)
 			}
 		}
 		compare(b, func(a *agent) float64 {
 			t0 := time.Now()
-			execTrue(a.eng, a.box)
+			execTrue(b, a.eng, a.box)
 			return time.Since(t0).Seconds() * 1000
 		})
 	})
@@ -100,7 +102,7 @@ func BenchmarkAgents(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			execTrue(a.eng, box.ID)
+			execTrue(b, a.eng, box.ID)
 			ms := time.Since(t0).Seconds() * 1000
 			b.StopTimer()
 			a.eng.Remove(context.Background(), box.ID, boxrun.Force)
