@@ -129,11 +129,32 @@ func (b *Bases) Ensure(ctx context.Context, key string, mount func() (rootfs str
 			return "", errdefs.Wrap(errdefs.RuntimeError, err, "owners of the base disk")
 		}
 	}
+	// The file (not the file system) grows to its size class: sparse and
+	// read-only, it costs nothing, and bases of one class share the warm
+	// start's templates, whose keys count the disks' sizes (a restored
+	// guest keeps the capacity its template probed).
+	if err := os.Truncate(tmp, SizeClass(size)); err != nil {
+		os.Remove(tmp)
+		return "", errdefs.Wrap(errdefs.RuntimeError, err, "size the base disk")
+	}
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return "", err
 	}
 	return path, nil
+}
+
+// minSizeClass is the smallest base disk: most images' file systems fit.
+const minSizeClass = 256 << 20
+
+// SizeClass is the size of a base disk whose file system takes size
+// bytes: the next power of two, at least minSizeClass.
+func SizeClass(size int64) int64 {
+	c := int64(minSizeClass)
+	for c < size {
+		c <<= 1
+	}
+	return c
 }
 
 // makeReadable gives its owner read (and, for directories, search)

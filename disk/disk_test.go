@@ -62,6 +62,11 @@ func TestBaseBuiltOnceWithContent(t *testing.T) {
 	if !strings.Contains(string(out), "tool") || !strings.Contains(string(out), "alias") || !strings.Contains(string(out), "100755") {
 		t.Fatalf("base disk lacks files:\n%s", out)
 	}
+	// The file has its size class (the templates' keys count it); the
+	// file system inside is smaller, and whole.
+	if st, err := os.Stat(b.Path("img1")); err != nil || st.Size() != 256<<20 {
+		t.Fatalf("base disk: %v, want a file of 256 MiB", err)
+	}
 	if out, err := exec.Command("e2fsck", "-fn", b.Path("img1")).CombinedOutput(); err != nil {
 		t.Fatalf("e2fsck: %v\n%s", err, out)
 	}
@@ -245,6 +250,16 @@ func TestDebugfsName(t *testing.T) {
 	} {
 		if debugfsName(name) != ok {
 			t.Errorf("debugfsName(%q) = %v, want %v", name, !ok, ok)
+		}
+	}
+}
+
+func TestSizeClass(t *testing.T) {
+	for size, want := range map[int64]int64{
+		0: 256 << 20, 34 << 20: 256 << 20, 256 << 20: 256 << 20, 256<<20 + 1: 512 << 20, 3 << 30: 4 << 30,
+	} {
+		if got := SizeClass(size); got != want {
+			t.Errorf("SizeClass(%d) = %d, want %d", size, got, want)
 		}
 	}
 }

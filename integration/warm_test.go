@@ -43,18 +43,28 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 		}
 		return s
 	}
-	volA, volB := t.TempDir(), t.TempDir()
+	volA, volB, volC := t.TempDir(), t.TempDir(), t.TempDir()
 	os.WriteFile(filepath.Join(volA, "who"), []byte("volume A\n"), 0o644)
 	os.WriteFile(filepath.Join(volB, "who"), []byte("volume B\n"), 0o644)
+	// Two images, whose base disks differ in size but not in size class
+	// (disk.SizeClass): one template serves both.
 	a := newBox(t, spec("docker://"+fx.regRef, 1, volA))
 	// Let the template grow older than the clock check's slack: a box
 	// that kept the template's clock would be caught.
 	time.Sleep(3 * time.Second)
-	b := newBox(t, spec(fx.ociRef, 3, volB))
+	b := newBox(t, spec(fx.ociRef, 1, volB))
 	after := fx.eng.Info().Boots
 	if after.Templates != before.Templates+1 || after.Warm != before.Warm+2 || after.Fallbacks != before.Fallbacks {
 		t.Fatalf("boots before %+v, after %+v: want one template made and two warm starts", before, after)
 	}
+	// A data disk of another size is another shape: the template's guest
+	// probed its stand-ins at boot, and a restored guest keeps the
+	// capacity it read then. C gets a template of its own.
+	c := newBox(t, spec(fx.ociRef, 3, volC))
+	if got := fx.eng.Info().Boots; got.Templates != after.Templates+1 || got.Warm != after.Warm+1 {
+		t.Fatalf("boots before %+v, after %+v: want a template for the 3 GiB disk and a warm start", after, got)
+	}
+	after = fx.eng.Info().Boots
 
 	ctx := ctxT(t, 3*time.Minute)
 	type facts struct{ disk, size, rnd, uuid, clock, host, mac, cpus, mem, vol, net string }
@@ -94,11 +104,12 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 	if fa.disk != a.ID || fb.disk != b.ID {
 		t.Errorf("own disks: A sees %q, B sees %q", fa.disk, fb.disk)
 	}
-	// The data disks are 1 and 3 GiB: each guest read its own capacity.
+	// Each guest has its data disk's capacity: 1, 1 and 3 GiB.
 	sa, _ := strconv.Atoi(fa.size)
 	sb, _ := strconv.Atoi(fb.size)
-	if sa < 900_000 || sa > 1_100_000 || sb < 2_700_000 || sb > 3_200_000 {
-		t.Errorf("disk sizes (KiB): A %d (want ~1 GiB), B %d (want ~3 GiB)", sa, sb)
+	sc, _ := strconv.Atoi(strings.TrimSpace(sh(t, c, "df -k / | awk 'NR==2{print $2}'").Stdout))
+	if sa < 900_000 || sa > 1_100_000 || sb < 900_000 || sb > 1_100_000 || sc < 2_700_000 || sc > 3_200_000 {
+		t.Errorf("disk sizes (KiB): A %d, B %d (want ~1 GiB), C %d (want ~3 GiB)", sa, sb, sc)
 	}
 	if fa.rnd == fb.rnd || len(fa.rnd) != 64 {
 		t.Errorf("/dev/urandom: A %s, B %s", fa.rnd, fb.rnd)

@@ -35,7 +35,7 @@ const (
 func (q *QEMU) TemplateFiles() []string { return []string{templateRAM, templateState} }
 
 // templateFormat is bumped when what a template holds changes meaning.
-const templateFormat = 1
+const templateFormat = 2
 
 // version names QEMU's binary and the first line of its --version, per
 // binary and modification time (versionOf): a QEMU upgrade invalidates
@@ -87,9 +87,16 @@ func (q *QEMU) TemplateKey(cfg VMConfig) (key, family string, err error) {
 	shape := cfg
 	shape.ID, shape.Dir, shape.MAC, shape.Logger = "template", "", "", nil
 	shape.Kernel, shape.Initramfs = "kernel", "initramfs"
+	// The disks' sizes count: the template's guest probed stand-ins of
+	// these sizes at boot (boxrun.bootdisks), and a restored guest keeps
+	// the capacity it read then.
 	shape.Disks = append([]Disk(nil), cfg.Disks...)
 	for i := range shape.Disks {
-		shape.Disks[i].Path = fmt.Sprintf("disk%d", i)
+		st, err := os.Stat(cfg.Disks[i].Path)
+		if err != nil {
+			return "", "", err
+		}
+		shape.Disks[i].Path = fmt.Sprintf("disk%d size=%d", i, st.Size())
 	}
 	shape.Volumes = append([]Volume(nil), cfg.Volumes...)
 	for i := range shape.Volumes {

@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -13,9 +14,23 @@ func TestQEMUTemplateKey(t *testing.T) {
 	if !q.Available() {
 		t.Skip("qemu-system-x86_64 not installed (scripts/setup.sh)")
 	}
+	// Disks of two sizes, each twice: the key reads the disks' sizes.
+	dir := t.TempDir()
+	disk := func(name string, size int64) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, size); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	bx, by := disk("base-x", 256<<20), disk("base-y", 256<<20)
+	da, db := disk("disk-a", 1<<30), disk("disk-b", 1<<30)
 	base := VMConfig{ID: "a", Dir: "/data/boxes/a", CPUs: 2, MemoryMB: 512, Kernel: "/k", Initramfs: "/i",
 		Cmdline: "boxrun.base=/dev/vda", MAC: "52:54:00:00:00:0a",
-		Disks:   []Disk{{Path: "/bases/x", ReadOnly: true}, {Path: "/boxes/a/disk"}},
+		Disks:   []Disk{{Path: bx, ReadOnly: true}, {Path: da}},
 		Volumes: []Volume{{Tag: "vol0", HostPath: "/home/a"}}, Network: true}
 	key := func(c VMConfig) string {
 		k, f, err := q.TemplateKey(c)
@@ -27,17 +42,20 @@ func TestQEMUTemplateKey(t *testing.T) {
 	k0 := key(base)
 	same := base
 	same.ID, same.Dir, same.MAC, same.Kernel, same.Initramfs = "b", "/elsewhere/b", "52:54:00:00:00:0b", "/k2", "/i2"
-	same.Disks = []Disk{{Path: "/bases/y", ReadOnly: true}, {Path: "/boxes/b/disk"}}
+	same.Disks = []Disk{{Path: by, ReadOnly: true}, {Path: db}}
 	same.Volumes = []Volume{{Tag: "vol0", HostPath: "/home/b"}}
 	if key(same) != k0 {
 		t.Error("per-box values (id, dirs, paths, MAC) changed the key")
 	}
 	for name, mod := range map[string]func(*VMConfig){
-		"cpus":      func(c *VMConfig) { c.CPUs = 3 },
-		"memory":    func(c *VMConfig) { c.MemoryMB = 1024 },
-		"network":   func(c *VMConfig) { c.Network = false },
-		"disk ro":   func(c *VMConfig) { c.Disks = []Disk{{Path: "/x"}, {Path: "/y"}} },
-		"disks":     func(c *VMConfig) { c.Disks = c.Disks[:1] },
+		"cpus":    func(c *VMConfig) { c.CPUs = 3 },
+		"memory":  func(c *VMConfig) { c.MemoryMB = 1024 },
+		"network": func(c *VMConfig) { c.Network = false },
+		"disk ro": func(c *VMConfig) { c.Disks = []Disk{{Path: bx}, {Path: da}} },
+		"disks":   func(c *VMConfig) { c.Disks = c.Disks[:1] },
+		// The guest keeps the capacity its template probed.
+		"base size": func(c *VMConfig) { c.Disks = []Disk{{Path: disk("base-z", 512<<20), ReadOnly: true}, {Path: da}} },
+		"disk size": func(c *VMConfig) { c.Disks = []Disk{{Path: bx, ReadOnly: true}, {Path: disk("disk-c", 2<<30)}} },
 		"volumes":   func(c *VMConfig) { c.Volumes = nil },
 		"volume ro": func(c *VMConfig) { c.Volumes = []Volume{{Tag: "vol0", HostPath: "/h", ReadOnly: true}} },
 		"cmdline":   func(c *VMConfig) { c.Cmdline += " boxrun.debug=1" },

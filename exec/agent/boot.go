@@ -86,18 +86,35 @@ func mountEarly() error {
 // Hello has never probed a disk (no capacity, no partition table, no
 // block cache of the template's stand-ins) or read a MAC; setup binds
 // them. Every other virtio device (the agent's port, the RNG, vsock) is
-// bound at boot.
-var perBoxDevices = map[uint64]bool{1: true, 2: true, 9: true, 26: true}
+// bound at boot. With boxrun.bootdisks the disks are bound at boot too
+// (see holdBack).
+var perBoxDevices = map[uint64]bool{1: true, virtioBlock: true, 9: true, 26: true}
 
-const virtioBus = "/sys/bus/virtio"
+const (
+	virtioBus   = "/sys/bus/virtio"
+	virtioBlock = 2 // virtio-blk's device ID
+)
+
+// holdBack reports whether boot leaves a device of type kind unbound.
+// Disks are bound at boot when the host says that their capacity is the
+// box's from the start (boxrun.bootdisks: QEMU reads a restored disk's
+// capacity from its file, and a template's stand-ins have the box's disks'
+// sizes, which are part of the template's key): probing two disks costs a
+// restored box more than a tenth of its start, all of it translation under
+// TCG, and setup then only drops what the probe cached of the stand-ins
+// (dropDiskCaches).
+func holdBack(kind uint64, bootDisks bool) bool {
+	return perBoxDevices[kind] && !(bootDisks && kind == virtioBlock)
+}
 
 // loadModules loads the modules listed in /etc/boxrun/modules, in order,
 // with the virtio bus's autoprobe off, then binds the devices that are not
-// per box. A module that fails is logged and skipped: the boot fails
-// later, with a clearer message, if it mattered. It reports whether the
-// per-box devices were held back (false: the virtio bus is built into the
-// kernel and probed them before we ran).
-func loadModules(log *slog.Logger) (heldBack bool) {
+// held back (holdBack). A module that fails is logged and skipped: the
+// boot fails later, with a clearer message, if it mattered. It returns the
+// devices it held back, in device order, and false when it could not hold
+// any back (the virtio bus is built into the kernel and probed them before
+// we ran).
+func loadModules(log *slog.Logger, bootDisks bool) (held []string, heldBack bool) {
 	builtin := false
 	if _, err := os.Stat(virtioBus); err == nil {
 		builtin = true // the kernel probed its devices before init ran
@@ -126,28 +143,65 @@ func loadModules(log *slog.Logger) (heldBack bool) {
 		autoprobeOff = setAutoprobe(false)
 	}
 	for _, d := range virtioDevices() {
-		if !perBoxDevices[d.kind] {
+		if holdBack(d.kind, bootDisks) {
+			held = append(held, d.name)
+		} else {
 			probe(log, d.name)
 		}
 	}
-	log.Debug("modules loaded", "count", n, "autoprobe_off", autoprobeOff, "builtin", builtin)
-	return autoprobeOff && !builtin
+	log.Debug("modules loaded", "count", n, "autoprobe_off", autoprobeOff, "builtin", builtin, "held_back", len(held))
+	return held, autoprobeOff && !builtin
 }
 
-// bindPerBox binds the per-box devices boot held back, in device order
-// (the disks become vda, vdb, ... in the order the host attached them).
-// When boot could not hold them back, the disks' driver has bound them
-// before init: they are unbound and bound again, so that the driver
+// bindPerBox binds the per-box devices boot held back (held, in device
+// order: the disks become vda, vdb, ... in the order the host attached
+// them). When boot could not hold them back, the disks' driver has bound
+// them before init: they are unbound and bound again, so that the driver
 // probes them afresh (capacity, caches).
-func bindPerBox(log *slog.Logger, heldBack bool) {
+func bindPerBox(log *slog.Logger, held []string, heldBack bool) {
 	if !heldBack {
 		rebind(log, virtioBus+"/drivers/virtio_blk")
+		for _, d := range virtioDevices() {
+			if perBoxDevices[d.kind] {
+				probe(log, d.name)
+			}
+		}
+		return
 	}
-	for _, d := range virtioDevices() {
-		if perBoxDevices[d.kind] {
-			probe(log, d.name)
+	// The devices of a VM do not change between its boot (or its
+	// template's) and its Hello: boot's list saves listing the bus again.
+	for _, name := range held {
+		probe(log, name)
+	}
+}
+
+// dropDiskCaches drops the block caches of the disks bound at boot
+// (boxrun.bootdisks), lest they hold what the template's guest read of its
+// stand-ins: the probe's partition scan reads their first page, where an
+// ext4 keeps its superblock. Linux 6.1 drops a disk's cache when its last
+// opener closes it, which the scan does, and nothing in the template opens
+// them again; BLKFLSBUF (write back, invalidate) makes it so whatever the
+// kernel or the template did. The disks are not mounted yet: nothing else
+// holds their pages.
+func dropDiskCaches(devs ...string) error {
+	for _, dev := range devs {
+		if dev == "" {
+			continue
+		}
+		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == unix.ENOENT {
+			continue // no such disk: mountBox waits for it, and says so
+		}
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", dev, err)
+		}
+		err = unix.IoctlSetInt(fd, unix.BLKFLSBUF, 0)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("dropping the block cache of %s: %w", dev, err)
 		}
 	}
+	return nil
 }
 
 // setAutoprobe sets the virtio bus's drivers_autoprobe; false when the bus

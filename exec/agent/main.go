@@ -22,6 +22,9 @@
 //   - boxrun.halt=reboot|poweroff: how the VM ends (default reboot, for
 //     QEMU with -no-reboot).
 //   - boxrun.debug=1: debug logging on the console.
+//   - boxrun.bootdisks=1: bind the disks at boot, not at the Hello: the
+//     VMM gives a restored disk its own file's capacity (QEMU). Setup then
+//     drops their block caches before mounting them.
 //
 // The box root is an overlay at /rootfs: lower /run/boxrun/base (the base
 // disk), upper and work dirs on the data disk at /run/boxrun/data. lo is
@@ -68,6 +71,7 @@ type config struct {
 	halt       int // LINUX_REBOOT_CMD_*
 	debug      bool
 	virtiofs   bool // volumes are virtio-fs devices, not virtio-9p shares
+	bootDisks  bool // bind the disks at boot (holdBack)
 }
 
 func parseCmdline(s string) (config, error) {
@@ -98,6 +102,8 @@ func parseCmdline(s string) (config, error) {
 			}
 		case "boxrun.debug":
 			c.debug = v == "1" || v == "true"
+		case "boxrun.bootdisks":
+			c.bootDisks = v == "1" || v == "true"
 		case "boxrun.volumes":
 			switch v {
 			case "virtiofs":
@@ -134,8 +140,9 @@ type agent struct {
 	pidsMax int    // each exec's task limit
 	fairCPU bool   // the kernel has the cpu controller (exec.ServerOptions.FairCPU)
 
-	heldBack bool // boot held the per-box devices back (see perBoxDevices)
-	ready    bool // setup done: the box root is mounted
+	held     []string // the virtio devices boot held back, to bind at setup
+	heldBack bool     // boot could hold devices back (see perBoxDevices)
+	ready    bool     // setup done: the box root is mounted
 }
 
 func main() {
@@ -195,7 +202,7 @@ func (a *agent) boot() error {
 		a.level.Set(slog.LevelDebug)
 	}
 	a.log.Info("booting", "version", agentVersion(), "kernel", kernelRelease())
-	a.heldBack = loadModules(a.log)
+	a.held, a.heldBack = loadModules(a.log, a.cfg.bootDisks)
 	if err := loopbackUp(); err != nil {
 		a.log.Warn("bringing up lo", "err", err)
 	}
@@ -214,8 +221,8 @@ func (a *agent) boot() error {
 // setup makes the box: called by every Hello, it acts on the first. The
 // entropy comes first, so that nothing below draws on a pool that other
 // VMs restored from the same snapshot share. Then the devices that boot
-// held back are bound, probing the box's own disks and NIC, and the box
-// root is mounted.
+// held back are bound, probing the box's own disks (unless bound at boot,
+// whose caches are dropped instead) and NIC, and the box root is mounted.
 func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -242,7 +249,12 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	if err := unix.Sethostname([]byte(host)); err != nil {
 		a.log.Warn("setting hostname", "err", err)
 	}
-	bindPerBox(a.log, a.heldBack)
+	bindPerBox(a.log, a.held, a.heldBack)
+	if a.cfg.bootDisks && a.heldBack {
+		if err := dropDiskCaches(a.cfg.base, a.cfg.data); err != nil {
+			return err
+		}
+	}
 	drivers := time.Since(start)
 	if err := a.mountBox(); err != nil {
 		// Leave nothing half-mounted: the host fails the box, and a retry

@@ -37,3 +37,27 @@ func TestPerBoxDevices(t *testing.T) {
 		}
 	}
 }
+
+// Disks are held back for the Hello unless the host binds them at boot
+// (boxrun.bootdisks); the NIC and the shares always are.
+func TestHoldBack(t *testing.T) {
+	for _, c := range []struct {
+		kind      uint64
+		bootDisks bool
+		want      bool
+	}{
+		{virtioBlock, false, true}, {virtioBlock, true, false},
+		{1, true, true}, {9, true, true}, {26, true, true},
+		{3, false, false}, {4, true, false},
+	} {
+		if got := holdBack(c.kind, c.bootDisks); got != c.want {
+			t.Errorf("holdBack(%d, bootdisks %v) = %v, want %v", c.kind, c.bootDisks, got, c.want)
+		}
+	}
+	if c, err := parseCmdline("boxrun.base=/dev/vda boxrun.bootdisks=1"); err != nil || !c.bootDisks {
+		t.Errorf("boxrun.bootdisks=1: %+v, %v", c, err)
+	}
+	if c, _ := parseCmdline("boxrun.base=/dev/vda"); c.bootDisks {
+		t.Error("disks bound at boot without boxrun.bootdisks")
+	}
+}
