@@ -554,7 +554,9 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
 	}
 	agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
-	if info, err := agent.Hello(bctx, helloRequest(rec)); err != nil {
+	hello := helloRequest(rec)
+	hello.Disks = diskSizes(cfg.Disks)
+	if info, err := agent.Hello(bctx, hello); err != nil {
 		agent.Close()
 		// A restored guest that does not answer, or cannot set the box
 		// up, may be the template's fault: boot cold. One that fails on
@@ -562,7 +564,12 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 		// Only a guest that does not answer at all is the template's
 		// fault; an agent that answers with an error (a disk it cannot
 		// mount, a bad configuration) would fail a cold boot too.
-		if tpl.key != "" && ctx.Err() == nil && info == nil && !agentexec.AgentAnswered(err) && errdefs.CodeOf(err) != errdefs.ValidationError {
+		// A restored agent that answers TIMEOUT waited for a device the
+		// restore should have given it (a disk's capacity): that is the
+		// template's fault too.
+		templateFault := !agentexec.AgentAnswered(err) && errdefs.CodeOf(err) != errdefs.ValidationError ||
+			agentexec.AgentAnswered(err) && errdefs.CodeOf(err) == errdefs.Timeout
+		if tpl.key != "" && ctx.Err() == nil && info == nil && templateFault {
 			fail(err)
 			return nil, &warmFailure{tpl: tpl, err: err}
 		}
@@ -613,6 +620,19 @@ func helloRequest(rec *state.Box) agentexec.HelloRequest {
 		}
 	}
 	return req
+}
+
+// diskSizes are the sizes of a VM's disks by guest device (the Nth disk
+// is /dev/vd and the Nth letter), for the Hello: the agent mounts them only
+// once the guest sees these sizes (a restored VM may learn them late).
+func diskSizes(disks []runtime.Disk) map[string]int64 {
+	m := map[string]int64{}
+	for i, d := range disks {
+		if st, err := os.Stat(d.Path); err == nil && i < 26 {
+			m["/dev/vd"+string(rune('a'+i))] = st.Size()
+		}
+	}
+	return m
 }
 
 // vmVolumes names a box's volumes for the VM: tag volN for the Nth.

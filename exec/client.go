@@ -192,10 +192,10 @@ func (c *Client) Hello(ctx context.Context, req HelloRequest) (*HelloInfo, error
 	if err := validateConfig(req.Mounts, req.Network); err != nil {
 		return nil, err
 	}
-	if err := validateSetup(req.Hostname, req.Entropy); err != nil {
+	if err := validateSetup(req.Hostname, req.Entropy, req.Disks); err != nil {
 		return nil, err
 	}
-	info, err := c.handshake(ctx, &request{Op: "hello", Hostname: req.Hostname, Entropy: req.Entropy}, req.Time)
+	info, err := c.handshake(ctx, &request{Op: "hello", Hostname: req.Hostname, Entropy: req.Entropy, Disks: req.Disks}, req.Time)
 	if err != nil {
 		return nil, err
 	}

@@ -19,9 +19,17 @@ const maxTagLen = 31
 // must not act on a malformed request (it writes addresses into
 // resolv.conf and tags into mount calls).
 // validateSetup checks the setup part of a Hello.
-func validateSetup(hostname string, entropy []byte) error {
+func validateSetup(hostname string, entropy []byte, disks map[string]int64) error {
 	if len(entropy) > maxEntropy {
 		return errdefs.New(errdefs.ValidationError, "hello: %d bytes of entropy, at most %d", len(entropy), maxEntropy)
+	}
+	if len(disks) > maxDisks {
+		return errdefs.New(errdefs.ValidationError, "hello: %d disks, at most %d", len(disks), maxDisks)
+	}
+	for dev, size := range disks {
+		if !diskDevice(dev) || size <= 0 || size%512 != 0 {
+			return errdefs.New(errdefs.ValidationError, "hello: disk %q of %d bytes: want /dev/vd<letters> of a positive number of 512-byte sectors", dev, size)
+		}
 	}
 	if hostname == "" {
 		return nil
@@ -39,6 +47,23 @@ func validateSetup(hostname string, entropy []byte) error {
 }
 
 const maxEntropy = 512
+
+// maxDisks bounds HelloRequest.Disks (a box has two; volumes are shares).
+const maxDisks = 16
+
+// diskDevice reports whether dev names a virtio disk: /dev/vd and letters.
+func diskDevice(dev string) bool {
+	name, ok := strings.CutPrefix(dev, "/dev/vd")
+	if !ok || name == "" || len(name) > 3 {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] < 'a' || name[i] > 'z' {
+			return false
+		}
+	}
+	return true
+}
 
 func validateConfig(mounts []Mount, n *Network) error {
 	bad := func(format string, args ...any) error {

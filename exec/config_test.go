@@ -154,6 +154,10 @@ func TestHelloValidatesConfig(t *testing.T) {
 		{HelloRequest{Network: &Network{DNS: []string{"1.1.1.1\noptions evil"}}}, `DNS server "1.1.1.1\noptions evil"`},
 		{HelloRequest{Network: &Network{Interface: "a/b"}}, "bad interface name"},
 		{HelloRequest{Network: &Network{Interface: "sixteen-chars-xx"}}, "bad interface name"},
+		{HelloRequest{Disks: map[string]int64{"/dev/sda": 512}}, `disk "/dev/sda"`},
+		{HelloRequest{Disks: map[string]int64{"/dev/vd../x": 512}}, "want /dev/vd<letters>"},
+		{HelloRequest{Disks: map[string]int64{"/dev/vdb": 0}}, "positive number of 512-byte sectors"},
+		{HelloRequest{Disks: map[string]int64{"/dev/vdb": 1000}}, "512-byte sectors"},
 	} {
 		_, err := c.Hello(ctx, tc.req)
 		if !errdefs.Is(err, errdefs.ValidationError) || !strings.Contains(err.Error(), tc.want) {
@@ -164,6 +168,10 @@ func TestHelloValidatesConfig(t *testing.T) {
 	_, err := c.call(ctx, &request{Op: "configure", Mounts: []Mount{{Tag: "v", Path: "relative"}}})
 	if !errdefs.Is(err, errdefs.ValidationError) || !strings.Contains(err.Error(), "not an absolute path") {
 		t.Errorf("agent-side validation: %v", err)
+	}
+	_, err = c.call(ctx, &request{Op: "hello", Disks: map[string]int64{"/sys/kernel": 512}})
+	if !errdefs.Is(err, errdefs.ValidationError) || !strings.Contains(err.Error(), `disk "/sys/kernel"`) {
+		t.Errorf("agent-side validation of disks: %v", err)
 	}
 	mu.Lock()
 	if called != 0 {
@@ -180,5 +188,29 @@ func TestHelloConfigureUnsupported(t *testing.T) {
 	_, err := c.Hello(ctx, HelloRequest{Time: time.Now(), Mounts: []Mount{{Tag: "v", Path: "/v"}}})
 	if err == nil || !strings.Contains(err.Error(), "cannot mount volumes") {
 		t.Errorf("got %v", err)
+	}
+}
+
+// The Hello hands the disks' sizes to the agent's Setup, which waits for
+// them before mounting (exec/agent).
+func TestHelloPassesDiskSizes(t *testing.T) {
+	var mu sync.Mutex
+	var got []map[string]int64
+	c := startServer(t, ServerOptions{Setup: func(ctx context.Context, s Setup) error {
+		mu.Lock()
+		got = append(got, s.Disks)
+		mu.Unlock()
+		return nil
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	want := map[string]int64{"/dev/vda": 256 << 20, "/dev/vdb": 3 << 30}
+	if _, err := c.Hello(ctx, HelloRequest{Disks: want}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) == 0 || !reflect.DeepEqual(got[len(got)-1], want) {
+		t.Errorf("Setup got disks %v, want %v last", got, want)
 	}
 }

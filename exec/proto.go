@@ -127,9 +127,10 @@ func truncateString(s string, n int) string {
 type request struct {
 	Op string `json:"op"` // hello, configure, ping, exec, stat, copyin, copyout, writefile, shutdown
 
-	Time     int64  `json:"time,omitempty"`     // hello: host clock, Unix nanoseconds
-	Hostname string `json:"hostname,omitempty"` // hello
-	Entropy  []byte `json:"entropy,omitempty"`  // hello: seed for the guest's RNG
+	Time     int64            `json:"time,omitempty"`       // hello: host clock, Unix nanoseconds
+	Hostname string           `json:"hostname,omitempty"`   // hello
+	Entropy  []byte           `json:"entropy,omitempty"`    // hello: seed for the guest's RNG
+	Disks    map[string]int64 `json:"disk_sizes,omitempty"` // hello: disk device -> size in bytes
 
 	Mounts  []Mount  `json:"mounts,omitempty"`  // configure
 	Network *Network `json:"network,omitempty"` // configure
@@ -195,6 +196,11 @@ type HelloRequest struct {
 	// reseeded at once: a VM restored from a snapshot otherwise shares
 	// its pool with every other VM restored from it. At most 512 bytes.
 	Entropy []byte
+	// Disks are the sizes in bytes of the box's disks, by guest device
+	// (/dev/vdb): the agent mounts none before the kernel sees it at its
+	// size. A VM restored from a template may learn a disk's capacity
+	// after the Hello arrives (the VMM signals the change).
+	Disks map[string]int64
 	// Mounts are virtio-9p shares to mount inside the box, in order.
 	Mounts []Mount
 	// Network configures the box's network interface; nil configures none
@@ -246,6 +252,7 @@ type Network struct {
 type Setup struct {
 	Hostname string
 	Entropy  []byte
+	Disks    map[string]int64 // HelloRequest.Disks
 }
 
 // HelloInfo describes the agent, as returned by [Client.Hello].

@@ -304,7 +304,7 @@ func errorMessage(err error) string {
 }
 
 func (sv *server) hello(ctx context.Context, req *request) (*result, error) {
-	if err := validateSetup(req.Hostname, req.Entropy); err != nil {
+	if err := validateSetup(req.Hostname, req.Entropy, req.Disks); err != nil {
 		return nil, err
 	}
 	if sv.opts.SetClock != nil && req.Time != 0 {
@@ -315,7 +315,7 @@ func (sv *server) hello(ctx context.Context, req *request) (*result, error) {
 	if sv.opts.Setup != nil {
 		sv.rootMu.Lock()
 		defer sv.rootMu.Unlock()
-		if err := sv.opts.Setup(ctx, Setup{Hostname: req.Hostname, Entropy: req.Entropy}); err != nil {
+		if err := sv.opts.Setup(ctx, Setup{Hostname: req.Hostname, Entropy: req.Entropy, Disks: req.Disks}); err != nil {
 			return nil, err
 		}
 		if sv.root == nil {

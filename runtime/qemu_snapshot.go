@@ -87,16 +87,21 @@ func (q *QEMU) TemplateKey(cfg VMConfig) (key, family string, err error) {
 	shape := cfg
 	shape.ID, shape.Dir, shape.MAC, shape.Logger = "template", "", "", nil
 	shape.Kernel, shape.Initramfs = "kernel", "initramfs"
-	// The disks' sizes count: the template's guest probed stand-ins of
-	// these sizes at boot (boxrun.bootdisks), and a restored guest keeps
-	// the capacity it read then.
+	// The read-only disks' sizes count: the template's guest probed
+	// stand-ins of these sizes at boot (boxrun.bootdisks) and a restored
+	// guest keeps the capacity it read then. A writable disk's does not:
+	// Restore makes QEMU signal its capacity (block_resize), which a
+	// read-only disk refuses.
 	shape.Disks = append([]Disk(nil), cfg.Disks...)
-	for i := range shape.Disks {
-		st, err := os.Stat(cfg.Disks[i].Path)
-		if err != nil {
-			return "", "", err
+	for i, d := range shape.Disks {
+		shape.Disks[i].Path = fmt.Sprintf("disk%d", i)
+		if d.ReadOnly {
+			st, err := os.Stat(d.Path)
+			if err != nil {
+				return "", "", err
+			}
+			shape.Disks[i].Path += fmt.Sprintf(" size=%d", st.Size())
 		}
-		shape.Disks[i].Path = fmt.Sprintf("disk%d size=%d", i, st.Size())
 	}
 	shape.Volumes = append([]Volume(nil), cfg.Volumes...)
 	for i := range shape.Volumes {
@@ -254,7 +259,24 @@ func (q *QEMU) Restore(ctx context.Context, cfg VMConfig, dir string) (VM, error
 				return false, err
 			case st == "paused" || st == "postmigrate":
 				// Loaded. The template was saved stopped, so the
-				// guest stays paused until told to run.
+				// guest stays paused until told to run. Its guest
+				// bound the template's stand-in disks at boot: a
+				// resize to the box disk's own size (the same
+				// size: nothing changes on the host) makes QEMU
+				// signal the guest the capacity it must now read.
+				for i, d := range cfg.Disks {
+					if d.ReadOnly {
+						continue
+					}
+					st, err := os.Stat(d.Path)
+					if err != nil {
+						return false, err
+					}
+					args := map[string]any{"node-name": fmt.Sprintf("disk%d", i), "size": st.Size()}
+					if _, err := c.execute("block_resize", args, nil); err != nil {
+						return false, fmt.Errorf("disk %d: %w", i, err)
+					}
+				}
 				_, err := c.execute("cont", nil, nil)
 				return err == nil, err
 			case st == "inmigrate":

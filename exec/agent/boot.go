@@ -16,6 +16,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/boxrun/boxrun/errdefs"
 	"github.com/boxrun/boxrun/exec/internal/fsroot"
 	"golang.org/x/sys/unix"
 )
@@ -173,6 +174,43 @@ func bindPerBox(log *slog.Logger, held []string, heldBack bool) {
 	for _, name := range held {
 		probe(log, name)
 	}
+}
+
+// diskSizeTimeout bounds the wait for a disk's capacity (waitDiskSizes).
+const diskSizeTimeout = 10 * time.Second
+
+// waitDiskSizes waits until the kernel sees each disk at the size the host
+// gave it (bytes, by device). A disk bound at boot in a template has its
+// stand-in's capacity until the VMM signals the box disk's (QEMU: the
+// host's block_resize, which the guest takes in a work queue, maybe after
+// the Hello arrived); mounting it before would show the file system a disk
+// of the wrong size. A disk whose capacity is already right costs a read.
+func waitDiskSizes(disks map[string]int64, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for dev, size := range disks {
+		f := filepath.Join("/sys/class/block", filepath.Base(dev), "size") // 512-byte sectors
+		for {
+			b, err := os.ReadFile(f)
+			got, perr := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+			if err == nil && perr == nil && got*512 == size {
+				break
+			}
+			if time.Now().After(deadline) {
+				if err == nil {
+					err = perr
+				}
+				if err == nil {
+					err = fmt.Errorf("%d bytes", got*512)
+				}
+				// TIMEOUT: the host takes it for its template's fault
+				// (a VMM that did not signal the capacity) and boots
+				// the box cold.
+				return errdefs.New(errdefs.Timeout, "disk %s: not at the host's size of %d bytes within %v: %v", dev, size, timeout, err)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // dropDiskCaches drops the block caches of the disks bound at boot

@@ -250,6 +250,9 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 		a.log.Warn("setting hostname", "err", err)
 	}
 	bindPerBox(a.log, a.held, a.heldBack)
+	if err := waitDiskSizes(s.Disks, diskSizeTimeout); err != nil {
+		return err
+	}
 	if a.cfg.bootDisks && a.heldBack {
 		if err := dropDiskCaches(a.cfg.base, a.cfg.data); err != nil {
 			return err
