@@ -558,15 +558,12 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	hello.Disks = diskSizes(cfg.Disks)
 	if info, err := agent.Hello(bctx, hello); err != nil {
 		agent.Close()
-		// A restored guest that does not answer, or cannot set the box
-		// up, may be the template's fault: boot cold. One that fails on
-		// the box's configuration (info set) would fail cold too.
-		// Only a guest that does not answer at all is the template's
-		// fault; an agent that answers with an error (a disk it cannot
-		// mount, a bad configuration) would fail a cold boot too.
-		// A restored agent that answers TIMEOUT waited for a device the
-		// restore should have given it (a disk's capacity): that is the
-		// template's fault too.
+		// A restored guest that does not answer may be the template's
+		// fault: boot cold. An agent that answers with an error (a disk
+		// it cannot mount, a bad configuration: info set) would fail a
+		// cold boot too, except TIMEOUT: it waited for what the restore
+		// should have given it (a disk's capacity), which a cold boot
+		// gives at once.
 		templateFault := !agentexec.AgentAnswered(err) && errdefs.CodeOf(err) != errdefs.ValidationError ||
 			agentexec.AgentAnswered(err) && errdefs.CodeOf(err) == errdefs.Timeout
 		if tpl.key != "" && ctx.Err() == nil && info == nil && templateFault {
@@ -622,13 +619,18 @@ func helloRequest(rec *state.Box) agentexec.HelloRequest {
 	return req
 }
 
-// diskSizes are the sizes of a VM's disks by guest device (the Nth disk
-// is /dev/vd and the Nth letter), for the Hello: the agent mounts them only
-// once the guest sees these sizes (a restored VM may learn them late).
+// diskSizes are the sizes of a VM's writable disks by guest device (the
+// Nth disk is /dev/vd and the Nth letter), for the Hello: the agent mounts
+// them only once the guest sees these sizes (a restored VM learns them
+// late). A read-only disk's size is in the template's key; a size that is
+// not whole sectors (which VMMs round differently) is left out.
 func diskSizes(disks []runtime.Disk) map[string]int64 {
 	m := map[string]int64{}
 	for i, d := range disks {
-		if st, err := os.Stat(d.Path); err == nil && i < 26 {
+		if d.ReadOnly || i >= 26 {
+			continue
+		}
+		if st, err := os.Stat(d.Path); err == nil && st.Size() > 0 && st.Size()%512 == 0 {
 			m["/dev/vd"+string(rune('a'+i))] = st.Size()
 		}
 	}

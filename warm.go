@@ -23,7 +23,8 @@ import (
 // The warm start. The first box of a shape (driver and its version,
 // acceleration, kernel, initramfs with its agent, CPUs, memory, device
 // layout) boots a template VM with stand-in disks and shares, up to where
-// its agent waits for the host's Hello, having touched none of them; the
+// its agent waits for the host's Hello, having mounted none of them (on
+// QEMU its guest has probed the disks: see holdBack in exec/agent); the
 // driver saves it (runtime.Snapshotter). That box and every later box of
 // the shape are restored from the template and get their own disks,
 // shares, NIC backend, clock, entropy, hostname and MAC: the agent does
@@ -252,11 +253,13 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 		defer bl.Close()
 		syscall.Flock(int(bl.Fd()), syscall.LOCK_EX)
 	}
-	// Stand-ins with the box's device layout. The guest never probes
-	// them: its agent loads the disk, NIC and share drivers at the Hello.
-	// They have the box's disks' sizes (sparse): a VMM may keep a disk's
-	// capacity in the snapshot (Cloud Hypervisor does), so the drivers'
-	// keys count the sizes in.
+	// Stand-ins with the box's device layout and its disks' sizes
+	// (sparse). The guest mounts none of them; it binds the NIC and the
+	// shares at the Hello, and the disks too on Cloud Hypervisor, which
+	// keeps a disk's capacity in the snapshot: its key counts every
+	// disk's size. On QEMU the guest probes them at boot: its key counts
+	// the read-only disks' sizes, and Restore signals each writable
+	// disk's own capacity.
 	t := cfg
 	t.ID, t.Dir, t.MAC = "tpl-"+key[:12], tmp, "52:54:00:00:00:01"
 	t.Disks = append([]runtime.Disk(nil), cfg.Disks...)

@@ -201,9 +201,10 @@ func (q *QEMU) cmdline(cfg VMConfig) string {
 		"console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t",
 		"8250.nr_uarts=1", "random.trust_cpu=on", "cryptomgr.notests", "tsc=reliable",
 		"boxrun.port=" + agentPortName, "boxrun.halt=reboot",
-		// The agent binds the disks at boot, a template's too: a restored
-		// virtio-blk device reports its new file's capacity, and the
-		// template key counts the disks' sizes in (qemu_snapshot.go).
+		// The agent binds the disks at boot, a template's too, so that a
+		// restored box probes none: the key counts the read-only disks'
+		// sizes, Restore signals each writable disk's capacity, and the
+		// agent waits for the sizes the Hello gives (qemu_snapshot.go).
 		"boxrun.bootdisks=1",
 	}
 	if cfg.Cmdline != "" {

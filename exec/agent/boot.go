@@ -97,13 +97,14 @@ const (
 )
 
 // holdBack reports whether boot leaves a device of type kind unbound.
-// Disks are bound at boot when the host says that their capacity is the
-// box's from the start (boxrun.bootdisks: QEMU reads a restored disk's
-// capacity from its file, and a template's stand-ins have the box's disks'
-// sizes, which are part of the template's key): probing two disks costs a
-// restored box more than a tenth of its start, all of it translation under
-// TCG, and setup then only drops what the probe cached of the stand-ins
-// (dropDiskCaches).
+// Disks are bound at boot when the host asks (boxrun.bootdisks: QEMU):
+// probing two disks cost a restored box more than a tenth of its start,
+// all of it translation under TCG. A restored guest then keeps what the
+// template's guest probed of its stand-ins, and the host makes up for it:
+// a read-only disk's size is in the template's key, a writable disk's
+// capacity is signalled at the restore (QMP block_resize), and setup
+// waits for every disk's size from the Hello (waitDiskSizes) and drops
+// their block caches (dropDiskCaches) before mounting.
 func holdBack(kind uint64, bootDisks bool) bool {
 	return perBoxDevices[kind] && !(bootDisks && kind == virtioBlock)
 }
@@ -179,6 +180,9 @@ func bindPerBox(log *slog.Logger, held []string, heldBack bool) {
 // diskSizeTimeout bounds the wait for a disk's capacity (waitDiskSizes).
 const diskSizeTimeout = 10 * time.Second
 
+// sysBlock is where the kernel lists block devices (a stand-in in tests).
+var sysBlock = "/sys/class/block"
+
 // waitDiskSizes waits until the kernel sees each disk at the size the host
 // gave it (bytes, by device). A disk bound at boot in a template has its
 // stand-in's capacity until the VMM signals the box disk's (QEMU: the
@@ -188,7 +192,7 @@ const diskSizeTimeout = 10 * time.Second
 func waitDiskSizes(disks map[string]int64, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for dev, size := range disks {
-		f := filepath.Join("/sys/class/block", filepath.Base(dev), "size") // 512-byte sectors
+		f := filepath.Join(sysBlock, filepath.Base(dev), "size") // 512-byte sectors
 		for {
 			b, err := os.ReadFile(f)
 			got, perr := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)

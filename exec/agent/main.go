@@ -22,9 +22,10 @@
 //   - boxrun.halt=reboot|poweroff: how the VM ends (default reboot, for
 //     QEMU with -no-reboot).
 //   - boxrun.debug=1: debug logging on the console.
-//   - boxrun.bootdisks=1: bind the disks at boot, not at the Hello: the
-//     VMM gives a restored disk its own file's capacity (QEMU). Setup then
-//     drops their block caches before mounting them.
+//   - boxrun.bootdisks=1: bind the disks at boot, not at the Hello (QEMU:
+//     a restored box's disks then need no probe). Setup waits until each
+//     disk has the size the Hello gives for it, then drops their block
+//     caches before mounting them.
 //
 // The box root is an overlay at /rootfs: lower /run/boxrun/base (the base
 // disk), upper and work dirs on the data disk at /run/boxrun/data. lo is
@@ -180,10 +181,11 @@ func main() {
 
 // boot readies the agent up to where it waits for the host's Hello: it
 // loads the modules of the devices that carry nothing of a box (virtio
-// PCI, the agent's port, RNG, file systems), and touches no disk, NIC or
-// share. A VM snapshotted while its agent waits there can therefore be
-// restored as any box of its shape (warm start): setup, called by the
-// Hello, does the rest.
+// PCI, the agent's port, RNG, file systems), binds no NIC or share, and
+// mounts no disk (with boxrun.bootdisks it probes them: see holdBack). A
+// VM snapshotted while its agent waits there can therefore be restored as
+// any box of its shape (warm start): setup, called by the Hello, does the
+// rest.
 func (a *agent) boot() error {
 	start := time.Now()
 	if err := mountEarly(); err != nil {

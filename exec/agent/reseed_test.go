@@ -4,7 +4,13 @@ package main
 
 import (
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/boxrun/boxrun/errdefs"
 )
 
 // reseed's ioctls on the host's own kernel: RNDADDENTROPY rejects a
@@ -59,5 +65,43 @@ func TestHoldBack(t *testing.T) {
 	}
 	if c, _ := parseCmdline("boxrun.base=/dev/vda"); c.bootDisks {
 		t.Error("disks bound at boot without boxrun.bootdisks")
+	}
+}
+
+// waitDiskSizes returns once each disk shows the host's size (a restored
+// guest learns a writable disk's capacity some time after the Hello), and
+// answers TIMEOUT, which the host takes for its template's fault, when
+// one does not.
+func TestWaitDiskSizes(t *testing.T) {
+	dir := t.TempDir()
+	t.Cleanup(func() { sysBlock = "/sys/class/block" })
+	sysBlock = dir
+	set := func(dev string, sectors int) {
+		os.MkdirAll(filepath.Join(dir, dev), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, dev, "size"), []byte(strconv.Itoa(sectors)+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set("vdb", 2<<21) // the template's 2 GiB
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		set("vdb", 3<<21) // the capacity change arrives
+	}()
+	start := time.Now()
+	if err := waitDiskSizes(map[string]int64{"/dev/vdb": 3 << 30}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(start); waited < 40*time.Millisecond {
+		t.Errorf("returned after %v, before the capacity changed", waited)
+	}
+	if err := waitDiskSizes(nil, time.Second); err != nil {
+		t.Errorf("no disks: %v", err)
+	}
+	err := waitDiskSizes(map[string]int64{"/dev/vdb": 1 << 30}, 100*time.Millisecond)
+	if errdefs.CodeOf(err) != errdefs.Timeout || !strings.Contains(err.Error(), "/dev/vdb: not at the host's size of 1073741824 bytes") {
+		t.Errorf("capacity never right: %v", err)
+	}
+	if err := waitDiskSizes(map[string]int64{"/dev/vdz": 1 << 30}, 50*time.Millisecond); errdefs.CodeOf(err) != errdefs.Timeout {
+		t.Errorf("no such disk: %v", err)
 	}
 }
