@@ -290,6 +290,17 @@ func TestRunSession(t *testing.T) {
 	sess := newFakeSession()
 	go func() {
 		sess.pw.Write([]byte("prompt$ "))
+		// The window changes once the session has its first size: the
+		// output above can be read before runSession asks for it.
+		for {
+			sess.mu.Lock()
+			n := len(sess.resizes)
+			sess.mu.Unlock()
+			if n > 0 {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
 		term.mu.Lock()
 		term.rows = 50
 		term.mu.Unlock()
