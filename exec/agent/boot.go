@@ -82,13 +82,11 @@ func mountEarly() error {
 
 // perBoxDevices are the virtio device types that differ from box to box
 // (virtio spec device IDs): disks, NIC, 9p shares, virtio-fs. boot loads
-// their drivers but binds none of them: the virtio bus's autoprobe is
-// off from the moment the bus exists, so that a VM snapshotted before its
-// Hello has never probed a disk (no capacity, no partition table, no
-// block cache of the template's stand-ins) or read a MAC; setup binds
-// them. Every other virtio device (the agent's port, the RNG, vsock) is
-// bound at boot. With boxrun.bootdisks the disks are bound at boot too
-// (see holdBack).
+// their drivers but binds none of them, the disks excepted when the host
+// asks (holdBack): the virtio bus's autoprobe is off from the moment the
+// bus exists, so that a VM snapshotted before its Hello has never read a
+// MAC (nor, disks held back, probed a disk); setup binds them. Every other
+// virtio device (the agent's port, the RNG, vsock) is bound at boot.
 var perBoxDevices = map[uint64]bool{1: true, virtioBlock: true, 9: true, 26: true}
 
 const (
@@ -116,7 +114,7 @@ func holdBack(kind uint64, bootDisks bool) bool {
 // devices it held back, in device order, and false when it could not hold
 // any back (the virtio bus is built into the kernel and probed them before
 // we ran).
-func loadModules(log *slog.Logger, bootDisks bool) (held []string, heldBack bool) {
+func loadModules(log *slog.Logger, bootDisks bool) (held []virtioDevice, heldBack bool) {
 	builtin := false
 	if _, err := os.Stat(virtioBus); err == nil {
 		builtin = true // the kernel probed its devices before init ran
@@ -146,7 +144,7 @@ func loadModules(log *slog.Logger, bootDisks bool) (held []string, heldBack bool
 	}
 	for _, d := range virtioDevices() {
 		if holdBack(d.kind, bootDisks) {
-			held = append(held, d.name)
+			held = append(held, d)
 		} else {
 			probe(log, d.name)
 		}
@@ -157,24 +155,29 @@ func loadModules(log *slog.Logger, bootDisks bool) (held []string, heldBack bool
 
 // bindPerBox binds the per-box devices boot held back (held, in device
 // order: the disks become vda, vdb, ... in the order the host attached
-// them). When boot could not hold them back, the disks' driver has bound
-// them before init: they are unbound and bound again, so that the driver
-// probes them afresh (capacity, caches).
-func bindPerBox(log *slog.Logger, held []string, heldBack bool) {
+// them) and returns how many disks it probed. When boot could not hold
+// them back, the disks' driver has bound them before init: they are
+// unbound and bound again, so that the driver probes them afresh
+// (capacity, caches).
+func bindPerBox(log *slog.Logger, held []virtioDevice, heldBack bool) (disks int) {
 	if !heldBack {
 		rebind(log, virtioBus+"/drivers/virtio_blk")
+		held = nil
 		for _, d := range virtioDevices() {
 			if perBoxDevices[d.kind] {
-				probe(log, d.name)
+				held = append(held, d)
 			}
 		}
-		return
 	}
 	// The devices of a VM do not change between its boot (or its
 	// template's) and its Hello: boot's list saves listing the bus again.
-	for _, name := range held {
-		probe(log, name)
+	for _, d := range held {
+		probe(log, d.name)
+		if d.kind == virtioBlock {
+			disks++
+		}
 	}
+	return disks
 }
 
 // diskSizeTimeout bounds the wait for a disk's capacity (waitDiskSizes).

@@ -141,9 +141,9 @@ type agent struct {
 	pidsMax int    // each exec's task limit
 	fairCPU bool   // the kernel has the cpu controller (exec.ServerOptions.FairCPU)
 
-	held     []string // the virtio devices boot held back, to bind at setup
-	heldBack bool     // boot could hold devices back (see perBoxDevices)
-	ready    bool     // setup done: the box root is mounted
+	held     []virtioDevice // the virtio devices boot held back, to bind at setup
+	heldBack bool           // boot could hold devices back (see perBoxDevices)
+	ready    bool           // setup done: the box root is mounted
 }
 
 func main() {
@@ -251,7 +251,7 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	if err := unix.Sethostname([]byte(host)); err != nil {
 		a.log.Warn("setting hostname", "err", err)
 	}
-	bindPerBox(a.log, a.held, a.heldBack)
+	probed := bindPerBox(a.log, a.held, a.heldBack)
 	if err := waitDiskSizes(s.Disks, diskSizeTimeout); err != nil {
 		return err
 	}
@@ -269,7 +269,8 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	}
 	a.ready = true
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond),
-		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond))
+		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond),
+		"disks_probed", probed)
 	return nil
 }
 
