@@ -86,7 +86,8 @@ type Config struct {
 	MaxMemoryMB int
 	// MaxExecOutputBytes caps the output stored per exec (for replay);
 	// the oldest output is dropped first and counted in ExecInfo. Default
-	// 16 MiB. Live Stream and Exec callers always get all of it.
+	// 16 MiB. It is also what Exec and Run keep of each stream in memory
+	// (ExecSpec.MaxOutputBytes). Live Stream callers get all of it.
 	MaxExecOutputBytes int64
 	// PullPolicy is the default pull policy of Create and Pull:
 	// PullMissing (""), PullAlways or PullNever.
@@ -251,6 +252,13 @@ type ExecSpec struct {
 	// in it, and it gets /proc, /sys and /dev of its own on first use
 	// (ReleaseRoot). "" is the box root.
 	Root string
+	// MaxOutputBytes is what Exec and Run keep of each of stdout and
+	// stderr: the last bytes, the rest counted in ExecResult's
+	// StdoutDropped and StderrDropped (a box can write without end, and
+	// the result is held in the caller's memory). 0: the engine's
+	// Config.MaxExecOutputBytes (16 MiB); negative: no limit. Stream
+	// ignores it: its caller reads as it goes.
+	MaxOutputBytes int64
 }
 
 // AttachSpec describes an interactive session: a command on a terminal.
@@ -271,7 +279,10 @@ type ExecResult struct {
 	TimedOut bool
 	Stdout   string
 	Stderr   string
-	Duration time.Duration
+	// StdoutDropped and StderrDropped count the bytes of each stream
+	// dropped from its start to keep it within ExecSpec.MaxOutputBytes.
+	StdoutDropped, StderrDropped int64
+	Duration                     time.Duration
 }
 
 // Event is one step of a streamed command: a chunk of output ("log") or the
@@ -334,19 +345,20 @@ func (e *Engine) Exec(ctx context.Context, id string, spec ExecSpec) (*ExecResul
 		return nil, err
 	}
 	var res ExecResult
-	var stdout, stderr []byte
+	stdout, stderr := e.outputTail(spec), e.outputTail(spec)
 	var last Event
 	for ev := range events {
 		switch {
 		case ev.Type == "exit":
 			last = ev
 		case ev.Stream == "stderr":
-			stderr = append(stderr, ev.Data...)
+			stderr.write(ev.Data)
 		default:
-			stdout = append(stdout, ev.Data...)
+			stdout.write(ev.Data)
 		}
 	}
-	res.Stdout, res.Stderr = string(stdout), string(stderr)
+	res.Stdout, res.StdoutDropped = stdout.result()
+	res.Stderr, res.StderrDropped = stderr.result()
 	res.ExitCode, res.Signal, res.TimedOut = last.ExitCode, last.Signal, last.TimedOut
 	res.Duration = time.Since(start)
 	switch {

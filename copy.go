@@ -188,6 +188,17 @@ type treeFilter struct {
 // check returns the entry to write (renamed, if so), nil to leave it out,
 // or an error for an entry outside the tree.
 func (f *treeFilter) check(hdr *tar.Header) (*tar.Header, error) {
+	// The agent writes no sparse entries (Go's archive/tar cannot): one is
+	// a hostile agent's, whose few bytes of sparse map would expand to
+	// terabytes of zeros here.
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return nil, fmt.Errorf("archive from box has a sparse entry %q", hdr.Name)
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return nil, fmt.Errorf("archive from box has a sparse entry %q", hdr.Name)
+		}
+	}
 	root := "/" + f.root
 	n := strings.TrimSuffix(path.Clean("/"+hdr.Name), "/")
 	if n != root && !strings.HasPrefix(n, root+"/") {

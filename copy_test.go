@@ -4,6 +4,9 @@ import (
 	"archive/tar"
 	"bytes"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -157,6 +160,41 @@ func TestOnlyUnderLinkTarget(t *testing.T) {
 	} {
 		if got := linkTarget(tc.p, tc.target); got != tc.want {
 			t.Errorf("linkTarget(%q, %q) = %q, want %q", tc.p, tc.target, got, tc.want)
+		}
+	}
+}
+
+// A sparse entry's few bytes of map expand to as many zeros as it says:
+// the agent never writes one (Go's archive/tar cannot), so a stream from
+// the box that has one is refused, in GNU's old format and in PAX's.
+func TestOnlyUnderRefusesSparseEntries(t *testing.T) {
+	tarBin, err := exec.LookPath("tar")
+	if err != nil {
+		t.Skip("needs GNU tar to write sparse archives")
+	}
+	dir := t.TempDir()
+	f, err := os.Create(filepath.Join(dir, "dir", "bomb"))
+	if err != nil {
+		os.Mkdir(filepath.Join(dir, "dir"), 0o755)
+		if f, err = os.Create(filepath.Join(dir, "dir", "bomb")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.WriteAt([]byte("x"), 1<<40) // 1 TiB, one block of data
+	f.Close()
+	for _, format := range []string{"gnu", "posix"} {
+		out, err := exec.Command(tarBin, "--sparse", "--format="+format, "-cf", "-", "-C", dir, "dir").Output()
+		if err != nil {
+			t.Fatal(format, err)
+		}
+		if len(out) > 64<<10 {
+			t.Fatalf("%s: the archive is %d bytes: not sparse", format, len(out))
+		}
+		r := onlyUnder(bytes.NewReader(out), "dir")
+		n, err := io.CopyN(io.Discard, r, 64<<20) // 1 TiB of zeros, unchecked
+		r.Close()
+		if err == nil || !strings.Contains(err.Error(), "sparse") {
+			t.Errorf("%s: a sparse entry of 1 TiB passed (%d bytes out, %v)", format, n, err)
 		}
 	}
 }

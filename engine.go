@@ -237,7 +237,12 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 	} else {
 		id = newID("box_")
 	}
-	defer e.pool.release(e, id) // discards it unless the box booted on it
+	defer e.pool.release(e, id)       // discards it unless the box booted on it
+	release, err := e.claim(id, true) // a new id: busy only if closed
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	now := time.Now().UTC()
 	rec := state.Box{
 		ID: id, Name: spec.Name, Status: state.Creating, Image: spec.Image,
@@ -253,8 +258,6 @@ func (e *Engine) Create(ctx context.Context, spec BoxSpec) (*Box, error) {
 		return nil, err
 	}
 	dir := e.boxDir(id)
-	release, _ := e.claim(id) // a new id: never busy
-	defer release()
 	if err := e.reserve(rec.CPU, rec.MemoryMB); err != nil {
 		e.store.DeleteBox(id)
 		return nil, err
@@ -331,9 +334,15 @@ func (e *Engine) open() error {
 // claim gives one lifecycle operation (create, start, stop, remove) sole
 // use of a box until the returned release is called: two of them at once
 // on one box could boot two VMs on one disk, or resurrect a removed box.
-func (e *Engine) claim(id string) (release func(), err error) {
+// An operation that boots (boots) is refused once Close has begun, in
+// the same critical section: Close waits for the claims it finds, so a
+// boot claimed after that wait would leave a VM behind a closed engine.
+func (e *Engine) claim(id string, boots bool) (release func(), err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if boots && e.closed {
+		return nil, errdefs.New(errdefs.RuntimeError, "engine is closed")
+	}
 	if e.busy[id] {
 		return nil, errdefs.New(errdefs.RuntimeError, "Box '%s' is busy (being created, started, stopped or removed)", id)
 	}
@@ -347,12 +356,12 @@ func (e *Engine) claim(id string) (release func(), err error) {
 
 // claimBox looks a box up by id or name and claims it (see claim),
 // returning its record as it is once claimed.
-func (e *Engine) claimBox(idOrName string) (state.Box, func(), error) {
+func (e *Engine) claimBox(idOrName string, boots bool) (state.Box, func(), error) {
 	rec, err := e.store.GetBox(idOrName)
 	if err != nil {
 		return rec, nil, err
 	}
-	release, err := e.claim(rec.ID)
+	release, err := e.claim(rec.ID, boots)
 	if err != nil {
 		return rec, nil, err
 	}
@@ -689,6 +698,7 @@ func WithPullProgress(ctx context.Context, fn func(image.Progress)) context.Cont
 
 // Info reports the engine's limits and what running boxes use of them.
 func (e *Engine) Info() Info {
+	pooled := e.pool.count() // not under e.mu: see the lock order in pool.go
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return Info{
@@ -696,7 +706,7 @@ func (e *Engine) Info() Info {
 		UsedCPU: e.usedCPU, UsedMemoryMB: e.usedMem,
 		Hypervisor: e.hv.Name(), Boxes: len(e.live),
 		HypervisorVersion: e.hvDesc.Version, Acceleration: e.hvDesc.Acceleration,
-		Boots: e.warm.stats(), PoolVMs: e.pool.count(),
+		Boots: e.warm.stats(), PoolVMs: pooled,
 	}
 }
 
@@ -826,7 +836,7 @@ func (e *Engine) Remove(ctx context.Context, idOrName string, opts ...RemoveOpti
 	for _, o := range opts {
 		force = force || o == Force
 	}
-	rec, release, err := e.claimBox(idOrName)
+	rec, release, err := e.claimBox(idOrName, false)
 	if err != nil {
 		return err
 	}

@@ -543,3 +543,50 @@ func execInfoOf(x state.Exec) *ExecInfo {
 		CreatedAt: x.CreatedAt, FinishedAt: x.FinishedAt, DroppedEvents: x.DroppedEvents, DroppedBytes: x.DroppedBytes,
 	}
 }
+
+// outputTail is what Exec keeps of one of spec's output streams.
+func (e *Engine) outputTail(spec ExecSpec) *tailBuffer {
+	limit := spec.MaxOutputBytes
+	if limit == 0 {
+		limit = e.cfg.MaxExecOutputBytes
+	}
+	if limit == 0 {
+		limit = state.DefaultMaxOutputBytes
+	}
+	return &tailBuffer{max: limit}
+}
+
+// tailBuffer keeps the last max bytes written to it (all of them if max is
+// negative), in at most twice that much memory, and counts the rest.
+type tailBuffer struct {
+	max   int64
+	buf   []byte
+	total int64
+}
+
+func (b *tailBuffer) write(p string) {
+	b.total += int64(len(p))
+	if b.max < 0 {
+		b.buf = append(b.buf, p...)
+		return
+	}
+	if int64(len(p)) >= b.max {
+		b.buf = append(b.buf[:0], p[int64(len(p))-b.max:]...)
+		return
+	}
+	if int64(len(b.buf)+len(p)) > 2*b.max { // compact: the first bytes go
+		keep := b.buf[int64(len(b.buf))-(b.max-int64(len(p))):]
+		b.buf = append(b.buf[:copy(b.buf, keep)], p...)
+		return
+	}
+	b.buf = append(b.buf, p...)
+}
+
+// result is what was kept, and how many bytes were dropped before it.
+func (b *tailBuffer) result() (string, int64) {
+	out := b.buf
+	if b.max >= 0 && int64(len(out)) > b.max {
+		out = out[int64(len(out))-b.max:]
+	}
+	return string(out), b.total - int64(len(out))
+}

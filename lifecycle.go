@@ -16,7 +16,7 @@ import (
 // syncs and unmounts, then the VM powers off), killing the VM if it has not
 // gone within Config.StopTimeout. The box disk is kept for Start.
 func (e *Engine) Stop(ctx context.Context, idOrName string) (*Box, error) {
-	rec, release, err := e.claimBox(idOrName)
+	rec, release, err := e.claimBox(idOrName, false)
 	if err != nil {
 		return nil, err
 	}
@@ -69,10 +69,7 @@ func (e *Engine) shutdown(ctx context.Context, id string, lb *liveBox) error {
 
 // Start boots a stopped box again, with everything it had written.
 func (e *Engine) Start(ctx context.Context, idOrName string) (*Box, error) {
-	if err := e.open(); err != nil {
-		return nil, err
-	}
-	rec, release, err := e.claimBox(idOrName)
+	rec, release, err := e.claimBox(idOrName, true)
 	if err != nil {
 		return nil, err
 	}

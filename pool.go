@@ -32,6 +32,10 @@ import (
 // their image (RemoveImage and Prune drop the pool's boxes of an image
 // first), and Close kills them; one an engine left behind when it died is
 // removed when the next engine opens the data dir (reconcile.go).
+//
+// Lock order: p.mu is never held while the engine's e.mu is taken
+// (e.reserve, e.release): Info holds e.mu and asks the pool for its
+// count.
 
 type pooledBox struct {
 	id       string // the box id it was made for, and its hostname
@@ -75,23 +79,64 @@ func (p *pool) take(e *Engine, spec *BoxSpec) *pooledBox {
 		return nil
 	}
 	key := poolKey(spec.Image, spec.CPU, spec.MemoryMB, spec.DiskSizeGB, spec.Network)
+	var dead []*pooledBox
+	defer func() {
+		for _, pb := range dead {
+			go p.discardIdle(e, pb)
+		}
+	}()
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for len(p.idle[key]) > 0 {
 		pb := p.idle[key][0]
 		p.idle[key] = p.idle[key][1:]
 		select {
 		case <-pb.lb.vm.Done(): // died while waiting
-			go p.discard(e, pb)
+			dead = append(dead, pb)
 			continue
 		default:
 		}
+		p.taken[pb.id] = pb
+		p.mu.Unlock()
 		// Its share of the caps goes to the Create, which reserves its own.
 		e.release(pb.cpu, pb.mem)
-		p.taken[pb.id] = pb
 		return pb
 	}
+	p.mu.Unlock()
 	return nil
+}
+
+// idleNow puts pb in the idle list (under p.mu) and watches it there: a
+// VM that dies while idle leaves the pool at once, giving back its share
+// of the caps and its image, instead of holding them until a Create
+// happens to take it.
+func (p *pool) idleNow(e *Engine, pb *pooledBox) {
+	p.idle[pb.key] = append(p.idle[pb.key], pb)
+	go func() {
+		select {
+		case <-pb.lb.vm.Done():
+		case <-p.ctx.Done(): // close discards what is idle
+			return
+		}
+		if p.unidle(pb) {
+			e.log.Warn("pool: an idle box's VM died", "box", pb.id)
+			p.discardIdle(e, pb)
+		}
+	}()
+}
+
+// unidle takes pb out of the idle list, if it is there: whoever does owns
+// it (a Create, close, dropImage or the watch of idleNow).
+func (p *pool) unidle(pb *pooledBox) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	l := p.idle[pb.key]
+	for i, x := range l {
+		if x == pb {
+			p.idle[pb.key] = append(l[:i:i], l[i+1:]...)
+			return true
+		}
+	}
+	return false
 }
 
 // claimed returns the pooled box taken for box id, once.
@@ -129,7 +174,7 @@ func (p *pool) release(e *Engine, id string) {
 		p.discard(e, pb)
 		return
 	}
-	p.idle[pb.key] = append(p.idle[pb.key], pb)
+	p.idleNow(e, pb)
 	p.mu.Unlock()
 }
 
@@ -253,7 +298,7 @@ func (p *pool) refill(e *Engine, rec *state.Box) {
 				p.discardIdle(e, pb)
 				return
 			}
-			p.idle[key] = append(p.idle[key], pb)
+			p.idleNow(e, pb)
 			p.mu.Unlock()
 		}
 	}()
@@ -321,11 +366,12 @@ func (p *pool) close(e *Engine) {
 	p.mu.Unlock()
 	p.wg.Wait()
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.idle {
+	idle := p.idle
+	p.idle = map[string][]*pooledBox{}
+	p.mu.Unlock()
+	for _, l := range idle {
 		for _, pb := range l {
 			p.discardIdle(e, pb)
 		}
 	}
-	p.idle = map[string][]*pooledBox{}
 }

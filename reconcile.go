@@ -94,6 +94,10 @@ func (e *Engine) reconcile(ctx context.Context) error {
 // pid files are in dir, if those processes still run there (their working
 // directory is dir: the pid was not reused).
 func killVMIn(dir string) {
+	want, err := os.Stat(dir)
+	if err != nil {
+		return
+	}
 	files, _ := filepath.Glob(filepath.Join(dir, "virtiofsd-*.pid"))
 	for _, f := range append([]string{filepath.Join(dir, "qemu.pid"), filepath.Join(dir, "ch.pid")}, files...) {
 		b, err := os.ReadFile(f)
@@ -104,7 +108,9 @@ func killVMIn(dir string) {
 		if err != nil || pid <= 1 {
 			continue
 		}
-		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && cwd == dir {
+		// The same dir, not the same string: the data dir's path may
+		// run through a symlink that the process's cwd resolves.
+		if cwd, err := os.Stat(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && os.SameFile(cwd, want) {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}

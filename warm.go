@@ -112,16 +112,30 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 		}
 		if kerr == nil {
 			var dir string
-			dir, err = w.ensure(ctx, e, key, family, cfg, boot)
-			if err == nil {
-				ino := w.stateIno(dir)
-				// Shared: another engine on the cache (Config.SharedDir)
-				// may not evict it while QEMU opens its files.
-				unlock, ok := w.flockMode(key, syscall.LOCK_SH)
-				vm, err = w.snap.Restore(ctx, cfg, dir)
-				if ok {
-					unlock()
+			var ino uint64
+			var unlock func()
+			// ensure returns with no lock held: the template can be
+			// evicted (by a build of another shape, here or in another
+			// engine on the cache) before the shared lock below is taken.
+			// Once that lock is held, it cannot be; a template that went
+			// in between is made again, once.
+			for try := 0; ; try++ {
+				if dir, err = w.ensure(ctx, e, key, family, cfg, boot); err != nil {
+					break
 				}
+				// Shared: no engine evicts it while QEMU opens its files.
+				var ok bool
+				if unlock, ok = w.flockMode(key, syscall.LOCK_SH); !ok {
+					unlock = func() {}
+				}
+				if ino = w.stateIno(dir); (ino != 0 && w.complete(dir)) || try == 1 {
+					break
+				}
+				unlock()
+			}
+			if err == nil {
+				vm, err = w.snap.Restore(ctx, cfg, dir)
+				unlock()
 				if err == nil {
 					now := time.Now()
 					os.Chtimes(filepath.Join(dir, "meta.json"), now, now) // LRU
@@ -242,17 +256,12 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	if err := os.MkdirAll(w.dir, 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.MkdirTemp(w.dir, ".build-")
+	tmp, unlockBuild, err := w.newBuildDir()
 	if err != nil {
 		return err
 	}
+	defer unlockBuild()
 	defer os.RemoveAll(tmp)
-	// Held while building: an engine starting on a shared cache leaves a
-	// build alone whose lock is taken (reconcile.go).
-	if bl, err := os.OpenFile(filepath.Join(tmp, buildLock), os.O_CREATE|os.O_RDWR, 0o600); err == nil {
-		defer bl.Close()
-		syscall.Flock(int(bl.Fd()), syscall.LOCK_EX)
-	}
 	// Stand-ins with the box's device layout and its disks' sizes
 	// (sparse). The guest mounts none of them; it binds the NIC and the
 	// shares at the Hello, and the disks too on Cloud Hypervisor, which
@@ -338,20 +347,23 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 
 // invalidate removes the template that failed: the one whose state file
 // is the inode ino (0: whichever is there), not one rebuilt since.
-func (w *warmStart) invalidate(key string, ino uint64) {
+// It reports whether it removed one: false when that build is gone
+// already (another box that failed on it removed it).
+func (w *warmStart) invalidate(key string, ino uint64) bool {
 	l := w.lock(key)
 	l.Lock()
 	defer l.Unlock()
 	unlock, ok := w.flock(key, true)
 	if !ok {
-		return
+		return false
 	}
 	defer unlock()
 	dir := filepath.Join(w.dir, key)
-	if ino != 0 && w.stateIno(dir) != ino {
-		return
+	cur := w.stateIno(dir)
+	if cur == 0 || ino != 0 && cur != ino {
+		return false
 	}
-	os.RemoveAll(dir)
+	return os.RemoveAll(dir) == nil
 }
 
 // restoreFailed removes a template that failed to restore, or whose
@@ -359,8 +371,14 @@ func (w *warmStart) invalidate(key string, ino uint64) {
 // that the next box makes it again: it may have been corrupt. A second
 // failure in a row backs the shape off (failed): a VMM that cannot restore
 // at all must not cost every box a template build and a cold boot.
+//
+// Failures are counted per build: boxes restoring from one corrupt
+// template at once all fail, and count once (the first removes it); the
+// next box makes it again.
 func (w *warmStart) restoreFailed(key string, ino uint64) {
-	w.invalidate(key, ino)
+	if !w.invalidate(key, ino) {
+		return
+	}
 	w.mu.Lock()
 	if w.restoreFails == nil {
 		w.restoreFails = map[string]int{}
@@ -489,13 +507,42 @@ func (w *warmStart) remove(key string) {
 // buildLock is the file a template build holds locked in its dir.
 const buildLock = "build.lock"
 
+// newBuildDir makes a template build's dir, .build-*, and locks it for
+// the build (unlock ends it): an engine that finds a build dir whose lock
+// nobody holds (building) removes it, and kills the VM in it. The dir is
+// made and locked under another name (.new-*) and renamed: a .build-* dir
+// is locked from the moment it exists, so the lock alone tells a build in
+// progress from a dead engine's, at any age.
+func (w *warmStart) newBuildDir() (dir string, unlock func(), err error) {
+	tmp, err := os.MkdirTemp(w.dir, ".new-")
+	if err != nil {
+		return "", nil, err
+	}
+	bl, err := os.OpenFile(filepath.Join(tmp, buildLock), os.O_CREATE|os.O_RDWR, 0o600)
+	if err == nil {
+		if err = syscall.Flock(int(bl.Fd()), syscall.LOCK_EX); err != nil {
+			bl.Close()
+		}
+	}
+	if err != nil {
+		os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	dir = filepath.Join(w.dir, ".build-"+strings.TrimPrefix(filepath.Base(tmp), ".new-"))
+	if err := os.Rename(tmp, dir); err != nil {
+		bl.Close()
+		os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	return dir, func() { bl.Close() }, nil
+}
+
 // building says whether a template build dir is an engine's build in
 // progress (its lock is held) rather than the leftover of a dead one.
+// The lock alone decides (newBuildDir): a dir whose lock nobody holds is
+// a dead build however young, so an engine killed during a template's
+// boot and restarted at once leaves no template VM running.
 func building(dir string) bool {
-	// Just made: its lock may not be taken yet.
-	if info, err := os.Stat(dir); err == nil && time.Since(info.ModTime()) < time.Minute {
-		return true
-	}
 	f, err := os.Open(filepath.Join(dir, buildLock))
 	if err != nil {
 		return false // a leftover of a build before the lock existed
@@ -573,9 +620,16 @@ func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
 			}
 			continue
 		}
+		if strings.HasPrefix(en.Name(), ".new-") { // an engine died making a build dir
+			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > staleAfter {
+				os.RemoveAll(dir)
+			}
+			continue
+		}
 		if strings.HasPrefix(en.Name(), ".build-") {
 			if info, err := en.Info(); err == nil && time.Since(info.ModTime()) > staleAfter && !building(dir) {
 				freed += diskUse(dir)
+				killVMIn(dir) // a dead engine's template VM: its RAM file stays mapped until it goes
 				os.RemoveAll(dir)
 				names = append(names, "templates/"+en.Name())
 			}

@@ -2,6 +2,7 @@ package exec
 
 import (
 	"archive/tar"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -334,7 +335,7 @@ func extractEntry(fr *fsroot.Root, tr io.Reader, hdr *tar.Header, pfd int, base,
 		}
 		f := os.NewFile(uintptr(fd), base)
 		defer f.Close()
-		if _, err := io.Copy(f, tr); err != nil {
+		if err := copySparse(f, tr); err != nil {
 			return err
 		}
 		if asRoot {
@@ -445,4 +446,56 @@ func fixDir(fr *fsroot.Root, p string, hdr *tar.Header, asRoot bool) error {
 	}
 	tv := []unix.Timeval{unix.NsecToTimeval(hdr.ModTime.UnixNano()), unix.NsecToTimeval(hdr.ModTime.UnixNano())}
 	return unix.Futimes(fd, tv)
+}
+
+// copySparse writes r into the new file f, leaving holes where r has
+// blocks of zeros: a sparse file (a disk image, `truncate -s 1T`) copied
+// out of a box takes the space its data takes, not its size, on the host.
+func copySparse(f *os.File, r io.Reader) error {
+	const block = 64 << 10
+	buf := make([]byte, block)
+	var size int64
+	hole := false // the file ends in a hole: its size is set at the end
+	for {
+		n, err := io.ReadFull(r, buf)
+		if n > 0 {
+			if isZero(buf[:n]) {
+				if _, err := f.Seek(int64(n), io.SeekCurrent); err != nil {
+					return err
+				}
+				hole = true
+			} else {
+				if _, err := f.Write(buf[:n]); err != nil {
+					return err
+				}
+				hole = false
+			}
+			size += int64(n)
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if hole {
+		return f.Truncate(size)
+	}
+	return nil
+}
+
+func isZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.NativeEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -29,7 +29,15 @@ import (
 type Client struct {
 	m   *mux
 	log *slog.Logger
+
+	// backstop is TimeoutBackstop (tests shorten it).
+	backstop time.Duration
 }
+
+// TimeoutBackstop is how long past a Command's Timeout the host waits for
+// the agent to end the exec before it ends it itself: an exec with a
+// timeout ends even if the box's agent does not do its part.
+const TimeoutBackstop = 10 * time.Second
 
 // NewClient wraps conn and starts the goroutine that reads it. The Client
 // owns conn and closes it on [Client.Close] or when the connection fails.
@@ -561,6 +569,13 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		tty:    cmd.TTY != nil,
 		events: make(chan Event),
 	}
+	if cmd.Timeout > 0 {
+		backstop := c.backstop
+		if backstop == 0 {
+			backstop = TimeoutBackstop
+		}
+		p.timeout, p.deadline = cmd.Timeout, time.Now().Add(cmd.Timeout+backstop)
+	}
 	go p.pump()
 	if cmd.Stdin != nil {
 		go p.feed(cmd.Stdin)
@@ -579,11 +594,13 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 
 // Process is a command running in the box.
 type Process struct {
-	c      *Client
-	s      *stream
-	pid    int
-	tty    bool
-	events chan Event
+	c        *Client
+	s        *stream
+	pid      int
+	tty      bool
+	events   chan Event
+	timeout  time.Duration
+	deadline time.Time // Timeout and its backstop: the host ends the exec then
 }
 
 // Pid is the process id in the box.
@@ -681,8 +698,24 @@ func (p *Process) Wait(stdout, stderr io.Writer) *ExitStatus {
 
 func (p *Process) pump() {
 	defer close(p.events)
+	ctx := context.Background()
+	if !p.deadline.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, p.deadline)
+		defer cancel()
+	}
 	for {
-		f, err := p.s.recv(context.Background())
+		f, err := p.s.recv(ctx)
+		if ctx.Err() != nil && (err != nil || f.typ != frameResult) {
+			// The agent did not end it (output may still flow): it is
+			// told to (Cancel kills the group), and the exec ends here
+			// whatever it does.
+			p.c.abandon(p.s)
+			p.c.log.Warn("the agent did not end an exec past its timeout; ended by the host", "pid", p.pid, "timeout", p.timeout)
+			p.finish(&ExitStatus{Code: -1, TimedOut: true,
+				Error: fmt.Sprintf("timed out after %v; the box did not end the command", p.timeout)})
+			return
+		}
 		if err != nil {
 			p.finish(&ExitStatus{Code: -1, Error: connErrorMessage(err)})
 			return

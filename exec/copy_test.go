@@ -546,3 +546,40 @@ func TestServerUserCacheFollowsTheFiles(t *testing.T) {
 	settle()
 	expect("without /etc/group", "1003\n1000")
 }
+
+// A file of mostly zeros (a sparse file in the box: a disk image,
+// `truncate -s`) is written with holes: it takes the space of its data on
+// the host, not its size, and reads back the same.
+func TestUntarWritesZerosAsHoles(t *testing.T) {
+	const size = 64 << 20
+	data := make([]byte, size)
+	copy(data[10<<20:], "data in the middle")
+	copy(data[20<<20+12345:], bytes.Repeat([]byte{0xff}, 100<<10)) // not block-aligned
+	// ends in 40 MiB of zeros: the size must still be 64 MiB
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	tw.WriteHeader(&tar.Header{Name: "disk.img", Mode: 0o644, Size: size, Typeflag: tar.TypeReg})
+	tw.Write(data)
+	tw.WriteHeader(&tar.Header{Name: "zeros", Mode: 0o644, Size: 1 << 20, Typeflag: tar.TypeReg})
+	tw.Write(make([]byte, 1<<20))
+	tw.Close()
+	root := t.TempDir()
+	if err := Untar(&buf, root, "/"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(root, "disk.img"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("disk.img read back differs (%d bytes, %v)", len(got), err)
+	}
+	for name, wantSize := range map[string]int64{"disk.img": size, "zeros": 1 << 20} {
+		st, err := os.Stat(filepath.Join(root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		used := st.Sys().(*syscall.Stat_t).Blocks * 512
+		t.Logf("%s: size %d, %d bytes allocated", name, st.Size(), used)
+		if st.Size() != wantSize || used > 1<<20 {
+			t.Errorf("%s: size %d (want %d), %d bytes allocated (want its data only, under 1 MiB)", name, st.Size(), wantSize, used)
+		}
+	}
+}

@@ -482,3 +482,51 @@ func TestExecLateStart(t *testing.T) {
 		t.Errorf("a command that is not found: %v, want a RUNTIME_ERROR from Start", err)
 	}
 }
+
+// A command that exits at once but leaves a process writing to its
+// output now and then, in its group or out of it (setsid), must not hold
+// the exec open past its timeout: the agent stops reading OutputGrace
+// after it, and the exec ends timed out. Before, the timeout was dropped
+// once the command exited, and each write extended the wait.
+func TestExecTimeoutCutsWhatItLeftWriting(t *testing.T) {
+	c := startServer(t, ServerOptions{OutputGrace: 300 * time.Millisecond})
+	const loop = `for i in $(seq 300); do echo x; sleep 0.1; done`
+	for name, script := range map[string]string{
+		"background": "(" + loop + ") & exit 0",
+		"setsid":     "setsid sh -c '" + loop + "' & exit 0",
+	} {
+		start := time.Now()
+		cmd := sh(script)
+		cmd.Timeout = time.Second
+		r := run(t, c, cmd)
+		el := time.Since(start)
+		t.Logf("%s: ended after %v: %+v, %d bytes", name, el.Round(time.Millisecond), r.exit, len(r.stdout))
+		if el > 5*time.Second || !r.exit.TimedOut {
+			t.Errorf("%s: a 1s timeout ended after %v, exit %+v", name, el, r.exit)
+		}
+		if !strings.Contains(r.stdout, "x") {
+			t.Errorf("%s: the output before the timeout is missing: %q", name, r.stdout)
+		}
+	}
+}
+
+// Should the agent not end an exec with a timeout (here: an agent that
+// waits an hour of silence, with a process writing out of the command's
+// group), the host ends it itself, a backstop past the timeout, timed out.
+func TestExecTimeoutHostBackstop(t *testing.T) {
+	c := startServer(t, ServerOptions{OutputGrace: time.Hour})
+	c.backstop = time.Second
+	cmd := sh(`setsid sh -c 'for i in $(seq 300); do echo x; sleep 0.1; done' & exit 0`)
+	cmd.Timeout = time.Second
+	start := time.Now()
+	r := run(t, c, cmd)
+	el := time.Since(start)
+	t.Logf("ended after %v: %+v", el.Round(time.Millisecond), r.exit)
+	if el > 6*time.Second || !r.exit.TimedOut || r.exit.Code != -1 || !strings.Contains(r.exit.Error, "did not end") {
+		t.Errorf("ended after %v with %+v; want the host's end at about 2s", el, r.exit)
+	}
+	// The connection still serves.
+	if r := run(t, c, sh("echo ok")); trim(r.stdout) != "ok" {
+		t.Errorf("after the backstop: %q %+v", r.stdout, r.exit)
+	}
+}

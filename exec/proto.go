@@ -276,8 +276,13 @@ type Command struct {
 	// image config, resolved against the box's /etc/passwd and /etc/group.
 	// "" is root.
 	User string
-	// Timeout, when positive, makes the agent SIGKILL the process group at
-	// expiry; the exit status then has TimedOut set.
+	// Timeout, when positive, makes the agent SIGKILL the process group
+	// (and every process of the exec's cgroup) at expiry and stop reading
+	// output soon after, even from processes that left them or from
+	// background processes of a command that has exited; the exit status
+	// then has TimedOut set. Should the agent still not end the exec
+	// (a box whose root took the agent over), the host ends it itself
+	// TimeoutBackstop later.
 	Timeout time.Duration
 	// Stdin is streamed to the process; its EOF closes the process's stdin.
 	// nil means /dev/null.

@@ -596,13 +596,37 @@ func (sv *server) exec(s *stream, req *request) {
 		onResize := func(rows, cols uint16) { pr.resize(rows, cols) }
 		s.onResize.Store(&onResize)
 	}
-	var timedOut atomic.Bool
+	outputs := []struct {
+		f   *os.File
+		typ byte
+	}{{pr.stdout, frameStdout}, {pr.stderr, frameStderr}}
+	if pr.tty != nil {
+		outputs = outputs[:1] // one output stream: the terminal
+	}
+	// Once the command has exited, its output is read until OutputGrace
+	// of silence (done); once its timeout has passed, for OutputGrace at
+	// most (hard, a deadline no read extends): a process that left the
+	// group and the cgroup, or a background process of a command that
+	// exited, writing now and then, must not hold the exec open past its
+	// timeout.
+	var timedOut, done atomic.Bool
+	var hard atomic.Int64
+	cutOutput := func() {
+		d := time.Now().Add(sv.opts.OutputGrace)
+		hard.Store(d.UnixNano())
+		for _, o := range outputs {
+			o.f.SetReadDeadline(d)
+		}
+	}
 	var timer *time.Timer
 	if req.TimeoutMS > 0 {
 		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
 			timedOut.Store(true)
 			pr.signal(unix.SIGKILL)
 			cg.kill()
+			if done.Load() {
+				cutOutput()
+			}
 		})
 	}
 	// Cancel (or the end of the session) kills the group, until the
@@ -611,6 +635,13 @@ func (sv *server) exec(s *stream, req *request) {
 	stopCancelKill := context.AfterFunc(s.ctx, func() {
 		pr.signal(unix.SIGKILL)
 		cg.kill()
+		// Nothing more goes to the host: stop reading now, whoever
+		// still holds the output open (a process out of the group).
+		now := time.Now()
+		hard.Store(now.UnixNano())
+		for _, o := range outputs {
+			o.f.SetReadDeadline(now)
+		}
 	})
 
 	// A command that runs for longExec is a long one: the host learns
@@ -632,44 +663,41 @@ func (sv *server) exec(s *stream, req *request) {
 			}
 		})
 	}
-	outputs := []struct {
-		f   *os.File
-		typ byte
-	}{{pr.stdout, frameStdout}, {pr.stderr, frameStderr}}
 	switch {
 	case pr.tty != nil:
 		go feedTTY(s, pr.tty)
-		outputs = outputs[:1] // one output stream: the terminal
 	case pr.stdin != nil:
 		go feedStdin(s, pr.stdin)
 	}
 	var outMu sync.Mutex // one sequence across stdout and stderr
-	var done atomic.Bool
 	var wg sync.WaitGroup
 	for _, o := range outputs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sv.pumpOutput(s, o.f, o.typ, &outMu, &done, started)
+			sv.pumpOutput(s, o.f, o.typ, &outMu, &done, &hard, started)
 		}()
 	}
 
 	ws := <-pr.wait
-	if timer != nil {
-		timer.Stop()
-	}
 	if longTimer != nil {
 		longTimer.Stop()
 	}
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
-	// silence.
+	// silence, and no more once the timeout has passed.
 	done.Store(true)
 	deadline := time.Now().Add(sv.opts.OutputGrace)
 	for _, o := range outputs {
 		o.f.SetReadDeadline(deadline)
 	}
+	if timedOut.Load() { // it fired before done was set
+		cutOutput()
+	}
 	wg.Wait()
+	if timer != nil {
+		timer.Stop()
+	}
 	stopCancelKill()
 	// Closing the terminal's master hangs it up: what still runs on it
 	// gets SIGHUP.
@@ -687,6 +715,9 @@ func (sv *server) exec(s *stream, req *request) {
 		st.Code = -1
 		st.Signal = unix.SignalName(ws.Signal())
 		st.TimedOut = timedOut.Load() && ws.Signal() == unix.SIGKILL
+	} else {
+		// It exited, and what it left running was cut at the timeout.
+		st.TimedOut = timedOut.Load()
 	}
 	sv.log.Debug("exited", "channel", s.id, "pid", pid, "code", st.Code, "signal", st.Signal)
 	// Given back before the Result: the host's next exec, sent as soon as
@@ -914,7 +945,7 @@ var pumpBuffers = sync.Pool{New: func() any { b := make([]byte, maxDataFrame); r
 
 // pumpOutput forwards one output pipe. Chunks of stdout and stderr are
 // sent under outMu in the order they were read.
-func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool, started *startedFrame) {
+func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool, hard *atomic.Int64, started *startedFrame) {
 	bp := pumpBuffers.Get().(*[]byte)
 	defer pumpBuffers.Put(bp)
 	buf := *bp
@@ -929,8 +960,13 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 				return // the host is gone or cancelled; the group is being killed
 			}
 			if done.Load() {
-				// Time spent waiting for credit does not count as silence.
-				f.SetReadDeadline(time.Now().Add(sv.opts.OutputGrace))
+				// Time spent waiting for credit does not count as silence;
+				// past the timeout, nothing extends the deadline.
+				d := time.Now().Add(sv.opts.OutputGrace)
+				if h := hard.Load(); h != 0 && d.UnixNano() > h {
+					d = time.Unix(0, h)
+				}
+				f.SetReadDeadline(d)
 			}
 		}
 		if err != nil {

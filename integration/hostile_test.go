@@ -141,6 +141,74 @@ func TestHostileStdoutFloodPausedReader(t *testing.T) {
 
 // A box can fill its disk, not the host's: ENOSPC in the guest, and the
 // host file never grows past DiskSizeGB.
+// Exec (and Run, and REST /v1/run through it) holds a command's output
+// in the caller's memory: it keeps the last ExecSpec.MaxOutputBytes of
+// each stream and counts the rest, however much the box writes. Before,
+// `cat /dev/zero` under Exec grew the host process until it was killed.
+func TestHostileExecOutputBounded(t *testing.T) {
+	box := sharedBox(t)
+	const limit = 256 << 10
+	seq := func(from, to int) string {
+		var b strings.Builder
+		for i := from; i <= to; i++ {
+			b.WriteString(strconv.Itoa(i))
+			b.WriteByte('\n')
+		}
+		return b.String()
+	}
+	wantOut, wantErr := seq(1, 1500000), seq(1, 100000) // 10.9 MB, 589 kB
+	res, err := fx.eng.Exec(ctxT(t, 5*time.Minute), box.ID, boxrun.ExecSpec{
+		Cmd: []string{"sh", "-c", "seq 1 100000 >&2; seq 1 1500000"}, MaxOutputBytes: limit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d + %d bytes written, %d + %d kept", len(wantOut), len(wantErr), len(res.Stdout), len(res.Stderr))
+	if res.Stdout != wantOut[len(wantOut)-limit:] || res.StdoutDropped != int64(len(wantOut)-limit) {
+		t.Errorf("stdout: kept %d bytes, dropped %d; want the last %d, %d dropped", len(res.Stdout), res.StdoutDropped, limit, len(wantOut)-limit)
+	}
+	if res.Stderr != wantErr[len(wantErr)-limit:] || res.StderrDropped != int64(len(wantErr)-limit) {
+		t.Errorf("stderr: kept %d bytes, dropped %d; want the last %d, %d dropped", len(res.Stderr), res.StderrDropped, limit, len(wantErr)-limit)
+	}
+	// What it holds meanwhile (at most twice the limit) is TestTailBuffer's.
+	// Under the limit (and with the engine's default), all of it.
+	res = sh(t, box, "seq 1 1000")
+	if res.Stdout != seq(1, 1000) || res.StdoutDropped != 0 {
+		t.Errorf("a short output: %d bytes, %d dropped", len(res.Stdout), res.StdoutDropped)
+	}
+}
+
+// A command's timeout holds even against root in the box that moves
+// itself out of the exec's cgroup (its own cgroup2 mount) and leaves a
+// process out of its group (setsid) writing to the exec's output now and
+// then: the agent stops reading OutputGrace after the timeout. Before,
+// the exec's output was read for as long as that process wrote, and Exec
+// (and an ephemeral /v1/run) never returned.
+func TestHostileTimeoutEscape(t *testing.T) {
+	box := sharedBox(t)
+	t.Cleanup(func() { sh(t, box, "umount /tmp/zzcg 2>/dev/null; rmdir /tmp/zzcg 2>/dev/null; true") })
+	script := `mkdir -p /tmp/zzcg && mount -t cgroup2 none /tmp/zzcg || exit 1
+		echo $$ > /tmp/zzcg/cgroup.procs || exit 1
+		grep -qx '0::/' /proc/self/cgroup || exit 1
+		setsid sh -c 'for i in $(seq 200); do echo x; sleep 0.3; done' &
+		sleep 0.5; exit 0`
+	start := time.Now()
+	res, err := fx.eng.Exec(ctxT(t, 2*time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", script}, Timeout: 2 * time.Second})
+	el := time.Since(start)
+	t.Logf("ended after %v: %v, %+v", el.Round(time.Millisecond), err, res)
+	if boxrun.CodeOf(err) != boxrun.Timeout || res == nil || !res.TimedOut {
+		t.Fatalf("want TIMEOUT with TimedOut set, got %v %+v", err, res)
+	}
+	if !strings.Contains(res.Stdout, "x") {
+		t.Errorf("the output before the timeout is missing: %q", res.Stdout)
+	}
+	// 2s and the agent's grace, with room for TCG; the host's own
+	// backstop (exec.TimeoutBackstop, 10s) would end it later.
+	if el > 10*time.Second {
+		t.Errorf("a 2s timeout ended after %v", el)
+	}
+	alive(t, box, "a timeout escape")
+}
+
 func TestHostileDiskFill(t *testing.T) {
 	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
 	start := time.Now()

@@ -28,7 +28,9 @@ import (
 //   - The TAP's host end is made a port of a bridge "bxb<hash>" that is
 //     never brought up. A bridge port's frames go to the bridge (which,
 //     down, drops them) instead of the host's IP stack: no address, ARP,
-//     IPv6 or forwarding of the host applies to them.
+//     IPv6 or forwarding of the host applies to them. Frames to the
+//     link-local group addresses, which a bridge passes to the port's
+//     own stack, are made to go to the bridge too (group_fwd_mask).
 //   - DialNetwork opens an AF_PACKET socket bound to the TAP. Packet
 //     sockets see a device's frames before its rx handler (the bridge)
 //     takes them; what the socket sends is transmitted on the TAP, which
@@ -117,6 +119,21 @@ func setupTap(id string) (string, error) {
 	}
 	if err := nl.setLink(tapIf.Index, brIf.Index, chNetMTU, true); err != nil {
 		return fail("attach tap "+tap+" to bridge "+br, err)
+	}
+	// A bridge does not forward frames to the IEEE link-local group
+	// addresses (01:80:c2:00:00:0X): it hands them to the port's own
+	// stack, so the host's IP stack would take a guest's UDP or ARP sent
+	// to one. The group forward masks make the bridge forward them
+	// instead, which, down, drops them. The bridge's mask may not hold
+	// bits 0-2 but is the only one read for LLDP (0x0E); the port's may
+	// hold all but pause (1), which the bridge always drops.
+	for _, m := range []struct{ file, mask string }{
+		{"/sys/class/net/" + br + "/bridge/group_fwd_mask", "0xfff8"},
+		{"/sys/class/net/" + tap + "/brport/group_fwd_mask", "0xfffd"},
+	} {
+		if err := os.WriteFile(m.file, []byte(m.mask), 0o644); err != nil {
+			return fail("keep link-local frames of "+tap+" from the host", err)
+		}
 	}
 	return tap, nil
 }

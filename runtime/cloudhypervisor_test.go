@@ -156,6 +156,56 @@ func TestCHTapBridge(t *testing.T) {
 		}
 	}
 
+	// The guest sends to the IEEE link-local group addresses, which a
+	// bridge hands to the port's own stack rather than forwarding: UDP
+	// to a host socket (any address of the host), and ARP. Nothing may
+	// reach the host or come back.
+	udpSrv, err := net.ListenUDP("udp4", &net.UDPAddr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udpSrv.Close()
+	port := udpSrv.LocalAddr().(*net.UDPAddr).Port
+	payload := []byte("from the box")
+	udp := binary.BigEndian.AppendUint16(nil, 40000)
+	udp = binary.BigEndian.AppendUint16(udp, uint16(port))
+	udp = binary.BigEndian.AppendUint16(udp, uint16(8+len(payload)))
+	udp = append(append(udp, 0, 0), payload...) // no checksum: allowed in IPv4
+	ip := []byte{0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 2, 15}
+	ip = append(ip, hostIP.To4()...)
+	binary.BigEndian.PutUint16(ip[2:], uint16(20+len(udp)))
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
+	for last := byte(0); last <= 0x0f; last++ {
+		group := []byte{0x01, 0x80, 0xc2, 0, 0, last}
+		if _, err := guest.Write(append(make([]byte, 12), frame(group, guestMAC, 0x0800, append(ip, udp...))...)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := guest.Write(append(make([]byte, 12), frame(group, guestMAC, 0x0806, arp)...)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	udpSrv.SetReadDeadline(time.Now().Add(time.Second))
+	if n, from, err := udpSrv.ReadFromUDP(make([]byte, 100)); err == nil {
+		t.Errorf("a host UDP socket got %d bytes from %v: a guest frame to a link-local group address reached the host's IP stack", n, from)
+	}
+	deadline = time.Now().Add(500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		f, err := readGuest(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		if len(f) >= 14 && f[12] == 0x08 && f[13] == 0x06 {
+			t.Fatalf("the host answered an ARP sent to a link-local group address: % x", f)
+		}
+	}
+
 	// The stream refuses a bad frame length.
 	if _, err := conn.Write([]byte{0xff, 0xff, 0xff, 0xff}); err == nil {
 		t.Error("a 4 GiB frame was accepted")
