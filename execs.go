@@ -549,9 +549,9 @@ func (e *Engine) outputTail(spec ExecSpec) *tailBuffer {
 	limit := spec.MaxOutputBytes
 	if limit == 0 {
 		limit = e.cfg.MaxExecOutputBytes
-	}
-	if limit == 0 {
-		limit = state.DefaultMaxOutputBytes
+		if limit <= 0 { // as the store reads it
+			limit = state.DefaultMaxOutputBytes
+		}
 	}
 	return &tailBuffer{max: limit}
 }

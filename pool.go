@@ -45,6 +45,7 @@ type pooledBox struct {
 	cpu, mem int
 	lb       *liveBox
 	unpin    func()
+	watched  bool // idleNow's watch runs (under p.mu)
 }
 
 type pool struct {
@@ -111,6 +112,10 @@ func (p *pool) take(e *Engine, spec *BoxSpec) *pooledBox {
 // happens to take it.
 func (p *pool) idleNow(e *Engine, pb *pooledBox) {
 	p.idle[pb.key] = append(p.idle[pb.key], pb)
+	if pb.watched { // idle again (its Create failed): its watch goes on
+		return
+	}
+	pb.watched = true
 	go func() {
 		select {
 		case <-pb.lb.vm.Done():

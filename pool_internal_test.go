@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -56,6 +57,15 @@ func pooledStandIn(t *testing.T, e *Engine, spec BoxSpec) (*pooledBox, *standInV
 	pb := &pooledBox{id: newID("box_"), dir: t.TempDir(), key: poolKey(spec.Image, spec.CPU, spec.MemoryMB, spec.DiskSizeGB, spec.Network),
 		cpu: spec.CPU, mem: spec.MemoryMB, unpin: func() {},
 		lb: &liveBox{vm: vm, agent: agentexec.NewClient(a, slog.New(slog.DiscardHandler))}}
+	return pb, vm
+}
+
+// idleStandIn is pooledStandIn, idle in e's pool.
+func idleStandIn(t *testing.T, e *Engine, spec BoxSpec) (*pooledBox, *standInVM) {
+	pb, vm := pooledStandIn(t, e, spec)
+	e.pool.mu.Lock()
+	e.pool.idleNow(e, pb)
+	e.pool.mu.Unlock()
 	return pb, vm
 }
 
@@ -120,10 +130,7 @@ func TestPoolCloseAndInfoDoNotDeadlock(t *testing.T) {
 		e := testEngine(t, 4)
 		spec := BoxSpec{Image: "img", CPU: 1, MemoryMB: 64, DiskSizeGB: 1}
 		for i := 0; i < 4; i++ {
-			pb, _ := pooledStandIn(t, e, spec)
-			e.pool.mu.Lock()
-			e.pool.idleNow(e, pb)
-			e.pool.mu.Unlock()
+			idleStandIn(t, e, spec)
 		}
 		stopInfo := pollInfo(e)
 		closed := make(chan struct{})
@@ -147,10 +154,7 @@ func TestPoolCloseAndInfoDoNotDeadlock(t *testing.T) {
 func TestPoolDeadIdleBoxGivesBackItsShare(t *testing.T) {
 	e := testEngine(t, 2)
 	spec := BoxSpec{Image: "img", CPU: 2, MemoryMB: 512, DiskSizeGB: 1}
-	pb, vm := pooledStandIn(t, e, spec)
-	e.pool.mu.Lock()
-	e.pool.idleNow(e, pb)
-	e.pool.mu.Unlock()
+	pb, vm := idleStandIn(t, e, spec)
 	if i := e.Info(); i.UsedCPU != 2 || i.PoolVMs != 1 {
 		t.Fatalf("idle pooled box: used %d CPUs, %d pooled; want 2, 1", i.UsedCPU, i.PoolVMs)
 	}
@@ -373,5 +377,26 @@ func TestTailBuffer(t *testing.T) {
 	b.write("short")
 	if got, dropped := b.result(); got != "short" || dropped != 0 {
 		t.Fatalf("under the limit: %q, %d dropped", got, dropped)
+	}
+}
+
+// A pooled box taken by Creates that fail (a name in use, a pull that
+// fails) goes back to the pool each time; its watch is started once.
+func TestPoolWatchStartedOnce(t *testing.T) {
+	e := testEngine(t, 1)
+	spec := BoxSpec{Image: "img", CPU: 1, MemoryMB: 64, DiskSizeGB: 1}
+	pb, _ := idleStandIn(t, e, spec)
+	before := goruntime.NumGoroutine()
+	for i := 0; i < 500; i++ {
+		if e.pool.take(e, &spec) != pb {
+			t.Fatal("take did not hand out the idle box")
+		}
+		e.pool.release(e, pb.id)
+	}
+	if after := goruntime.NumGoroutine(); after > before+5 {
+		t.Fatalf("500 takes put back: %d goroutines, %d before", after, before)
+	}
+	if i := e.Info(); i.PoolVMs != 1 || i.UsedCPU != 1 {
+		t.Fatalf("after the takes put back: %d pooled, %d CPUs used; want 1, 1", i.PoolVMs, i.UsedCPU)
 	}
 }

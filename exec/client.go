@@ -32,6 +32,9 @@ type Client struct {
 
 	// backstop is TimeoutBackstop (tests shorten it).
 	backstop time.Duration
+	// ignoredTimeouts leaves Command.Timeout out of the request: an
+	// agent that ignores it, for tests of the backstop.
+	ignoredTimeouts bool
 }
 
 // TimeoutBackstop is how long past a Command's Timeout the host waits for
@@ -532,7 +535,7 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		// Without input the agent may hold Started back (LateStart).
 		LateStart: cmd.LateStart && cmd.Stdin == nil && cmd.TTY == nil,
 	}
-	if cmd.Timeout > 0 {
+	if cmd.Timeout > 0 && !c.ignoredTimeouts {
 		req.TimeoutMS = max(1, int64((cmd.Timeout+time.Millisecond-1)/time.Millisecond))
 	}
 	s, err := c.request(req)
@@ -570,11 +573,10 @@ func (c *Client) Start(ctx context.Context, cmd Command) (*Process, error) {
 		events: make(chan Event),
 	}
 	if cmd.Timeout > 0 {
-		backstop := c.backstop
-		if backstop == 0 {
-			backstop = TimeoutBackstop
+		p.timeout, p.backstop = cmd.Timeout, c.backstop
+		if p.backstop == 0 {
+			p.backstop = TimeoutBackstop
 		}
-		p.timeout, p.deadline = cmd.Timeout, time.Now().Add(cmd.Timeout+backstop)
 	}
 	go p.pump()
 	if cmd.Stdin != nil {
@@ -599,8 +601,8 @@ type Process struct {
 	pid      int
 	tty      bool
 	events   chan Event
-	timeout  time.Duration
-	deadline time.Time // Timeout and its backstop: the host ends the exec then
+	timeout  time.Duration // Command.Timeout
+	backstop time.Duration // past it, the host ends the exec (TimeoutBackstop)
 }
 
 // Pid is the process id in the box.
@@ -698,48 +700,83 @@ func (p *Process) Wait(stdout, stderr io.Writer) *ExitStatus {
 
 func (p *Process) pump() {
 	defer close(p.events)
-	ctx := context.Background()
-	if !p.deadline.IsZero() {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, p.deadline)
-		defer cancel()
+	// The backstop (a Command with a Timeout) counts the time spent
+	// waiting for the agent, not the time the owner takes to read the
+	// events: a slow reader slows the command down, by design.
+	wait := time.Duration(-1)
+	if p.timeout > 0 {
+		wait = p.timeout + p.backstop
 	}
 	for {
-		f, err := p.s.recv(ctx)
-		if ctx.Err() != nil && (err != nil || f.typ != frameResult) {
-			// The agent did not end it (output may still flow): it is
-			// told to (Cancel kills the group), and the exec ends here
-			// whatever it does.
-			p.c.abandon(p.s)
-			p.c.log.Warn("the agent did not end an exec past its timeout; ended by the host", "pid", p.pid, "timeout", p.timeout)
-			p.finish(&ExitStatus{Code: -1, TimedOut: true,
-				Error: fmt.Sprintf("timed out after %v; the box did not end the command", p.timeout)})
-			return
+		ctx, cancel := context.Background(), context.CancelFunc(func() {})
+		if wait >= 0 {
+			ctx, cancel = context.WithTimeout(ctx, wait)
 		}
-		if err != nil {
+		t0 := time.Now()
+		f, err := p.s.recv(ctx)
+		waited := ctx.Err() != nil
+		cancel()
+		if err != nil && !waited {
 			p.finish(&ExitStatus{Code: -1, Error: connErrorMessage(err)})
 			return
 		}
-		switch f.typ {
-		case frameStdout:
-			p.events <- Event{Stream: "stdout", Data: f.payload}
-		case frameStderr:
-			p.events <- Event{Stream: "stderr", Data: f.payload}
-		case frameResult:
-			res, err := decodeResult(f.payload)
-			st := &ExitStatus{Code: -1}
-			switch {
-			case err != nil:
-				st.Error = connErrorMessage(err)
-			case res.Exit == nil:
-				st.Error = "agent sent no exit status"
-			default:
-				st = res.Exit
+		if wait >= 0 {
+			if wait -= time.Since(t0); wait <= 0 || waited {
+				p.backstopped(f, err)
+				return
 			}
-			p.finish(st)
+		}
+		if p.deliver(f) {
 			return
 		}
 	}
+}
+
+// deliver hands one frame of the agent's to the owner; true once it was
+// the Result (the exit event sent).
+func (p *Process) deliver(f frame) bool {
+	switch f.typ {
+	case frameStdout:
+		p.events <- Event{Stream: "stdout", Data: f.payload}
+	case frameStderr:
+		p.events <- Event{Stream: "stderr", Data: f.payload}
+	case frameResult:
+		res, err := decodeResult(f.payload)
+		st := &ExitStatus{Code: -1}
+		switch {
+		case err != nil:
+			st.Error = connErrorMessage(err)
+		case res.Exit == nil:
+			st.Error = "agent sent no exit status"
+		default:
+			st = res.Exit
+		}
+		p.finish(st)
+		return true
+	}
+	return false
+}
+
+// backstopped ends an exec that the agent did not end within the
+// backstop past its timeout: what the agent sent until now is delivered
+// (f, err: the last receive; its Result may be among it), then, if no
+// Result was, the agent is told to kill it (Cancel) and the exec ends
+// here, timed out, whatever the agent does.
+func (p *Process) backstopped(f frame, err error) {
+	now, cancel := context.WithCancel(context.Background())
+	cancel() // recv returns what is queued, then the context's error
+	for {
+		if err == nil && p.deliver(f) {
+			return
+		}
+		if f, err = p.s.recv(now); err != nil {
+			break
+		}
+	}
+	p.c.abandon(p.s)
+	p.c.log.Warn("the agent did not end an exec past its timeout; ended by the host", "pid", p.pid, "timeout", p.timeout)
+	p.finish(&ExitStatus{Code: -1, TimedOut: true,
+		Error: fmt.Sprintf("timed out after %v; the box did not end the command", p.timeout)})
 }
 
 func (p *Process) finish(st *ExitStatus) { p.events <- Event{Exit: st} }

@@ -485,15 +485,16 @@ func TestExecLateStart(t *testing.T) {
 
 // A command that exits at once but leaves a process writing to its
 // output now and then, in its group or out of it (setsid), must not hold
-// the exec open past its timeout: the agent stops reading OutputGrace
-// after it, and the exec ends timed out. Before, the timeout was dropped
-// once the command exited, and each write extended the wait.
+// the exec open past its timeout: the agent reads what the pipe holds
+// when the timeout passes, and no more. The command ended in time: its
+// exit status is its own, and what it left running is not killed (that
+// writer dies of SIGPIPE). Before, each write extended the wait.
 func TestExecTimeoutCutsWhatItLeftWriting(t *testing.T) {
 	c := startServer(t, ServerOptions{OutputGrace: 300 * time.Millisecond})
 	const loop = `for i in $(seq 300); do echo x; sleep 0.1; done`
 	for name, script := range map[string]string{
-		"background": "(" + loop + ") & exit 0",
-		"setsid":     "setsid sh -c '" + loop + "' & exit 0",
+		"background": "(" + loop + ") & exit 3",
+		"setsid":     "setsid sh -c '" + loop + "' & exit 3",
 	} {
 		start := time.Now()
 		cmd := sh(script)
@@ -501,32 +502,94 @@ func TestExecTimeoutCutsWhatItLeftWriting(t *testing.T) {
 		r := run(t, c, cmd)
 		el := time.Since(start)
 		t.Logf("%s: ended after %v: %+v, %d bytes", name, el.Round(time.Millisecond), r.exit, len(r.stdout))
-		if el > 5*time.Second || !r.exit.TimedOut {
-			t.Errorf("%s: a 1s timeout ended after %v, exit %+v", name, el, r.exit)
+		if el > 5*time.Second || r.exit.TimedOut || r.exit.Code != 3 {
+			t.Errorf("%s: a 1s timeout ended after %v, exit %+v; want the command's own exit 3", name, el, r.exit)
 		}
 		if !strings.Contains(r.stdout, "x") {
 			t.Errorf("%s: the output before the timeout is missing: %q", name, r.stdout)
 		}
 	}
+	// Killed by its timeout, with a process out of its group writing on.
+	start := time.Now()
+	cmd := sh("setsid sh -c '" + loop + "' & sleep 30")
+	cmd.Timeout = time.Second
+	r := run(t, c, cmd)
+	if el := time.Since(start); el > 5*time.Second || !r.exit.TimedOut || r.exit.Signal != "SIGKILL" {
+		t.Errorf("killed at its timeout: ended after %v, exit %+v", el, r.exit)
+	}
 }
 
-// Should the agent not end an exec with a timeout (here: an agent that
-// waits an hour of silence, with a process writing out of the command's
-// group), the host ends it itself, a backstop past the timeout, timed out.
+// What ends within its timeout is reported as it ended, with all its
+// output, however the timeout falls: a daemon it left holding the output
+// silently is neither killed nor makes it "timed out", and output that
+// waited for a slow reader past the timeout is all delivered.
+func TestExecTimeoutSparesWhatEndedInTime(t *testing.T) {
+	c := startServer(t, ServerOptions{}) // OutputGrace 1s: longer than the time left
+	cmd := sh("sleep 5 & echo $!; sleep 0.6; echo done")
+	cmd.Timeout = time.Second
+	r := run(t, c, cmd)
+	lines := strings.Fields(r.stdout)
+	if r.exit.Code != 0 || r.exit.TimedOut || len(lines) != 2 || lines[1] != "done" {
+		t.Errorf("exit %+v, output %q", r.exit, r.stdout)
+	}
+	if len(lines) > 0 {
+		pid, _ := strconv.Atoi(lines[0])
+		if pid <= 0 || unix.Kill(pid, 0) != nil {
+			t.Errorf("the daemon it left (%q) was killed", lines[0])
+		} else {
+			unix.Kill(pid, unix.SIGKILL)
+		}
+	}
+
+	// 300 kB, more than the credit window and a pipe hold: the rest waits
+	// in the pipe while the reader sleeps past the timeout.
+	r = readLate(t, c, "head -c 300000 /dev/zero | tr '\\0' x", time.Second, 3*time.Second)
+	if len(r.stdout) != 300000 || r.exit.Code != 0 || r.exit.TimedOut {
+		t.Errorf("a slow reader got %d of 300000 bytes, exit %+v", len(r.stdout), r.exit)
+	}
+}
+
+// Should the agent not end an exec with a timeout (here: one that
+// ignores the timeout), the host ends it itself, a backstop past the
+// timeout, timed out, and tells the agent to kill it. Time its owner
+// takes to read the events does not count.
 func TestExecTimeoutHostBackstop(t *testing.T) {
-	c := startServer(t, ServerOptions{OutputGrace: time.Hour})
+	c := startServer(t, ServerOptions{})
 	c.backstop = time.Second
-	cmd := sh(`setsid sh -c 'for i in $(seq 300); do echo x; sleep 0.1; done' & exit 0`)
+	c.ignoredTimeouts = true
+	cmd := sh("echo started; sleep 30")
 	cmd.Timeout = time.Second
 	start := time.Now()
 	r := run(t, c, cmd)
 	el := time.Since(start)
 	t.Logf("ended after %v: %+v", el.Round(time.Millisecond), r.exit)
-	if el > 6*time.Second || !r.exit.TimedOut || r.exit.Code != -1 || !strings.Contains(r.exit.Error, "did not end") {
-		t.Errorf("ended after %v with %+v; want the host's end at about 2s", el, r.exit)
+	if el > 6*time.Second || !r.exit.TimedOut || r.exit.Code != -1 || !strings.Contains(r.exit.Error, "did not end") || trim(r.stdout) != "started" {
+		t.Errorf("ended after %v with %+v, output %q; want the host's end at about 2s", el, r.exit, r.stdout)
+	}
+	// A slow reader of a command that ends in time gets all of it and its
+	// own end, though it reads long past timeout and backstop.
+	r = readLate(t, c, "head -c 150000 /dev/zero | tr '\\0' y; exit 4", time.Second, 3*time.Second)
+	if len(r.stdout) != 150000 || r.exit.Code != 4 || r.exit.TimedOut {
+		t.Errorf("a slow reader got %d of 150000 bytes, exit %+v", len(r.stdout), r.exit)
 	}
 	// The connection still serves.
 	if r := run(t, c, sh("echo ok")); trim(r.stdout) != "ok" {
 		t.Errorf("after the backstop: %q %+v", r.stdout, r.exit)
 	}
+}
+
+// readLate runs script with timeout and starts reading its events only
+// after pause.
+func readLate(t *testing.T, c *Client, script string, timeout, pause time.Duration) runResult {
+	t.Helper()
+	cmd := sh(script)
+	cmd.Timeout = timeout
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p, err := c.Start(ctx, cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(pause)
+	return collect(t, p)
 }

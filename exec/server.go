@@ -603,30 +603,33 @@ func (sv *server) exec(s *stream, req *request) {
 	if pr.tty != nil {
 		outputs = outputs[:1] // one output stream: the terminal
 	}
-	// Once the command has exited, its output is read until OutputGrace
-	// of silence (done); once its timeout has passed, for OutputGrace at
-	// most (hard, a deadline no read extends): a process that left the
+	// The output's end (see pumpOutput): once the command has exited,
+	// OutputGrace of silence (done). Once its timeout has passed (limit),
+	// what is already in the pipes and no more: a process that left the
 	// group and the cgroup, or a background process of a command that
 	// exited, writing now and then, must not hold the exec open past its
-	// timeout.
-	var timedOut, done atomic.Bool
-	var hard atomic.Int64
-	cutOutput := func() {
-		d := time.Now().Add(sv.opts.OutputGrace)
-		hard.Store(d.UnixNano())
+	// timeout. Cancel stops the reading at once (canceled).
+	var ends outputEnds
+	interrupt := func() {
 		for _, o := range outputs {
-			o.f.SetReadDeadline(d)
+			o.f.SetReadDeadline(time.Now())
 		}
 	}
+	var timedOut atomic.Bool
 	var timer *time.Timer
 	if req.TimeoutMS > 0 {
 		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
-			timedOut.Store(true)
-			pr.signal(unix.SIGKILL)
-			cg.kill()
-			if done.Load() {
-				cutOutput()
+			if !ends.done.Load() {
+				// The command itself ran too long. (Once it has exited,
+				// what it left running is its own business: only its
+				// output stops being read, below.)
+				timedOut.Store(true)
+				pr.signal(unix.SIGKILL)
+				cg.kill()
+				return
 			}
+			ends.limit.Store(true)
+			interrupt()
 		})
 	}
 	// Cancel (or the end of the session) kills the group, until the
@@ -637,11 +640,8 @@ func (sv *server) exec(s *stream, req *request) {
 		cg.kill()
 		// Nothing more goes to the host: stop reading now, whoever
 		// still holds the output open (a process out of the group).
-		now := time.Now()
-		hard.Store(now.UnixNano())
-		for _, o := range outputs {
-			o.f.SetReadDeadline(now)
-		}
+		ends.canceled.Store(true)
+		interrupt()
 	})
 
 	// A command that runs for longExec is a long one: the host learns
@@ -675,7 +675,7 @@ func (sv *server) exec(s *stream, req *request) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sv.pumpOutput(s, o.f, o.typ, &outMu, &done, &hard, started)
+			sv.pumpOutput(s, o.f, o.typ, &outMu, &ends, started)
 		}()
 	}
 
@@ -686,13 +686,14 @@ func (sv *server) exec(s *stream, req *request) {
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
 	// silence, and no more once the timeout has passed.
-	done.Store(true)
+	ends.done.Store(true)
 	deadline := time.Now().Add(sv.opts.OutputGrace)
 	for _, o := range outputs {
 		o.f.SetReadDeadline(deadline)
 	}
-	if timedOut.Load() { // it fired before done was set
-		cutOutput()
+	if timedOut.Load() { // killed by its timeout: what escaped it may still write
+		ends.limit.Store(true)
+		interrupt()
 	}
 	wg.Wait()
 	if timer != nil {
@@ -715,9 +716,6 @@ func (sv *server) exec(s *stream, req *request) {
 		st.Code = -1
 		st.Signal = unix.SignalName(ws.Signal())
 		st.TimedOut = timedOut.Load() && ws.Signal() == unix.SIGKILL
-	} else {
-		// It exited, and what it left running was cut at the timeout.
-		st.TimedOut = timedOut.Load()
 	}
 	sv.log.Debug("exited", "channel", s.id, "pid", pid, "code", st.Code, "signal", st.Signal)
 	// Given back before the Result: the host's next exec, sent as soon as
@@ -943,15 +941,46 @@ func outputPipe() (r, w *os.File, err error) {
 // otherwise be allocated, zeroed and collected each time.
 var pumpBuffers = sync.Pool{New: func() any { b := make([]byte, maxDataFrame); return &b }}
 
-// pumpOutput forwards one output pipe. Chunks of stdout and stderr are
-// sent under outMu in the order they were read.
-func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, done *atomic.Bool, hard *atomic.Int64, started *startedFrame) {
+// outputEnds says when an exec's output pumps stop reading.
+type outputEnds struct {
+	done     atomic.Bool // the command exited: read until OutputGrace of silence
+	limit    atomic.Bool // its timeout passed: read what the pipe holds now, no more
+	canceled atomic.Bool // the host is gone or canceled: stop now
+}
+
+// pumpOutput sends what the process writes to f as frames of type typ,
+// sent under outMu in the order they were read, until f's end (see
+// outputEnds). Setting ends.limit or ends.canceled must be followed by a
+// read deadline in the past on f, which wakes a read that waits.
+func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, ends *outputEnds, started *startedFrame) {
 	bp := pumpBuffers.Get().(*[]byte)
 	defer pumpBuffers.Put(bp)
 	buf := *bp
+	var read int64
+	limit := int64(-1) // bytes to read in all, once ends.limit is set
 	for {
-		n, err := f.Read(buf)
+		if ends.canceled.Load() {
+			return
+		}
+		want := buf
+		if limit < 0 && ends.limit.Load() {
+			// What the pipe holds now was written before (or about
+			// when) the timeout passed. Reading it cannot wait, so no
+			// deadline; what comes after is left unread. (A pump that
+			// waited for credit meanwhile takes at most a pipe's worth
+			// more: its writer blocks once the pipe is full.)
+			f.SetReadDeadline(time.Time{})
+			limit = read + pending(f)
+		}
+		if limit >= 0 {
+			if read >= limit {
+				return
+			}
+			want = buf[:min(int64(len(buf)), limit-read)]
+		}
+		n, err := f.Read(want)
 		if n > 0 {
+			read += int64(n)
 			started.send() // before any output
 			outMu.Lock()
 			serr := s.send(s.ctx, typ, buf[:n])
@@ -959,17 +988,15 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 			if serr != nil {
 				return // the host is gone or cancelled; the group is being killed
 			}
-			if done.Load() {
-				// Time spent waiting for credit does not count as silence;
-				// past the timeout, nothing extends the deadline.
-				d := time.Now().Add(sv.opts.OutputGrace)
-				if h := hard.Load(); h != 0 && d.UnixNano() > h {
-					d = time.Unix(0, h)
-				}
-				f.SetReadDeadline(d)
+			if ends.done.Load() && limit < 0 {
+				// Time spent waiting for credit does not count as silence.
+				f.SetReadDeadline(time.Now().Add(sv.opts.OutputGrace))
 			}
 		}
 		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && limit < 0 && ends.limit.Load() {
+				continue // woken to take the limit
+			}
 			// A terminal's master reads EIO once no process has the
 			// slave open: its end of file.
 			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, unix.EIO) {
@@ -978,6 +1005,22 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 			return
 		}
 	}
+}
+
+// pending is how many bytes f (a pipe or a terminal's master) holds
+// unread (FIONREAD, which Linux calls TIOCINQ); 0 if it cannot tell.
+func pending(f *os.File) int64 {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var n int
+	rc.Control(func(fd uintptr) {
+		if v, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil && v > 0 {
+			n = v
+		}
+	})
+	return int64(n)
 }
 
 // feedStdin copies Data frames to the process's stdin until the host's

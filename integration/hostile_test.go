@@ -180,31 +180,44 @@ func TestHostileExecOutputBounded(t *testing.T) {
 // A command's timeout holds even against root in the box that moves
 // itself out of the exec's cgroup (its own cgroup2 mount) and leaves a
 // process out of its group (setsid) writing to the exec's output now and
-// then: the agent stops reading OutputGrace after the timeout. Before,
-// the exec's output was read for as long as that process wrote, and Exec
-// (and an ephemeral /v1/run) never returned.
+// then: at the timeout, killed or not, the agent reads what the pipe
+// holds and no more. Before, the exec's output was read for as long as
+// that process wrote, and Exec (and an ephemeral /v1/run) never returned.
 func TestHostileTimeoutEscape(t *testing.T) {
 	box := sharedBox(t)
 	t.Cleanup(func() { sh(t, box, "umount /tmp/zzcg 2>/dev/null; rmdir /tmp/zzcg 2>/dev/null; true") })
-	script := `mkdir -p /tmp/zzcg && mount -t cgroup2 none /tmp/zzcg || exit 1
+	escape := `mkdir -p /tmp/zzcg && { grep -q ' /tmp/zzcg ' /proc/mounts || mount -t cgroup2 none /tmp/zzcg; } || exit 1
 		echo $$ > /tmp/zzcg/cgroup.procs || exit 1
 		grep -qx '0::/' /proc/self/cgroup || exit 1
 		setsid sh -c 'for i in $(seq 200); do echo x; sleep 0.3; done' &
-		sleep 0.5; exit 0`
-	start := time.Now()
-	res, err := fx.eng.Exec(ctxT(t, 2*time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", script}, Timeout: 2 * time.Second})
-	el := time.Since(start)
-	t.Logf("ended after %v: %v, %+v", el.Round(time.Millisecond), err, res)
-	if boxrun.CodeOf(err) != boxrun.Timeout || res == nil || !res.TimedOut {
-		t.Fatalf("want TIMEOUT with TimedOut set, got %v %+v", err, res)
-	}
-	if !strings.Contains(res.Stdout, "x") {
-		t.Errorf("the output before the timeout is missing: %q", res.Stdout)
-	}
-	// 2s and the agent's grace, with room for TCG; the host's own
-	// backstop (exec.TimeoutBackstop, 10s) would end it later.
-	if el > 10*time.Second {
-		t.Errorf("a 2s timeout ended after %v", el)
+		`
+	for _, c := range []struct {
+		name, tail string
+		killed     bool // by its timeout: TIMEOUT; else it ended in time, with its own exit
+	}{
+		{"exited in time", "sleep 0.5; exit 0", false},
+		{"killed at its timeout", "sleep 60", true},
+	} {
+		start := time.Now()
+		res, err := fx.eng.Exec(ctxT(t, 2*time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", escape + c.tail}, Timeout: 2 * time.Second})
+		el := time.Since(start)
+		t.Logf("%s: ended after %v: %v, %+v", c.name, el.Round(time.Millisecond), err, res)
+		switch {
+		case res == nil:
+			t.Fatalf("%s: %v", c.name, err)
+		case c.killed && (boxrun.CodeOf(err) != boxrun.Timeout || !res.TimedOut):
+			t.Errorf("%s: want TIMEOUT with TimedOut set, got %v %+v", c.name, err, res)
+		case !c.killed && (err != nil || res.ExitCode != 0 || res.TimedOut):
+			t.Errorf("%s: want its own exit 0, got %v %+v", c.name, err, res)
+		}
+		if !strings.Contains(res.Stdout, "x") {
+			t.Errorf("%s: the output before the timeout is missing: %q", c.name, res.Stdout)
+		}
+		// 2s and a read of what was left, with room for TCG; the host's
+		// own backstop (exec.TimeoutBackstop, 10s) would end it later.
+		if el > 8*time.Second {
+			t.Errorf("%s: a 2s timeout ended after %v", c.name, el)
+		}
 	}
 	alive(t, box, "a timeout escape")
 }

@@ -102,7 +102,7 @@ func setupTap(id string) (string, error) {
 		return fail("netlink", err)
 	}
 	defer nl.close()
-	if err := nl.newBridge(br); err != nil {
+	if err := nl.newBridge(br, bridgeFwdMask); err != nil {
 		return fail("create bridge "+br, err)
 	}
 	tapIf, err := net.InterfaceByName(tap)
@@ -120,23 +120,24 @@ func setupTap(id string) (string, error) {
 	if err := nl.setLink(tapIf.Index, brIf.Index, chNetMTU, true); err != nil {
 		return fail("attach tap "+tap+" to bridge "+br, err)
 	}
-	// A bridge does not forward frames to the IEEE link-local group
-	// addresses (01:80:c2:00:00:0X): it hands them to the port's own
-	// stack, so the host's IP stack would take a guest's UDP or ARP sent
-	// to one. The group forward masks make the bridge forward them
-	// instead, which, down, drops them. The bridge's mask may not hold
-	// bits 0-2 but is the only one read for LLDP (0x0E); the port's may
-	// hold all but pause (1), which the bridge always drops.
-	for _, m := range []struct{ file, mask string }{
-		{"/sys/class/net/" + br + "/bridge/group_fwd_mask", "0xfff8"},
-		{"/sys/class/net/" + tap + "/brport/group_fwd_mask", "0xfffd"},
-	} {
-		if err := os.WriteFile(m.file, []byte(m.mask), 0o644); err != nil {
-			return fail("keep link-local frames of "+tap+" from the host", err)
-		}
+	if err := nl.setPortFwdMask(tapIf.Index, portFwdMask); err != nil {
+		return fail("keep link-local frames of "+tap+" from the host", err)
 	}
 	return tap, nil
 }
+
+// A bridge does not forward frames to the IEEE link-local group addresses
+// (01:80:c2:00:00:0X): it hands them to the port's own stack, so the
+// host's IP stack would take a guest's UDP or ARP sent to one. The group
+// forward masks make the bridge forward them instead, which, down, drops
+// them. The bridge's mask may not hold bits 0-2 but is the only one read
+// for LLDP (0x0E); the port's may hold all but pause (1), which a bridge
+// always drops. Set over netlink: CAP_NET_ADMIN is enough (sysfs would
+// also need write access to root's files).
+const (
+	bridgeFwdMask = 0xfff8
+	portFwdMask   = 0xfffd
+)
 
 // deleteTap deletes box id's TAP and bridge, if they exist.
 func deleteTap(id string) {
@@ -318,12 +319,22 @@ func (n *rtnl) request(typ uint16, flags uint16, ifi unix.IfInfomsg, attrs ...[]
 	}
 }
 
-func (n *rtnl) newBridge(name string) error {
+// newBridge creates a bridge whose group forward mask is fwdMask.
+func (n *rtnl) newBridge(name string, fwdMask uint16) error {
 	kind := nlAttr(unix.IFLA_INFO_KIND, []byte("bridge"))
+	data := nlAttr(unix.IFLA_INFO_DATA|unix.NLA_F_NESTED, nlAttr(unix.IFLA_BR_GROUP_FWD_MASK, nlU16(fwdMask)))
 	return n.request(unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL, unix.IfInfomsg{Family: unix.AF_UNSPEC},
 		nlAttr(unix.IFLA_IFNAME, append([]byte(name), 0)),
-		nlAttr(unix.IFLA_LINKINFO, kind))
+		nlAttr(unix.IFLA_LINKINFO, append(kind, data...)))
 }
+
+// setPortFwdMask sets the group forward mask of bridge port index.
+func (n *rtnl) setPortFwdMask(index int, mask uint16) error {
+	return n.request(unix.RTM_SETLINK, 0, unix.IfInfomsg{Family: unix.AF_BRIDGE, Index: int32(index)},
+		nlAttr(unix.IFLA_PROTINFO|unix.NLA_F_NESTED, nlAttr(unix.IFLA_BRPORT_GROUP_FWD_MASK, nlU16(mask))))
+}
+
+func nlU16(v uint16) []byte { return binary.NativeEndian.AppendUint16(nil, v) }
 
 // setLink sets a link's master, MTU and (with up) the up flag.
 func (n *rtnl) setLink(index, master, mtu int, up bool) error {
