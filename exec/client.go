@@ -763,8 +763,11 @@ func (p *Process) deliver(f frame) bool {
 // Result was, the agent is told to kill it (Cancel) and the exec ends
 // here, timed out, whatever the agent does.
 func (p *Process) backstopped(f frame, err error) {
+	// What comes from now on is dropped and earns no credit: an agent
+	// still streaming cannot make the queue endless.
+	p.s.close(errors.New("ended by the host past its timeout"))
 	now, cancel := context.WithCancel(context.Background())
-	cancel() // recv returns what is queued, then the context's error
+	cancel() // recv returns what is queued, then an error
 	for {
 		if err == nil && p.deliver(f) {
 			return

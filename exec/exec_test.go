@@ -593,3 +593,89 @@ func readLate(t *testing.T, c *Client, script string, timeout, pause time.Durati
 	time.Sleep(pause)
 	return collect(t, p)
 }
+
+// What a pump reads once the timeout has passed: what its pipe or
+// terminal held then, all of it (a terminal's pending count is only its
+// line discipline's buffer, 4 KiB at most, less than what waits behind
+// it), and, from a writer that goes on, a bounded amount more.
+func TestReadLimitCoversWhatWasWritten(t *testing.T) {
+	for _, kind := range []string{"pipe", "terminal"} {
+		var r, w *os.File
+		var err error
+		if kind == "pipe" {
+			r, w, err = os.Pipe()
+		} else {
+			r, w, err = openPTY()
+		}
+		if err != nil {
+			t.Fatal(kind, err)
+		}
+		const written = 18000
+		go func() {
+			w.Write(bytes.Repeat([]byte("z"), written))
+			// then a writer that goes on
+			for i := 0; i < 1000; i++ {
+				if _, err := w.Write(bytes.Repeat([]byte("y"), 1024)); err != nil {
+					return
+				}
+			}
+		}()
+		time.Sleep(300 * time.Millisecond) // the writer has filled what it can
+		lim := newReadLimit(r, 0, kind == "terminal")
+		var got []byte
+		buf := make([]byte, 4096)
+		for {
+			n, wait := lim.left(r, int64(len(got)))
+			if n == 0 {
+				break
+			}
+			if wait > 0 {
+				r.SetReadDeadline(time.Now().Add(wait))
+			}
+			m, err := r.Read(buf[:min(int64(len(buf)), n)])
+			got = append(got, buf[:m]...)
+			if errors.Is(err, os.ErrDeadlineExceeded) && wait > 0 {
+				break
+			}
+			if err != nil {
+				t.Fatal(kind, err)
+			}
+		}
+		r.Close()
+		w.Close()
+		z := bytes.Count(got, []byte("z"))
+		t.Logf("%s: read %d bytes, %d of the %d written first", kind, len(got), z, written)
+		if z != written || len(got) > written+ttyBacklog+64<<10 {
+			t.Errorf("%s: read %d bytes, %d of the %d written before the limit was taken", kind, len(got), z, written)
+		}
+	}
+}
+
+// openPTY opens a terminal pair: its master (as the agent reads it) and
+// its slave (as a command writes it).
+func openPTY() (master, slave *os.File, err error) {
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	// Raw, as the agent's terminals are: bytes as written.
+	if tio, err := unix.IoctlGetTermios(int(s.Fd()), unix.TCGETS); err == nil {
+		tio.Oflag &^= unix.OPOST
+		unix.IoctlSetTermios(int(s.Fd()), unix.TCSETS, tio)
+	}
+	return m, s, nil
+}

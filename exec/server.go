@@ -616,9 +616,14 @@ func (sv *server) exec(s *stream, req *request) {
 		}
 	}
 	var timedOut atomic.Bool
+	// endMu orders the timeout against the command's own exit: one of
+	// them sees the other, and the deadlines set are the last word.
+	var endMu sync.Mutex
 	var timer *time.Timer
 	if req.TimeoutMS > 0 {
 		timer = time.AfterFunc(time.Duration(req.TimeoutMS)*time.Millisecond, func() {
+			endMu.Lock()
+			defer endMu.Unlock()
 			if !ends.done.Load() {
 				// The command itself ran too long. (Once it has exited,
 				// what it left running is its own business: only its
@@ -675,7 +680,7 @@ func (sv *server) exec(s *stream, req *request) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sv.pumpOutput(s, o.f, o.typ, &outMu, &ends, started)
+			sv.pumpOutput(s, o.f, o.typ, pr.tty != nil, &outMu, &ends, started)
 		}()
 	}
 
@@ -686,6 +691,7 @@ func (sv *server) exec(s *stream, req *request) {
 	// Output still buffered in the pipes is read; past that, a background
 	// process holding the pipe (or the terminal) open gets OutputGrace of
 	// silence, and no more once the timeout has passed.
+	endMu.Lock()
 	ends.done.Store(true)
 	deadline := time.Now().Add(sv.opts.OutputGrace)
 	for _, o := range outputs {
@@ -695,6 +701,7 @@ func (sv *server) exec(s *stream, req *request) {
 		ends.limit.Store(true)
 		interrupt()
 	}
+	endMu.Unlock()
 	wg.Wait()
 	if timer != nil {
 		timer.Stop()
@@ -952,31 +959,31 @@ type outputEnds struct {
 // sent under outMu in the order they were read, until f's end (see
 // outputEnds). Setting ends.limit or ends.canceled must be followed by a
 // read deadline in the past on f, which wakes a read that waits.
-func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex, ends *outputEnds, started *startedFrame) {
+func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, tty bool, outMu *sync.Mutex, ends *outputEnds, started *startedFrame) {
 	bp := pumpBuffers.Get().(*[]byte)
 	defer pumpBuffers.Put(bp)
 	buf := *bp
 	var read int64
-	limit := int64(-1) // bytes to read in all, once ends.limit is set
+	var lim *readLimit // once ends.limit is set
 	for {
 		if ends.canceled.Load() {
 			return
 		}
 		want := buf
-		if limit < 0 && ends.limit.Load() {
-			// What the pipe holds now was written before (or about
-			// when) the timeout passed. Reading it cannot wait, so no
-			// deadline; what comes after is left unread. (A pump that
-			// waited for credit meanwhile takes at most a pipe's worth
-			// more: its writer blocks once the pipe is full.)
+		if lim == nil && ends.limit.Load() {
+			// Reading what it counts cannot wait: no deadline.
 			f.SetReadDeadline(time.Time{})
-			limit = read + pending(f)
+			lim = newReadLimit(f, read, tty)
 		}
-		if limit >= 0 {
-			if read >= limit {
+		if lim != nil {
+			n, wait := lim.left(f, read)
+			if n == 0 {
 				return
 			}
-			want = buf[:min(int64(len(buf)), limit-read)]
+			want = buf[:min(int64(len(buf)), n)]
+			if wait > 0 {
+				f.SetReadDeadline(time.Now().Add(wait))
+			}
 		}
 		n, err := f.Read(want)
 		if n > 0 {
@@ -988,14 +995,23 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 			if serr != nil {
 				return // the host is gone or cancelled; the group is being killed
 			}
-			if ends.done.Load() && limit < 0 {
+			if ends.done.Load() && lim == nil {
 				// Time spent waiting for credit does not count as silence.
 				f.SetReadDeadline(time.Now().Add(sv.opts.OutputGrace))
 			}
 		}
 		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && limit < 0 && ends.limit.Load() {
-				continue // woken to take the limit
+			if errors.Is(err, os.ErrDeadlineExceeded) && !ends.canceled.Load() && (lim != nil || ends.limit.Load()) {
+				if lim != nil && lim.backlog {
+					return // the terminal went quiet
+				}
+				// Woken to take the limit, or a wake-up (or the drain's
+				// deadline) that came after the limit was taken: what
+				// it covers is there to read.
+				if lim != nil {
+					f.SetReadDeadline(time.Time{})
+				}
+				continue
 			}
 			// A terminal's master reads EIO once no process has the
 			// slave open: its end of file.
@@ -1005,6 +1021,42 @@ func (sv *server) pumpOutput(s *stream, f *os.File, typ byte, outMu *sync.Mutex,
 			return
 		}
 	}
+}
+
+// readLimit is what an output pump still reads once the exec's timeout
+// has passed: what f held at that moment, written before (or about when)
+// the timeout passed; what comes after is left unread. (A pump that
+// waited for credit meanwhile takes at most a pipe's worth more: its
+// writer blocks once the pipe is full.) A terminal's count is its line
+// discipline's buffer alone (4 KiB at most), not what waits behind it in
+// the terminal, which the kernel moves into that buffer as it empties,
+// a moment later: past the count, a terminal's pump reads on (the
+// backlog) for up to ttyBacklog more, while it comes within ttyWait.
+type readLimit struct {
+	limit   int64 // in bytes read since the start
+	tty     bool
+	backlog bool // a terminal's, past its count
+}
+
+const (
+	ttyBacklog = 32 << 10
+	ttyWait    = 100 * time.Millisecond
+)
+
+func newReadLimit(f *os.File, read int64, tty bool) *readLimit {
+	return &readLimit{limit: read + pending(f), tty: tty}
+}
+
+// left is how much more to read, having read read bytes in all, and how
+// long a read may wait for it (0: not at all: it is there).
+func (l *readLimit) left(f *os.File, read int64) (int64, time.Duration) {
+	if read >= l.limit && l.tty && !l.backlog {
+		l.backlog, l.limit = true, read+ttyBacklog
+	}
+	if l.backlog {
+		return max(0, l.limit-read), ttyWait
+	}
+	return max(0, l.limit-read), 0
 }
 
 // pending is how many bytes f (a pipe or a terminal's master) holds
