@@ -403,10 +403,13 @@ func (e *Engine) ExecEvents(ctx context.Context, execID string) (<-chan Event, e
 			if live != nil {
 				wake = live.wait() // taken before the read: no event is missed
 			}
-			evs, err := e.store.Events(execID, next)
+			// A page at a time: a follower (an SSE client, however
+			// slow) holds one page, not all the exec stored.
+			evs, err := e.store.EventsPage(execID, next, followPage)
 			if err != nil {
 				return
 			}
+			size := 0
 			for _, se := range evs {
 				select {
 				case out <- eventOf(execID, se):
@@ -417,6 +420,10 @@ func (e *Engine) ExecEvents(ctx context.Context, execID string) (<-chan Event, e
 				if se.Type == state.EventExit {
 					return
 				}
+				size += len(se.Data)
+			}
+			if size >= followPage {
+				continue // a full page: more may be stored
 			}
 			if live == nil {
 				// Finished (or its engine died) without a stored exit event.
@@ -590,3 +597,6 @@ func (b *tailBuffer) result() (string, int64) {
 	}
 	return string(out), b.total - int64(len(out))
 }
+
+// followPage is how much stored output ExecEvents reads at a time.
+const followPage = 1 << 20

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -31,8 +32,10 @@ type ListenConfig struct {
 	// every TCP request. A Host that is not loopback needs one. The socket
 	// is guarded by its file mode instead. Without a token, TCP requests
 	// must name a loopback host (or Host) in their Host header, so that a
-	// web page rebound to 127.0.0.1 cannot reach the API; with or without,
-	// a request with an Origin header from another origin is refused.
+	// web page rebound to 127.0.0.1 cannot reach the API, and come from
+	// the server's own user or root (peer.go: other users of the host
+	// reach a loopback port too); with or without, a request with an
+	// Origin header from another origin is refused.
 	Token string
 	// MaxConns is a hard cap on open connections per listener (default
 	// 4096): beyond it new ones wait in the kernel's backlog rather than
@@ -89,10 +92,13 @@ func Listen(api *API, cfg ListenConfig) (*Server, error) {
 		}
 		s.tcpAddr = ln.Addr().String()
 		g := &guard{host: cfg.Host}
+		var connContext func(context.Context, net.Conn) context.Context
 		if cfg.Token != "" {
 			g.token = []byte(cfg.Token)
+		} else {
+			connContext = withPeer // see peer.go
 		}
-		s.add(limit(ln, cfg.MaxConns), api.guarded(g), cfg)
+		s.add(limit(ln, cfg.MaxConns), api.guarded(g), cfg, connContext)
 	}
 	if cfg.Socket != "" {
 		ln, ino, err := listenUnix(cfg.Socket)
@@ -101,16 +107,17 @@ func Listen(api *API, cfg ListenConfig) (*Server, error) {
 			return nil, err
 		}
 		s.socket, s.sockIno = cfg.Socket, ino
-		s.add(limit(ln, cfg.MaxConns), api, cfg)
+		s.add(limit(ln, cfg.MaxConns), api, cfg, nil)
 	}
 	return s, nil
 }
 
-func (s *Server) add(ln net.Listener, h http.Handler, cfg ListenConfig) {
+func (s *Server) add(ln net.Listener, h http.Handler, cfg ListenConfig, connContext func(context.Context, net.Conn) context.Context) {
 	idle := &idleConns{max: cfg.MaxIdle}
 	s.lns = append(s.lns, ln)
 	s.servers = append(s.servers, &http.Server{
-		Handler: s.track(h),
+		ConnContext: connContext,
+		Handler:     s.track(h),
 		// A client that sends half a request header is dropped; bodies
 		// have their own deadlines (JSON) or idle limits (uploads).
 		ReadHeaderTimeout: cfg.HeaderTimeout,
@@ -346,6 +353,16 @@ type guard struct {
 }
 
 func (g *guard) admit(w http.ResponseWriter, r *http.Request) error {
+	if g.token == nil {
+		if uid, ok := peerAllowed(r.Context()); !ok {
+			who := "an unknown user"
+			if uid >= 0 {
+				who = fmt.Sprintf("uid %d", uid)
+			}
+			return newError(http.StatusForbidden, "FORBIDDEN",
+				"connection from %s: without a token, the TCP port serves only the server's own user and root (use the socket, or start boxrund with --token)", who)
+		}
+	}
 	if g.token == nil && !g.hostAllowed(r.Host) {
 		return newError(http.StatusForbidden, "FORBIDDEN",
 			"Host %q is not a loopback address: use http://127.0.0.1:PORT or http://localhost:PORT (a request for another name may come from a web page rebound to this server)", r.Host)

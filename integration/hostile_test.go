@@ -225,6 +225,42 @@ func TestHostileTimeoutEscape(t *testing.T) {
 	alive(t, box, "a timeout escape")
 }
 
+// A follower (an SSE client, however slow) reads an exec's stored output
+// a page at a time, not all of it at once (up to 16 MiB per follower
+// before); paging must not lose any of it, while the exec runs or after
+// it ended.
+func TestExecEventsPageByPage(t *testing.T) {
+	box := sharedBox(t)
+	const size = 3000000 // three pages
+	info, err := fx.eng.StartExec(ctxT(t, time.Minute), box.ID, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' r"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	follow := func(what string) {
+		evs, err := fx.eng.ExecEvents(ctxT(t, time.Minute), info.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, seq := 0, 0
+		var last boxrun.Event
+		for ev := range evs {
+			if ev.Seq != seq {
+				t.Fatalf("%s: event %d after %d", what, ev.Seq, seq-1)
+			}
+			seq++
+			if ev.Type == "log" {
+				n += len(ev.Data)
+			}
+			last = ev
+		}
+		if n != size || last.Type != "exit" || last.ExitCode != 0 {
+			t.Errorf("%s: %d of %d bytes, last event %+v", what, n, size, last)
+		}
+	}
+	follow("followed as it ran")
+	follow("replayed after it ended")
+}
+
 func TestHostileDiskFill(t *testing.T) {
 	box := newBox(t, boxrun.BoxSpec{Image: "docker://" + fx.regRef, CPU: 1, MemoryMB: 256, DiskSizeGB: 1})
 	start := time.Now()

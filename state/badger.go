@@ -959,11 +959,16 @@ func (b *Badger) dropOldest(txn *badger.Txn, execID string, m *evMeta) (bool, er
 }
 
 func (b *Badger) Events(execID string, fromSeq int) ([]Event, error) {
+	return b.EventsPage(execID, fromSeq, 0)
+}
+
+func (b *Badger) EventsPage(execID string, fromSeq, maxBytes int) ([]Event, error) {
 	if err := b.begin(); err != nil {
 		return nil, err
 	}
 	defer b.end()
 	out := []Event{}
+	size := 0
 	err := b.db.View(func(txn *badger.Txn) error {
 		var m evMeta
 		found, err := getMeta(txn, execID, &m)
@@ -989,6 +994,9 @@ func (b *Badger) Events(execID string, fromSeq int) ([]Event, error) {
 				return err
 			}
 			out = append(out, ev)
+			if size += len(ev.Data); maxBytes > 0 && size >= maxBytes {
+				break
+			}
 		}
 		return nil
 	})

@@ -474,3 +474,48 @@ func BenchmarkAppendEvent(b *testing.B) {
 		})
 	}
 }
+
+// EventsPage reads about maxBytes of event data at a time (at least one
+// event), in order; pages read one after the other are all the events.
+func TestEventsPage(t *testing.T) {
+	s := openBadger(t, t.TempDir(), Options{MaxOutputBytes: 8 << 20})
+	must(t, s.PutBox(box("box_a", "", 0)))
+	must(t, s.PutExec(execRec("exec_1", "box_a", 0)))
+	var want []Event
+	for i := range 100 {
+		ev := logEv(i, Stdout, strings.Repeat(strconv.Itoa(i%10), 10000+i))
+		must(t, s.AppendEvent("exec_1", ev))
+		want = append(want, ev)
+	}
+	var got []Event
+	for next := 0; ; {
+		page, err := s.EventsPage("exec_1", next, 64<<10)
+		must(t, err)
+		if len(page) == 0 {
+			break
+		}
+		size := 0
+		for _, ev := range page {
+			size += len(ev.Data)
+		}
+		if size-len(page[len(page)-1].Data) >= 64<<10 {
+			t.Fatalf("a page of %d events, %d bytes, went on past 64 KiB", len(page), size)
+		}
+		got = append(got, page...)
+		next = page[len(page)-1].Seq + 1
+	}
+	if len(got) != len(want) {
+		t.Fatalf("pages held %d events, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i].Seq != want[i].Seq || got[i].Data != want[i].Data {
+			t.Fatalf("event %d differs", i)
+		}
+	}
+	if one, err := s.EventsPage("exec_1", 0, 1); err != nil || len(one) != 1 {
+		t.Fatalf("a page smaller than one event: %d events, %v", len(one), err)
+	}
+	if all, err := s.EventsPage("exec_1", 0, 0); err != nil || len(all) != len(want) {
+		t.Fatalf("no limit: %d events, %v", len(all), err)
+	}
+}

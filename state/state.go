@@ -180,6 +180,10 @@ type Store interface {
 	// Events returns the stored events with Seq >= fromSeq, in seq order;
 	// EXEC_NOT_FOUND for an unknown exec.
 	Events(execID string, fromSeq int) ([]Event, error)
+	// EventsPage is Events up to about maxBytes of event data (at least
+	// one event; all of them if maxBytes <= 0): what a follower reads at
+	// a time, so that one holds a page, not all an exec stored.
+	EventsPage(execID string, fromSeq, maxBytes int) ([]Event, error)
 	Close() error
 }
 
