@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // Who may use the TCP port without a token: the loopback port can be
@@ -31,8 +32,13 @@ func peerUID(c net.Conn) int {
 	if err1 != nil || err2 != nil {
 		return -1
 	}
-	// The client's socket: its local address is our remote one.
-	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+	// The client's socket: its local address is our remote one. An IPv4
+	// peer's socket is IPv4, or IPv6 with mapped addresses.
+	tables := []string{"/proc/net/tcp6"}
+	if remote.Addr().Unmap().Is4() {
+		tables = []string{"/proc/net/tcp", "/proc/net/tcp6"}
+	}
+	for _, table := range tables {
 		if uid := findSocketUID(table, remote, local); uid >= 0 {
 			return uid
 		}
@@ -52,7 +58,7 @@ func findSocketUID(table string, local, remote netip.AddrPort) int {
 	sc.Scan() // header
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 8 {
+		if len(fields) < 10 {
 			continue
 		}
 		l, err1 := parseProcAddr(fields[1])
@@ -60,8 +66,11 @@ func findSocketUID(table string, local, remote netip.AddrPort) int {
 		if err1 != nil || err2 != nil || !sameAddrPort(l, local) || !sameAddrPort(r, remote) {
 			continue
 		}
+		// A socket no process holds any more (closed by its owner,
+		// in FIN_WAIT or TIME_WAIT) shows uid 0 and inode 0: its
+		// owner is unknown, not root.
 		uid, err := strconv.Atoi(fields[7])
-		if err != nil {
+		if err != nil || fields[9] == "0" {
 			return -1
 		}
 		return uid
@@ -99,18 +108,28 @@ func parseProcAddr(s string) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(addr, uint16(port)), nil
 }
 
-// withPeer is an http.Server's ConnContext: it notes the uid of the
-// connection's client end.
+// peer is a connection whose client's uid is looked up once, by its
+// first request: not in the server's accept loop, which would wait on
+// every lookup (the table can be long).
+type peer struct {
+	conn net.Conn
+	once sync.Once
+	uid  int
+}
+
+// withPeer is an http.Server's ConnContext: it notes the connection, for
+// peerAllowed.
 func withPeer(ctx context.Context, c net.Conn) context.Context {
-	return context.WithValue(ctx, peerKey{}, peerUID(c))
+	return context.WithValue(ctx, peerKey{}, &peer{conn: c})
 }
 
 // peerAllowed reports whether the request's connection comes from the
-// server's own user or root.
+// server's own user or root, and the uid it comes from (-1: unknown).
 func peerAllowed(ctx context.Context) (uid int, ok bool) {
-	uid, found := ctx.Value(peerKey{}).(int)
+	p, found := ctx.Value(peerKey{}).(*peer)
 	if !found {
 		return -1, false
 	}
-	return uid, uid >= 0 && (uid == 0 || uid == os.Geteuid())
+	p.once.Do(func() { p.uid = peerUID(p.conn) })
+	return p.uid, p.uid >= 0 && (p.uid == 0 || p.uid == os.Geteuid())
 }

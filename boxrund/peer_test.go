@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // Without a token, the loopback TCP port serves the server's own user
@@ -106,5 +107,19 @@ func TestParseProcAddr(t *testing.T) {
 	defer s.Close()
 	if uid := peerUID(s); uid != os.Geteuid() {
 		t.Errorf("peer uid %d, want %d", uid, os.Geteuid())
+	}
+	// Once the client has closed its end, no process holds it: the
+	// kernel shows it with uid 0 (and inode 0), which must not read as
+	// root (another user's request, sent and closed before the server
+	// looked, was served as root's).
+	c.Close()
+	uid := 0
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if uid = peerUID(s); uid == -1 {
+			break
+		}
+	}
+	if uid != -1 {
+		t.Errorf("a client end closed by its owner: uid %d, want -1 (unknown)", uid)
 	}
 }
