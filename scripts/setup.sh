@@ -9,7 +9,10 @@
 #   busybox-static     the tests' and the demo's tiny image
 #   docker-registry    a real registry on 127.0.0.1 for the tests' pulls
 #   python3-httpx      the tests' BoxRun Python SDK compatibility check of
-#                      boxrund (/usr/bin/python3, the SDK's HTTP client)
+#                      boxrund (/usr/bin/python3, the SDK's HTTP client); the
+#                      same python3 makes boxrund's requests as another user
+#                      (GNU tar, which writes the sparse archives the copy tests
+#                      refuse, is Essential in Debian: always there)
 #   chromium           the tests' headless browser for boxrund's /ui dashboard
 #   iproute2           `ip netns`: the network tests put an "internet" server in a
 #                      namespace of their own
