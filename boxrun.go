@@ -98,6 +98,15 @@ type Config struct {
 	// Disabled, or $BOXRUN_WARM_START=0, turns it off. Both drivers
 	// snapshot; on Cloud Hypervisor boxes with volumes boot cold.
 	WarmStart Toggle
+	// ImageTemplates (QEMU, with WarmStart): once an image is created a
+	// second time in one shape and disk size, a template of that image is
+	// made in the background, with the box root mounted; later boxes of
+	// it are restored from it with a copy of its (fresh) box disk, and
+	// mount nothing: under TCG about half a warm create. Each costs a
+	// template boot once and its disk space (under TemplateCacheMB).
+	// Default Enabled; Disabled, or $BOXRUN_IMAGE_TEMPLATES=0, turns it
+	// off.
+	ImageTemplates Toggle
 	// Pool keeps this many boxes ready per image and shape (CPUs, memory,
 	// disk size, network on or off), made ahead of time after a Create of
 	// that image and shape, so that the next such Create only assigns one

@@ -176,6 +176,10 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		locks: map[string]*sync.Mutex{}}
 	if snap, ok := hv.(runtime.Snapshotter); ok && warmEnabled(cfg.WarmStart) {
 		e.warm.snap = snap
+		e.warm.images = imageTemplates(snap) && toggleOn(cfg.ImageTemplates, "BOXRUN_IMAGE_TEMPLATES")
+		e.warm.ctx, e.warm.cancel = context.WithCancel(context.Background())
+		e.warm.wants, e.warm.inflight = map[string]int{}, map[string]bool{}
+		e.warm.bgSlot = make(chan struct{}, 1)
 	}
 	e.pool = newPool(max(cfg.Pool, 0))
 	if err := e.reconcile(ctx); err != nil {
@@ -455,14 +459,21 @@ func (e *Engine) bootOn(ctx context.Context, rec *state.Box, fresh bool, img *im
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box dir")
 	}
 	data := filepath.Join(dir, "disk.ext4")
+	var fd *freshDisk
 	if fresh {
-		if err := disk.CreateBoxDisk(ctx, data, rec.DiskSizeGB); err != nil {
-			return nil, err
+		fd = &freshDisk{path: data, sizeGB: rec.DiskSizeGB}
+		// Made at the boot when it may be a clone of the image template's
+		// (warm.go): not for a private tree's base, which goes with its box.
+		if !e.warm.images || rec.RootfsPrivate {
+			if err := fd.make(ctx); err != nil {
+				return nil, err
+			}
+			fd = nil
 		}
 	} else if _, err := os.Stat(data); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "box disk")
 	}
-	lb, err := e.boot(ctx, rec, dir, base, data, boot)
+	lb, err := e.boot(ctx, rec, dir, base, data, boot, fd)
 	if err != nil {
 		return nil, err
 	}
@@ -470,18 +481,27 @@ func (e *Engine) bootOn(ctx context.Context, rec *state.Box, fresh bool, img *im
 	return lb, nil
 }
 
-// boot starts the VM and waits for its agent's hello.
-func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets) (*liveBox, error) {
+// boot starts the VM and waits for its agent's hello. fresh (a new box)
+// is its box disk, not made yet when it may be cloned (startVM).
+func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data string, boot *bootAssets, fresh *freshDisk) (*liveBox, error) {
 	cfg := e.vmConfig(rec, dir, boot)
 	cfg.Disks[0].Path, cfg.Disks[1].Path = base, data
-	// Restored from the shape's template (Config.WarmStart), else booted
-	// cold; a restored VM that does not come up costs a cold boot.
-	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil)
+	// Restored from the image's or the shape's template
+	// (Config.WarmStart), else booted cold; a restored VM that does not
+	// come up costs a cold boot.
+	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil, fresh)
 	if wf, ok := err.(*warmFailure); ok {
 		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.tpl.key, "err", wf.err)
 		e.warm.restoreFailed(wf.tpl.key, wf.tpl.ino)
 		e.warm.fallbacks.Add(1)
-		lb, err = e.bootVM(ctx, rec, cfg, boot, false)
+		if wf.tpl.image && fresh != nil {
+			// Its disk is the clone the restored guest had mounted.
+			fresh.made = false
+			if err := fresh.make(ctx); err != nil {
+				return nil, err
+			}
+		}
+		lb, err = e.bootVM(ctx, rec, cfg, boot, false, nil)
 	}
 	return lb, err
 }
@@ -511,7 +531,7 @@ func (w *warmFailure) Error() string { return w.err.Error() }
 // bootVM starts the box's network and VM, restored from its template when
 // warm (warm.go), else booted cold, and says Hello to its agent, which
 // sets the box up.
-func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, warm bool) (*liveBox, error) {
+func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfig, boot *bootAssets, warm bool, fresh *freshDisk) (*liveBox, error) {
 	// The network first: a published port already in use fails the box
 	// before any VM starts.
 	var nw *network.Network
@@ -531,7 +551,7 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	var err error
 	t0 := time.Now()
 	if warm {
-		vm, tpl, err = e.startVM(ctx, cfg, boot)
+		vm, tpl, err = e.startVM(ctx, cfg, boot, fresh)
 	} else {
 		vm, err = e.hv.Start(ctx, cfg)
 	}
@@ -590,6 +610,9 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	e.log.Debug("box booted", "box", rec.ID, "vm", t1.Sub(t0).Round(time.Millisecond), "hello", time.Since(t1).Round(time.Millisecond))
 	if tpl.key != "" {
 		e.warm.warm.Add(1)
+		if tpl.image {
+			e.warm.premounted.Add(1)
+		}
 		e.warm.restoreWorked(tpl.key)
 	} else {
 		e.warm.cold.Add(1)
@@ -893,6 +916,7 @@ func (e *Engine) Close() error {
 	}
 	e.closed = true
 	e.mu.Unlock()
+	e.warm.close() // background template builds first: pool refills may wait on one
 	e.pool.close(e)
 	e.mu.Lock()
 	// Wait for creates and starts in flight: their boxes must be stopped too.

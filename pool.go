@@ -327,7 +327,7 @@ func (p *pool) make(e *Engine, key string, shape state.Box) (*pooledBox, error) 
 	// nothing out. (A NIC without one would do, but QEMU then holds the
 	// guest's frames back and the link stays wedged once connected.)
 	rec.NetworkPolicy = network.Policy{Deny: []string{"0.0.0.0/0", "::/0"}}
-	lb, err := e.bootBox(p.ctx, &rec, true)
+	lb, err := e.bootBox(context.WithValue(p.ctx, poolBoot{}, true), &rec, true)
 	if err != nil {
 		os.RemoveAll(e.boxDir(rec.ID))
 		unpin()

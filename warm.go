@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/boxrun/boxrun/disk"
 	agentexec "github.com/boxrun/boxrun/exec"
 	"github.com/boxrun/boxrun/runtime"
 )
@@ -48,6 +49,9 @@ type BootStats struct {
 	Pooled    int64 // taken ready from the pool (Config.Pool)
 	Templates int64 // templates made
 	Fallbacks int64 // warm starts that failed and booted cold instead
+
+	Premounted     int64 // of Warm: restored from an image's template, the box root already mounted
+	ImageTemplates int64 // image templates made (not counted in Templates)
 }
 
 // warmHelloTimeout bounds the Hello of a restored VM, which answers in
@@ -68,23 +72,40 @@ type warmStart struct {
 	failures     map[string]time.Time   // when a template of the key last failed
 	restoreFails map[string]int         // restores of the key that failed in a row
 
+	// Image templates (QEMU): per image and shape, the box root mounted
+	// (startFromImage). Built in the background once an image and shape
+	// is created a second time without one.
+	images   bool
+	ctx      context.Context // ends with the engine: background builds
+	cancel   context.CancelFunc
+	bg       sync.WaitGroup
+	wants    map[string]int  // creates of an image template's key that found none
+	inflight map[string]bool // image templates being built in the background
+	bgSlot   chan struct{}   // one background build at a time
+
 	cold, warm, pooled, templates, fallbacks atomic.Int64
+	premounted, imageTemplates               atomic.Int64
 }
 
 func (w *warmStart) stats() BootStats {
 	return BootStats{Cold: w.cold.Load(), Warm: w.warm.Load(), Pooled: w.pooled.Load(),
-		Templates: w.templates.Load(), Fallbacks: w.fallbacks.Load()}
+		Templates: w.templates.Load(), Fallbacks: w.fallbacks.Load(),
+		Premounted: w.premounted.Load(), ImageTemplates: w.imageTemplates.Load()}
 }
 
 // warmEnabled reads Config.WarmStart and $BOXRUN_WARM_START.
-func warmEnabled(t Toggle) bool {
+func warmEnabled(t Toggle) bool { return toggleOn(t, "BOXRUN_WARM_START") }
+
+// toggleOn reads a Toggle that defaults to on, and the environment
+// variable that turns it off when the Toggle is Default.
+func toggleOn(t Toggle, env string) bool {
 	switch t {
 	case Enabled:
 		return true
 	case Disabled:
 		return false
 	}
-	switch os.Getenv("BOXRUN_WARM_START") {
+	switch os.Getenv(env) {
 	case "0", "false", "off", "no":
 		return false
 	}
@@ -99,12 +120,24 @@ type templateMeta struct {
 	Created time.Time `json:"created"`
 	BootMS  int64     `json:"boot_ms"` // cold boot of the template to its agent's first answer
 	SaveMS  int64     `json:"save_ms"`
+	Base    string    `json:"base,omitempty"`    // an image template's base disk: Prune drops it with the base
+	BaseID  string    `json:"base_id,omitempty"` // and the base's fileID when it was made: or with a new base
 }
 
-// startVM starts the VM of a box: restored from its shape's template when
-// the warm start is on and works, else booted cold. key is the template
-// used ("" for a cold boot).
-func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets) (vm runtime.VM, tpl template, err error) {
+// startVM starts the VM of a box: restored from its image's template or
+// else its shape's when the warm start is on and works, else booted cold.
+// tpl is the template used (key "" for a cold boot). fresh is the box
+// disk of a new box, made here: cloned from the image's template, or
+// made empty for the others.
+func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets, fresh *freshDisk) (vm runtime.VM, tpl template, err error) {
+	if fresh != nil {
+		if vm, tpl, ok := e.startFromImage(ctx, cfg, boot, fresh); ok {
+			return vm, tpl, nil
+		}
+		if err := fresh.make(ctx); err != nil {
+			return nil, template{}, err
+		}
+	}
 	if w := e.warm; w.snap != nil {
 		key, family, kerr := w.key(cfg, boot)
 		if kerr == nil && w.backingOff(key) {
@@ -120,7 +153,7 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 			// Once that lock is held, it cannot be; a template that went
 			// in between is made again, once.
 			for try := 0; ; try++ {
-				if dir, err = w.ensure(ctx, e, key, family, cfg, boot); err != nil {
+				if dir, err = w.ensure(ctx, e, key, family, cfg, boot, 0); err != nil {
 					break
 				}
 				// Shared: no engine evicts it while QEMU opens its files.
@@ -164,8 +197,188 @@ func (e *Engine) startVM(ctx context.Context, cfg runtime.VMConfig, boot *bootAs
 
 // template names the template a VM was restored from.
 type template struct {
-	key string
-	ino uint64 // its state file's inode: which build of key
+	key   string
+	ino   uint64 // its state file's inode: which build of key
+	image bool   // an image's template: the box disk is a clone of its own
+}
+
+// freshDisk is the box disk of a new box, made at its boot: a clone of
+// its image template's data disk when the box is restored from one (the
+// guest has it mounted already), else an empty file system.
+type freshDisk struct {
+	path   string
+	sizeGB int
+	made   bool // path holds an empty file system (not a clone)
+}
+
+// make gives the box an empty file system of its own (removing a clone).
+func (f *freshDisk) make(ctx context.Context) error {
+	if f.made {
+		return nil
+	}
+	os.Remove(f.path)
+	if err := disk.CreateBoxDisk(ctx, f.path, f.sizeGB); err != nil {
+		return err
+	}
+	f.made = true
+	return nil
+}
+
+// imageDataDisk is an image template's data disk, which each box restored
+// from it gets a clone of.
+const imageDataDisk = "data.ext4"
+
+// imageTemplates says whether the driver restores image templates: QEMU,
+// which opens the box's disks by path at the restore. (Cloud Hypervisor
+// keeps the disks in its snapshot's config; an image template there is
+// untried: no CH on the machines this was made on.)
+func imageTemplates(snap runtime.Snapshotter) bool {
+	_, ok := snap.(*runtime.QEMU)
+	return ok
+}
+
+// imageConfig is cfg as an image template's VM: its agent mounts the box
+// root at boot (boxrun.premount; the disks are bound at boot on QEMU).
+func imageConfig(cfg runtime.VMConfig) runtime.VMConfig {
+	cfg.Cmdline = strings.TrimSpace(cfg.Cmdline + " boxrun.premount=1")
+	return cfg
+}
+
+// imageKey is the key of cfg's image template (cfg from imageConfig): the
+// shape's inputs, the base disk's identity and the data disk's size. Its
+// family is the shape's with the base's path and the size: each image
+// and size has a template of its own, which does not replace another's.
+func (w *warmStart) imageKey(cfg runtime.VMConfig, boot *bootAssets, sizeGB int) (key, family string, err error) {
+	key, family, err = w.key(cfg, boot)
+	if err != nil {
+		return "", "", err
+	}
+	base, err := fileID(cfg.Disks[0].Path)
+	if err != nil {
+		return "", "", err
+	}
+	h := sha256.Sum256([]byte(fmt.Sprintf("%s\x00image\x00%s\x00%d", key, base, sizeGB)))
+	return hex.EncodeToString(h[:12]), fmt.Sprintf("%s image %s %d", family, cfg.Disks[0].Path, sizeGB), nil
+}
+
+// startFromImage restores a new box from its image's template, with a
+// clone of the template's data disk as its box disk: the guest's mounts
+// and caches are those of the template, which were made on these very
+// bytes. ok is false when there is no such template (the second create
+// that finds none starts building one, in the background), or it failed
+// (logged; the box disk is then gone and the caller makes it).
+func (e *Engine) startFromImage(ctx context.Context, cfg runtime.VMConfig, boot *bootAssets, fresh *freshDisk) (vm runtime.VM, tpl template, ok bool) {
+	w := e.warm
+	if w.snap == nil || !w.images || len(cfg.Disks) != 2 || !cfg.Disks[0].ReadOnly || cfg.Disks[1].ReadOnly {
+		return nil, template{}, false
+	}
+	icfg := imageConfig(cfg)
+	key, family, err := w.imageKey(icfg, boot, fresh.sizeGB)
+	if err != nil || w.backingOff(key) {
+		return nil, template{}, false
+	}
+	dir := filepath.Join(w.dir, key)
+	// Shared: no engine evicts it while its disk is cloned and QEMU opens
+	// its files. Not waited for: one being built (or evicted) is not
+	// there yet, and the box does without.
+	unlock, locked := w.flockMode(key, syscall.LOCK_SH|syscall.LOCK_NB)
+	if !locked {
+		return nil, template{}, false
+	}
+	ino := w.stateIno(dir)
+	if ino == 0 || !w.complete(dir) {
+		unlock()
+		if ctx.Value(poolBoot{}) == nil { // a pool's refills are not the caller's creates
+			w.wantImage(e, key, family, icfg, boot, fresh.sizeGB)
+		}
+		return nil, template{}, false
+	}
+	if _, err := os.Stat(filepath.Join(dir, imageDataDisk)); err != nil {
+		unlock()
+		e.log.Warn("the image template has no disk", "template", key, "err", err)
+		w.restoreFailed(key, ino)
+		return nil, template{}, false
+	}
+	if err := disk.CloneDisk(filepath.Join(dir, imageDataDisk), fresh.path); err != nil {
+		// Not held against the template: most likely the box dir's file
+		// system (full), where the caller's own disk fails too, and says so.
+		unlock()
+		e.log.Warn("cloning the image template's disk failed", "box", cfg.ID, "template", key, "err", err)
+		return nil, template{}, false
+	}
+	vm, err = w.snap.Restore(ctx, icfg, dir)
+	unlock()
+	if err != nil {
+		os.Remove(fresh.path)
+		if ctx.Err() == nil {
+			e.log.Warn("restoring from the image template failed", "box", cfg.ID, "template", key, "err", err)
+			w.restoreFailed(key, ino)
+		}
+		return nil, template{}, false
+	}
+	now := time.Now()
+	os.Chtimes(filepath.Join(dir, "meta.json"), now, now) // LRU
+	return vm, template{key: key, ino: ino, image: true}, true
+}
+
+// wantImage notes a create that found no image template of key; the
+// second one starts building it in the background (one build per key at
+// a time; none once the engine closes). A box of an image created once
+// pays for no template: only repeated creates do.
+func (w *warmStart) wantImage(e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets, sizeGB int) {
+	w.mu.Lock()
+	if w.ctx == nil || w.ctx.Err() != nil || w.inflight[key] {
+		w.mu.Unlock()
+		return
+	}
+	w.wants[key]++
+	if w.wants[key] < 2 {
+		w.mu.Unlock()
+		return
+	}
+	delete(w.wants, key)
+	w.inflight[key] = true
+	w.bg.Add(1)
+	w.mu.Unlock()
+	go func() {
+		defer w.bg.Done()
+		defer func() {
+			w.mu.Lock()
+			delete(w.inflight, key)
+			w.mu.Unlock()
+		}()
+		// One at a time: a template's boot is a VM's, outside the caps.
+		select {
+		case w.bgSlot <- struct{}{}:
+			defer func() { <-w.bgSlot }()
+		case <-w.ctx.Done():
+			return
+		}
+		had := w.complete(filepath.Join(w.dir, key))
+		if _, err := w.ensure(w.ctx, e, key, family, cfg, boot, sizeGB); err != nil {
+			if w.ctx.Err() == nil {
+				e.log.Warn("making an image template failed", "template", key, "err", err)
+				w.failed(key)
+			}
+		} else if !had {
+			w.imageTemplates.Add(1) // counted once its lock is free: usable
+		}
+	}()
+}
+
+// poolBoot marks the context of a pool's boot (pool.make): its box is
+// not a create of the caller's, and does not count towards an image
+// template.
+type poolBoot struct{}
+
+// close stops background template builds and waits for them.
+func (w *warmStart) close() {
+	w.mu.Lock()
+	if w.cancel != nil {
+		w.cancel()
+	}
+	w.mu.Unlock()
+	w.bg.Wait()
 }
 
 // key returns the template key of cfg (everything the template depends
@@ -213,7 +426,10 @@ func (w *warmStart) lock(key string) *sync.Mutex {
 
 // ensure returns the dir of the template key, building it first if there
 // is none. Concurrent creates of one shape build it once: the others wait.
-func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets) (string, error) {
+//
+// dataGB > 0 makes an image template (startFromImage) with a data disk of
+// that size.
+func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets, dataGB int) (string, error) {
 	dir := filepath.Join(w.dir, key)
 	l := w.lock(key)
 	l.Lock()
@@ -234,7 +450,7 @@ func (w *warmStart) ensure(ctx context.Context, e *Engine, key, family string, c
 		return "", fmt.Errorf("making template %s failed less than %v ago", key, failBackoff)
 	}
 	os.RemoveAll(dir) // a build that was interrupted
-	if err := w.build(ctx, e, key, family, cfg, boot); err != nil {
+	if err := w.build(ctx, e, key, family, cfg, boot, dataGB); err != nil {
 		return "", err
 	}
 	w.evict(key)
@@ -252,7 +468,11 @@ func (w *warmStart) complete(dir string) bool {
 
 // build boots a template VM of cfg's shape in a fresh dir, waits until its
 // agent answers, saves it and moves the dir into place.
-func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets) error {
+//
+// An image template (dataGB > 0) has the box's base disk itself and a new
+// data disk of dataGB, which its agent mounts at boot (imageConfig) and
+// which stays in the template, for the boxes restored from it to clone.
+func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cfg runtime.VMConfig, boot *bootAssets, dataGB int) error {
 	if err := os.MkdirAll(w.dir, 0o700); err != nil {
 		return err
 	}
@@ -273,6 +493,16 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	t.ID, t.Dir, t.MAC = "tpl-"+key[:12], tmp, "52:54:00:00:00:01"
 	t.Disks = append([]runtime.Disk(nil), cfg.Disks...)
 	for i := range t.Disks {
+		if dataGB > 0 {
+			if !t.Disks[i].ReadOnly {
+				p := filepath.Join(tmp, imageDataDisk)
+				if err := disk.CreateBoxDisk(ctx, p, dataGB); err != nil {
+					return err
+				}
+				t.Disks[i].Path = p
+			}
+			continue // the base disk itself
+		}
 		p := filepath.Join(tmp, fmt.Sprintf("disk%d", i))
 		size := int64(1 << 20)
 		if st, err := os.Stat(cfg.Disks[i].Path); err == nil {
@@ -320,12 +550,16 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 	iid, _ := fileID(boot.initramfs)
 	meta := templateMeta{Key: key, Family: family, Boot: bootID(kid, iid), Created: time.Now().UTC(),
 		BootMS: booted.Milliseconds(), SaveMS: (time.Since(start) - booted).Milliseconds()}
+	if dataGB > 0 {
+		meta.Base = cfg.Disks[0].Path
+		meta.BaseID, _ = fileID(meta.Base)
+	}
 	b, _ := json.Marshal(meta)
 	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), b, 0o600); err != nil {
 		return err
 	}
 	// Only the template's files stay: the stand-ins, logs and sockets go.
-	keep := map[string]bool{"meta.json": true}
+	keep := map[string]bool{"meta.json": true, imageDataDisk: dataGB > 0}
 	for _, f := range w.snap.TemplateFiles() {
 		keep[f] = true
 	}
@@ -339,8 +573,10 @@ func (w *warmStart) build(ctx context.Context, e *Engine, key, family string, cf
 		return err
 	}
 	os.Remove(filepath.Join(w.dir, ".failed-"+key))
-	w.templates.Add(1)
-	e.log.Info("warm-start template made", "template", key, "boot", booted.Round(time.Millisecond),
+	if dataGB == 0 {
+		w.templates.Add(1) // an image template is counted once usable (wantImage)
+	}
+	e.log.Info("warm-start template made", "template", key, "image", meta.Base, "boot", booted.Round(time.Millisecond),
 		"save", time.Duration(meta.SaveMS)*time.Millisecond)
 	return nil
 }
@@ -483,7 +719,14 @@ func (w *warmStart) evict(current string) {
 		all = append(all, t)
 	}
 	total += diskUse(filepath.Join(w.dir, current))
-	sort.Slice(all, func(i, j int) bool { return all[i].used.Before(all[j].used) })
+	// Image templates go first: a shape's serves every image (and every
+	// Start), an image's only the boxes of that image.
+	sort.Slice(all, func(i, j int) bool {
+		if ii, ij := all[i].meta.Base != "", all[j].meta.Base != ""; ii != ij {
+			return ii
+		}
+		return all[i].used.Before(all[j].used)
+	})
 	for _, t := range all {
 		if total <= w.maxBytes {
 			break
@@ -638,7 +881,9 @@ func (w *warmStart) prune(boot *bootAssets) (names []string, freed int64) {
 		var meta templateMeta
 		b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
 		if err == nil && json.Unmarshal(b, &meta) == nil && meta.Boot == bootID(kid, iid) {
-			continue
+			if id, err := fileID(meta.Base); meta.Base == "" || err == nil && id == meta.BaseID {
+				continue
+			}
 		}
 		l := w.lock(en.Name())
 		if l.TryLock() {

@@ -228,7 +228,8 @@ func (a *API) info(w http.ResponseWriter, r *http.Request) error {
 		RunningBoxes: in.Boxes, Hypervisor: in.Hypervisor, Version: Version,
 		HypervisorVersion: in.HypervisorVersion, Acceleration: in.Acceleration,
 		Boots: bootsJSON{Cold: in.Boots.Cold, Warm: in.Boots.Warm, Pooled: in.Boots.Pooled,
-			Templates: in.Boots.Templates, Fallbacks: in.Boots.Fallbacks},
+			Templates: in.Boots.Templates, Fallbacks: in.Boots.Fallbacks,
+			Premounted: in.Boots.Premounted, ImageTemplates: in.Boots.ImageTemplates},
 		PoolReady: in.PoolVMs,
 	})
 	return nil

@@ -26,7 +26,7 @@ func TestNoVM(t *testing.T) {
 			t.Errorf("info %v", info)
 		}
 		boots, ok := info["boots"].(map[string]any)
-		if !ok || len(boots) != 5 || boots["warm"] == nil || boots["cold"] == nil || info["pool_ready"] == nil {
+		if !ok || len(boots) != 7 || boots["warm"] == nil || boots["premounted"] == nil || boots["image_templates"] == nil || boots["cold"] == nil || info["pool_ready"] == nil {
 			t.Errorf("info boots %v, pool_ready %v", info["boots"], info["pool_ready"])
 		}
 		if info["hypervisor"] != fx.eng.Info().Hypervisor || info["hypervisor"] == "" {

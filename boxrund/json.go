@@ -80,6 +80,10 @@ type bootsJSON struct {
 	Pooled    int64 `json:"pooled"`
 	Templates int64 `json:"templates"`
 	Fallbacks int64 `json:"fallbacks"`
+	// Of warm: restored from an image's template (the box root mounted
+	// already); image templates made (not in templates).
+	Premounted     int64 `json:"premounted"`
+	ImageTemplates int64 `json:"image_templates"`
 }
 
 type runJSON struct {

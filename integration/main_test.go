@@ -112,6 +112,10 @@ func run(m *testing.M) int {
 		RegistriesConf: conf,
 		MaxCPU:         64, // TCG vCPUs are threads: overcommit this 2-core host in tests
 		MaxMemoryMB:    64 << 10,
+		// The shared engine's tests count the boots of shape templates;
+		// image templates, made in the background by repeated creates,
+		// have a test (and engine) of their own.
+		ImageTemplates: boxrun.Disabled,
 		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
@@ -185,6 +189,15 @@ func sh(t *testing.T, box *boxrun.Box, script string) *boxrun.ExecResult {
 func vmmProcesses(dir string) []int {
 	return processes(func(p proc) bool {
 		return strings.HasPrefix(p.cwd, dir) && (strings.HasPrefix(p.comm, "qemu") || strings.HasPrefix(p.comm, "cloud-hyperviso"))
+	})
+}
+
+// boxVMMs are the VMMs of dir's boxes (and pooled boxes): not those of
+// templates being made (warm start; image templates in the background).
+func boxVMMs(dir string) []int {
+	return processes(func(p proc) bool {
+		return strings.HasPrefix(p.cwd, dir) && !strings.Contains(p.cwd, "/cache/templates/") &&
+			(strings.HasPrefix(p.comm, "qemu") || strings.HasPrefix(p.comm, "cloud-hyperviso"))
 	})
 }
 

@@ -458,7 +458,7 @@ func TestPoolHandsOutReadyBoxes(t *testing.T) {
 	// Taking a box refills the pool (and the Run of the other shape made
 	// one of that shape); Close kills what it holds.
 	waitFor("the pool refills", func() bool { return eng.Info().PoolVMs == 2 })
-	if left := vmmProcesses(dataDir); len(left) != 4 {
+	if left := boxVMMs(dataDir); len(left) != 4 {
 		t.Errorf("VMMs: %v, want two boxes and two pooled ones", left)
 	}
 	closed = true

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	goruntime "runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -240,25 +241,52 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	cmd.Dir = cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if cfg.memShared {
+		// A template VM (StartTemplate) is of use only to the engine
+		// building it: it dies with it (an engine killed mid-build, maybe
+		// of a background image template, leaves no VM behind). The
+		// kernel sends the signal when the thread that started QEMU ends:
+		// that thread is held below until QEMU exits.
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	if cfg.incoming != nil {
 		cmd.ExtraFiles = []*os.File{cfg.incoming} // fd 3: migrate-incoming fd:3
 		if cfg.incomingRAM != nil {
 			cmd.ExtraFiles = append(cmd.ExtraFiles, cfg.incomingRAM) // fd 4: the RAM file
 		}
 	}
-	if err := cmd.Start(); err != nil {
+	vm := &qemuVM{dir: cfg.Dir, done: make(chan struct{})}
+	started := make(chan error, 1)
+	run := func() {
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		vm.waitErr = cmd.Wait()
+		close(vm.done)
+	}
+	if cfg.memShared {
+		go func() {
+			// Go ends a thread only when a goroutine locked to it ends
+			// (the caller's code may do that): QEMU is started from a
+			// thread of its own, kept until QEMU exits, so that its
+			// death signal (above) means the engine's end and no other.
+			goruntime.LockOSThread()
+			run() // returns locked: the thread ends once QEMU has
+		}()
+	} else {
+		go run()
+	}
+	if err := <-started; err != nil {
 		logf.Close()
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "start qemu")
 	}
 	logf.Close()
+	vm.pid = cmd.Process.Pid
 	// A guest makes QEMU open host files (one per open 9p file): cap them
 	// at a figure of our own, not whatever limit the caller runs with.
 	unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: qemuMaxFiles, Max: qemuMaxFiles}, nil)
-	vm := &qemuVM{pid: cmd.Process.Pid, dir: cfg.Dir, done: make(chan struct{})}
-	go func() {
-		vm.waitErr = cmd.Wait()
-		close(vm.done)
-	}()
 	if cfg.Logger != nil {
 		cfg.Logger.Debug("qemu started", "box", cfg.ID, "pid", cmd.Process.Pid, "args", cmd.Args)
 	}

@@ -26,6 +26,12 @@
 //     a restored box's disks then need no probe). Setup waits until each
 //     disk has the size the Hello gives for it, then drops their block
 //     caches before mounting them.
+//   - boxrun.premount=1 (with bootdisks): mount the box root at boot, before
+//     waiting for the Hello. The host sets it for an image's template
+//     (QEMU): the template has the image's base and a fresh data disk
+//     mounted, and each box restored from it gets a copy of that data
+//     disk as it was when the template was saved, so that the guest's
+//     caches hold what its own disks hold. Setup then mounts nothing.
 //
 // The box root is an overlay at /rootfs: lower /run/boxrun/base (the base
 // disk), upper and work dirs on the data disk at /run/boxrun/data. lo is
@@ -73,6 +79,7 @@ type config struct {
 	debug      bool
 	virtiofs   bool // volumes are virtio-fs devices, not virtio-9p shares
 	bootDisks  bool // bind the disks at boot (holdBack)
+	premount   bool // mount the box root at boot (an image's template)
 }
 
 func parseCmdline(s string) (config, error) {
@@ -105,6 +112,8 @@ func parseCmdline(s string) (config, error) {
 			c.debug = v == "1" || v == "true"
 		case "boxrun.bootdisks":
 			c.bootDisks = v == "1" || v == "true"
+		case "boxrun.premount":
+			c.premount = v == "1" || v == "true"
 		case "boxrun.volumes":
 			switch v {
 			case "virtiofs":
@@ -118,6 +127,9 @@ func parseCmdline(s string) (config, error) {
 	}
 	if c.base == "" {
 		return c, fmt.Errorf("no boxrun.base= on the kernel command line")
+	}
+	if c.premount && !c.bootDisks {
+		return c, fmt.Errorf("boxrun.premount=1 needs boxrun.bootdisks=1: the disks are mounted at boot")
 	}
 	return c, nil
 }
@@ -144,6 +156,7 @@ type agent struct {
 	held     []virtioDevice // the virtio devices boot held back, to bind at setup
 	heldBack bool           // boot could hold devices back (see perBoxDevices)
 	ready    bool           // setup done: the box root is mounted
+	mounted  bool           // the box root is mounted (at boot: premount)
 }
 
 func main() {
@@ -216,7 +229,22 @@ func (a *agent) boot() error {
 			a.log.Warn("exec cgroups", "err", err)
 		}
 	}
-	a.log.Info("waiting for the host", "elapsed", time.Since(start).Round(time.Millisecond))
+	if a.cfg.premount && !a.heldBack {
+		// Devices bound at boot cannot be held back (virtio built into
+		// the kernel): setup rebinds the disks, which it must not do
+		// under mounted file systems. The box mounts at the Hello.
+		a.log.Warn("boxrun.premount ignored: the virtio devices could not be held back")
+	} else if a.cfg.premount {
+		// An image's template: the box root is mounted now, so that no
+		// box restored from it mounts anything (its disks are copies of
+		// these as they are when the template is saved).
+		if err := a.mountBox(); err != nil {
+			a.unmountAll()
+			return fmt.Errorf("mounting the box root at boot: %w", err)
+		}
+		a.mounted = true
+	}
+	a.log.Info("waiting for the host", "elapsed", time.Since(start).Round(time.Millisecond), "premounted", a.mounted)
 	return nil
 }
 
@@ -255,22 +283,26 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	if err := waitDiskSizes(s.Disks, diskSizeTimeout); err != nil {
 		return err
 	}
-	if a.cfg.bootDisks && a.heldBack {
+	// Premounted (an image's template): the caches are the disks' own.
+	if a.cfg.bootDisks && a.heldBack && !a.mounted {
 		if err := dropDiskCaches(a.cfg.base, a.cfg.data); err != nil {
 			return err
 		}
 	}
 	drivers := time.Since(start)
-	if err := a.mountBox(); err != nil {
-		// Leave nothing half-mounted: the host fails the box, and a retry
-		// starts clean.
-		a.unmountAll()
-		return err
+	if !a.mounted {
+		if err := a.mountBox(); err != nil {
+			// Leave nothing half-mounted: the host fails the box, and a
+			// retry starts clean.
+			a.unmountAll()
+			return err
+		}
+		a.mounted = true
 	}
 	a.ready = true
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond),
 		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond),
-		"disks_probed", probed)
+		"disks_probed", probed, "premounted", a.cfg.premount)
 	return nil
 }
 

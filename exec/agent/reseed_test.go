@@ -63,8 +63,15 @@ func TestHoldBack(t *testing.T) {
 	if c, err := parseCmdline("boxrun.base=/dev/vda boxrun.bootdisks=1"); err != nil || !c.bootDisks {
 		t.Errorf("boxrun.bootdisks=1: %+v, %v", c, err)
 	}
-	if c, _ := parseCmdline("boxrun.base=/dev/vda"); c.bootDisks {
-		t.Error("disks bound at boot without boxrun.bootdisks")
+	if c, _ := parseCmdline("boxrun.base=/dev/vda"); c.bootDisks || c.premount {
+		t.Error("disks bound or mounted at boot without boxrun.bootdisks")
+	}
+	if c, err := parseCmdline("boxrun.base=/dev/vda boxrun.bootdisks=1 boxrun.premount=1"); err != nil || !c.premount {
+		t.Errorf("boxrun.premount=1: %+v, %v", c, err)
+	}
+	// Mounting at boot disks that are bound only at the Hello cannot work.
+	if _, err := parseCmdline("boxrun.base=/dev/vda boxrun.premount=1"); err == nil {
+		t.Error("boxrun.premount=1 without boxrun.bootdisks=1 accepted")
 	}
 }
 
