@@ -490,20 +490,30 @@ func (e *Engine) boot(ctx context.Context, rec *state.Box, dir, base, data strin
 	// (Config.WarmStart), else booted cold; a restored VM that does not
 	// come up costs a cold boot.
 	lb, err := e.bootVM(ctx, rec, cfg, boot, e.warm.snap != nil, fresh)
-	if wf, ok := err.(*warmFailure); ok {
-		e.log.Warn("restored box did not come up; booting cold", "box", rec.ID, "template", wf.tpl.key, "err", wf.err)
+	for {
+		wf, ok := err.(*warmFailure)
+		if !ok {
+			return lb, err
+		}
 		e.warm.restoreFailed(wf.tpl.key, wf.tpl.ino)
 		e.warm.fallbacks.Add(1)
-		if wf.tpl.image && fresh != nil {
-			// Its disk is the clone the restored guest had mounted.
+		// From an image's template: its disk is the clone the restored
+		// guest had mounted. A new empty one, and the shape's template
+		// next (a cold boot after that).
+		warm := wf.tpl.image && fresh != nil
+		if warm {
 			fresh.made = false
 			if err := fresh.make(ctx); err != nil {
 				return nil, err
 			}
 		}
-		lb, err = e.bootVM(ctx, rec, cfg, boot, false, nil)
+		next := "booting cold"
+		if warm {
+			next = "trying the shape's template"
+		}
+		e.log.Warn("restored box did not come up; "+next, "box", rec.ID, "template", wf.tpl.key, "err", wf.err)
+		lb, err = e.bootVM(ctx, rec, cfg, boot, warm, nil)
 	}
-	return lb, err
 }
 
 // vmConfig is the VM of a box, with its disks' paths left empty.
@@ -571,16 +581,25 @@ func (e *Engine) bootVM(ctx context.Context, rec *state.Box, cfg runtime.VMConfi
 	}
 	bctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// A restored VM that cannot be reached (its guest died at once: QEMU
+	// exits) is the template's fault, as one that does not answer.
+	dialFailed := func(err error, what string) (*liveBox, error) {
+		fail(err)
+		if tpl.key != "" && ctx.Err() == nil {
+			return nil, &warmFailure{tpl: tpl, err: errdefs.Wrap(errdefs.RuntimeError, err, "%s", what)}
+		}
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "%s", what)
+	}
 	if nw != nil {
 		conn, err := vm.DialNetwork(bctx)
 		if err != nil {
-			return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect the box's network"))
+			return dialFailed(err, "connect the box's network")
 		}
 		nw.Attach(conn)
 	}
 	conn, err := vm.DialAgent(bctx)
 	if err != nil {
-		return fail(errdefs.Wrap(errdefs.RuntimeError, err, "connect to box agent"))
+		return dialFailed(err, "connect to box agent")
 	}
 	agent := agentexec.NewClient(conn, e.log.With("box", rec.ID))
 	hello := helloRequest(rec)

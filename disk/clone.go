@@ -39,7 +39,7 @@ func CloneDisk(src, dst string) (err error) {
 			os.Remove(dst)
 		}
 	}()
-	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
+	if fileClone(int(out.Fd()), int(in.Fd())) == nil {
 		return nil
 	}
 	if err := copyExtents(in, out, st.Size()); err != nil {
@@ -47,6 +47,12 @@ func CloneDisk(src, dst string) (err error) {
 	}
 	return nil
 }
+
+// The kernel's copies, replaced in tests to reach the fallbacks.
+var (
+	fileClone     = unix.IoctlFileClone
+	copyFileRange = unix.CopyFileRange
+)
 
 // copyExtents copies the data extents of in (size bytes) to the same
 // offsets of out, and gives out in's size.
@@ -74,7 +80,7 @@ func copyExtents(in, out *os.File, size int64) error {
 			var err error
 			if inKernel {
 				roff, woff := data, data
-				n, err = unix.CopyFileRange(ifd, &roff, ofd, &woff, int(min(hole-data, 1<<30)), 0)
+				n, err = copyFileRange(ifd, &roff, ofd, &woff, int(min(hole-data, 1<<30)), 0)
 				if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) {
 					// Across file systems (Linux 5.19 and later refuse),
 					// or not supported: copied here instead.

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // A clone holds the same bytes at the same offsets, has the same size,
@@ -72,8 +74,55 @@ func TestCloneDiskKeepsHoles(t *testing.T) {
 	}
 }
 
-// Across file systems (copy_file_range refuses: EXDEV) the extents are
-// copied by the process; holes stay holes.
+// Without reflinks nor copy_file_range (EXDEV: across file systems since
+// Linux 5.19; EOPNOTSUPP on some), the process copies each extent itself;
+// holes stay holes. The kernel's copies are failed here, whatever the
+// file system and kernel.
+func TestCloneDiskWithoutKernelCopies(t *testing.T) {
+	for _, errno := range []error{unix.EXDEV, unix.EOPNOTSUPP, unix.ENOSYS, unix.EINVAL} {
+		calls := 0
+		fileClone = func(int, int) error { return unix.EOPNOTSUPP }
+		copyFileRange = func(int, *int64, int, *int64, int, int) (int, error) { calls++; return 0, errno }
+		dir := t.TempDir()
+		src := filepath.Join(dir, "src")
+		f, _ := os.Create(src)
+		f.Truncate(24 << 20)
+		f.WriteAt(bytes.Repeat([]byte("y"), 3<<20+7), 9<<20)
+		f.WriteAt([]byte("tail"), 24<<20-4)
+		f.Close()
+		dst := filepath.Join(dir, "dst")
+		err := CloneDisk(src, dst)
+		fileClone, copyFileRange = unix.IoctlFileClone, unix.CopyFileRange
+		if err != nil {
+			t.Fatalf("%v: %v", errno, err)
+		}
+		got, _ := os.ReadFile(dst)
+		want, _ := os.ReadFile(src)
+		if !bytes.Equal(got, want) || calls != 1 {
+			t.Fatalf("%v: bytes equal %v, copy_file_range tried %d times (want once)", errno, bytes.Equal(got, want), calls)
+		}
+		var st syscall.Stat_t
+		syscall.Stat(dst, &st)
+		if used := st.Blocks * 512; used > 6<<20 {
+			t.Errorf("%v: the clone takes %d bytes for ~3 MiB of data", errno, used)
+		}
+	}
+	// Another error is the copy's failure: reported, nothing left.
+	copyFileRange = func(int, *int64, int, *int64, int, int) (int, error) { return 0, unix.EIO }
+	defer func() { copyFileRange = unix.CopyFileRange }()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	os.WriteFile(src, []byte("data"), 0o600)
+	if err := CloneDisk(src, filepath.Join(dir, "dst")); err == nil {
+		t.Fatal("EIO from copy_file_range: no error")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dst")); !os.IsNotExist(err) {
+		t.Fatalf("a failed clone left its file: %v", err)
+	}
+}
+
+// Across file systems (copy_file_range refuses: EXDEV, on Linux 5.19 and
+// later) a clone works too.
 func TestCloneDiskAcrossFileSystems(t *testing.T) {
 	shm, err := os.MkdirTemp("/dev/shm", "clone-")
 	if err != nil {

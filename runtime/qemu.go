@@ -270,6 +270,10 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 			started <- err
 			return
 		}
+		// A guest makes QEMU open host files (one per open 9p file): cap
+		// them at a figure of our own, not whatever limit the caller runs
+		// with. (Before Wait: never a reused pid's.)
+		unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: qemuMaxFiles, Max: qemuMaxFiles}, nil)
 		started <- nil
 		vm.waitErr = cmd.Wait()
 		close(vm.done)
@@ -292,9 +296,6 @@ func (q *QEMU) Start(ctx context.Context, cfg VMConfig) (VM, error) {
 	}
 	logf.Close()
 	vm.pid = cmd.Process.Pid
-	// A guest makes QEMU open host files (one per open 9p file): cap them
-	// at a figure of our own, not whatever limit the caller runs with.
-	unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: qemuMaxFiles, Max: qemuMaxFiles}, nil)
 	if cfg.Logger != nil {
 		cfg.Logger.Debug("qemu started", "box", cfg.ID, "pid", cmd.Process.Pid, "args", cmd.Args)
 	}

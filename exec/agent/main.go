@@ -232,9 +232,11 @@ func (a *agent) boot() error {
 	if a.cfg.premount && !a.heldBack {
 		// Devices bound at boot cannot be held back (virtio built into
 		// the kernel): setup rebinds the disks, which it must not do
-		// under mounted file systems. The box mounts at the Hello.
-		a.log.Warn("boxrun.premount ignored: the virtio devices could not be held back")
-	} else if a.cfg.premount {
+		// under mounted file systems. The template fails, and the host
+		// makes no image template of this kernel for a while.
+		return fmt.Errorf("boxrun.premount: the virtio devices could not be held back (built into the kernel?)")
+	}
+	if a.cfg.premount {
 		// An image's template: the box root is mounted now, so that no
 		// box restored from it mounts anything (its disks are copies of
 		// these as they are when the template is saved).
@@ -263,6 +265,7 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 		return fmt.Errorf("the box is shutting down")
 	}
 	start := time.Now()
+	premounted := a.mounted // at boot: an image's template
 	if len(s.Entropy) > 0 {
 		if err := reseed(s.Entropy); err != nil {
 			// Not fatal: the kernel reseeds on its own within a minute,
@@ -302,7 +305,7 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	a.ready = true
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond),
 		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond),
-		"disks_probed", probed, "premounted", a.cfg.premount)
+		"disks_probed", probed, "premounted", premounted)
 	return nil
 }
 
