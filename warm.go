@@ -48,7 +48,7 @@ type BootStats struct {
 	Warm      int64 // restored from a template
 	Pooled    int64 // taken ready from the pool (Config.Pool)
 	Templates int64 // templates made
-	Fallbacks int64 // warm starts that failed and booted cold instead
+	Fallbacks int64 // warm starts that failed (the box then restored from its shape's template, or booted cold)
 
 	Premounted     int64 // of Warm: restored from an image's template, the box root already mounted
 	ImageTemplates int64 // image templates made (not counted in Templates)

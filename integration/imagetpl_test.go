@@ -172,21 +172,7 @@ func TestWarmStartImageTemplate(t *testing.T) {
 
 	// A corrupt image template: the box is still made, on a fresh disk,
 	// and the template goes (the next creates make it again).
-	state := filepath.Join(tpl, "state")
-	st, err := os.Stat(state)
-	if err != nil {
-		t.Fatal(err)
-	}
-	garbage := make([]byte, st.Size()-64)
-	for i := range garbage {
-		garbage[i] = byte(i * 7)
-	}
-	f, err := os.OpenFile(state, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteAt(garbage, 64)
-	f.Close()
+	garble(t, filepath.Join(tpl, "state"))
 	mid := eng.Info().Boots
 	e := create()
 	if o := run(e, "cat /etc/owner 2>/dev/null || echo none; touch /etc/x && echo writable"); o != "none\nwritable\n" {

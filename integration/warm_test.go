@@ -207,21 +207,7 @@ func TestWarmStartCorruptTemplateFallsBack(t *testing.T) {
 	if fx.hypervisor == runtime.DriverCloudHypervisor {
 		state = filepath.Join(tpl, "snapshot", "state.json")
 	}
-	st, err := os.Stat(state)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Keep the header, garble the rest.
-	garbage := make([]byte, st.Size()-64)
-	for i := range garbage {
-		garbage[i] = byte(i * 7)
-	}
-	f, err := os.OpenFile(state, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteAt(garbage, 64)
-	f.Close()
+	garble(t, state)
 
 	box := newBox(t, spec)
 	if res := sh(t, box, "echo ok"); res.Stdout != "ok\n" {
@@ -471,6 +457,28 @@ func TestPoolHandsOutReadyBoxes(t *testing.T) {
 	ents, _ := os.ReadDir(filepath.Join(dataDir, "boxes"))
 	if len(ents) != 2 {
 		t.Errorf("box dirs after Close: %d, want the two boxes' (the pooled ones removed)", len(ents))
+	}
+}
+
+// garble overwrites a template's state file past its first 64 bytes
+// (its header kept): a corrupt template.
+func garble(t *testing.T, state string) {
+	t.Helper()
+	st, err := os.Stat(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	garbage := make([]byte, st.Size()-64)
+	for i := range garbage {
+		garbage[i] = byte(i * 7)
+	}
+	f, err := os.OpenFile(state, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(garbage, 64); err != nil {
+		t.Fatal(err)
 	}
 }
 
