@@ -139,7 +139,7 @@ func TestWarmStartImageTemplate(t *testing.T) {
 	}
 	for _, b := range []*boxrun.Box{c, d} {
 		cons, _ := os.ReadFile(filepath.Join(dataDir, "boxes", b.ID, "console.log"))
-		for _, want := range []string{`msg="RNG reseeded from the host" bytes=64`, "mounts=0s", "premounted=true"} {
+		for _, want := range []string{`msg="RNG reseeded from the host" bytes=64`, " mounts=0 ", "premounted=true"} {
 			if !strings.Contains(string(cons), want) {
 				t.Errorf("%s: want %s on the console:\n%s", b.ID, want, cons)
 			}

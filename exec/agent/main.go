@@ -266,6 +266,7 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	}
 	start := time.Now()
 	premounted := a.mounted // at boot: an image's template
+	before := len(a.mounts)
 	if len(s.Entropy) > 0 {
 		if err := reseed(s.Entropy); err != nil {
 			// Not fatal: the kernel reseeds on its own within a minute,
@@ -304,8 +305,8 @@ func (a *agent) setup(ctx context.Context, s exec.Setup) error {
 	}
 	a.ready = true
 	a.log.Info("box root ready", "elapsed", time.Since(start).Round(time.Millisecond),
-		"drivers", drivers.Round(time.Millisecond), "mounts", (time.Since(start) - drivers).Round(time.Millisecond),
-		"disks_probed", probed, "premounted", premounted)
+		"drivers", drivers.Round(time.Millisecond), "mounting", (time.Since(start) - drivers).Round(time.Millisecond),
+		"mounts", len(a.mounts)-before, "disks_probed", probed, "premounted", premounted)
 	return nil
 }
 
