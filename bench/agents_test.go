@@ -17,8 +17,8 @@ import (
 // ratios to the bare baselines by more than most changes do. Each agent
 // gets an engine of its own, the same image and box shape; the agents
 // take turns, and each one's median is reported with its ratio to the
-// first's. Build the agents with scripts/build.sh or
-// `CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' ./exec/agent`:
+// first's. Build each agent as the engine does, from the source checked
+// out at the time, with `go run ./exec/internal/buildagent -o PATH`:
 //
 //	BOXRUN_BENCH_AGENTS=old=/tmp/agent-old,new=/tmp/agent-new \
 //	  go test -run XXX -bench Agents -benchtime 300x ./bench/

@@ -52,10 +52,12 @@ var (
 // cacheDir/agent-embedded-<hash>, where the hash is the first 16 hex
 // digits of its SHA-256, atomically and with mode 0755, and reused from
 // there when a file of the right size is already in place: no Go
-// toolchain is needed. Otherwise the agent is built from source (CGO_ENABLED=0 go build -trimpath -ldflags="-s -w")
-// into cacheDir/agent-<hash>, where the hash covers the agent's source
-// files (every package of this module it imports), go.mod, go.sum, the Go
-// version and the target, so a changed agent is rebuilt. Without the source
+// toolchain is needed. Otherwise the agent is built from source
+// (CGO_ENABLED=0 go build -trimpath -ldflags="-s -w", with the Go runtime's
+// sysmon patched through -overlay: see sysmonMinDelayUS) into
+// cacheDir/agent-<hash>, where the hash covers the agent's source files
+// (every package of this module it imports), go.mod, go.sum, the Go
+// version, the patch and the target, so a changed agent is rebuilt. Without the source
 // (boxrun used as a dependency, built with -trimpath) it falls back to
 // `go install github.com/boxrun/boxrun/exec/agent@<version>` of the module
 // version recorded in the build info.
@@ -187,26 +189,96 @@ func moduleDir() (string, bool) {
 	return dir, true
 }
 
-func buildAgent(ctx context.Context, cacheDir string) (string, error) {
+// agentToolchain is the go command an agent is built with, and the
+// patched runtime it is built with (see sysmonMinDelayUS).
+type agentToolchain struct {
+	goBin, goVersion, goroot string
+	env                      []string
+	patched                  []byte // runtime/proc.go; nil: the stock runtime
+	patchKey                 string
+}
+
+// newAgentToolchain asks the go command run in dir (the module's, where
+// its go.mod picks the toolchain that builds) for its version and GOROOT.
+func newAgentToolchain(ctx context.Context, dir string) (*agentToolchain, error) {
 	goBin, err := findGo()
+	if err != nil {
+		return nil, err
+	}
+	t := &agentToolchain{goBin: goBin, env: append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)}
+	out, err := goOutput(ctx, goBin, dir, t.env, "env", "GOVERSION", "GOROOT")
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 {
+		return nil, errdefs.New(errdefs.RuntimeError, "building the agent: go env GOVERSION GOROOT printed %q", out)
+	}
+	t.goVersion, t.goroot = strings.TrimSpace(lines[0]), strings.TrimSpace(lines[1])
+	if t.patched, t.patchKey, err = sysmonOverlay(t.goroot); err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "building the agent: reading the Go runtime")
+	}
+	return t, nil
+}
+
+// flags are the build flags, with the runtime's overlay written into dir.
+func (t *agentToolchain) flags(dir string) ([]string, error) {
+	flags := append([]string(nil), agentBuildFlags...)
+	if t.patched == nil {
+		return flags, nil
+	}
+	ov, err := writeOverlay(t.goroot, dir, t.patched)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "building the agent: runtime overlay")
+	}
+	return append(flags, ov), nil
+}
+
+// BuildAgent builds the agent from this module's source into out, as
+// [AgentPath] does but without its cache: for release builds
+// (scripts/build.sh embeds it) and agent benchmarks.
+func BuildAgent(ctx context.Context, out string) error {
+	dir, ok := moduleDir()
+	if !ok {
+		return errdefs.New(errdefs.RuntimeError, "building the agent: the source of %s is not available", modulePath)
+	}
+	t, err := newAgentToolchain(ctx, dir)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "boxrun-agent-build-")
+	if err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "agent build dir")
+	}
+	defer os.RemoveAll(tmp)
+	flags, err := t.flags(tmp)
+	if err != nil {
+		return err
+	}
+	out, err = filepath.Abs(out)
+	if err != nil {
+		return errdefs.Wrap(errdefs.RuntimeError, err, "building the agent")
+	}
+	args := append(append([]string{"build"}, flags...), "-o", out, "./exec/agent")
+	_, err = goOutput(ctx, t.goBin, dir, t.env, args...)
+	return err
+}
+
+func buildAgent(ctx context.Context, cacheDir string) (string, error) {
+	dir, fromSource := moduleDir()
+	t, err := newAgentToolchain(ctx, dir)
 	if err != nil {
 		return "", err
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent cache")
 	}
-	env := append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
-	goVersion, err := goOutput(ctx, goBin, "", env, "env", "GOVERSION")
-	if err != nil {
-		return "", err
-	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s/%s\n%q\n", strings.TrimSpace(goVersion), "linux", runtime.GOARCH, agentBuildFlags)
+	fmt.Fprintf(h, "%s\n%s/%s\n%q\n%s\n", t.goVersion, "linux", runtime.GOARCH, agentBuildFlags, t.patchKey)
 
-	dir, fromSource := moduleDir()
 	var version string
 	if fromSource {
-		if err := hashAgentSource(ctx, h, goBin, dir, env); err != nil {
+		if err := hashAgentSource(ctx, h, t.goBin, dir, t.env); err != nil {
 			return "", err
 		}
 	} else {
@@ -236,13 +308,17 @@ func buildAgent(ctx context.Context, cacheDir string) (string, error) {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent build dir")
 	}
 	defer os.RemoveAll(tmp)
+	flags, err := t.flags(tmp)
+	if err != nil {
+		return "", err
+	}
 	out := filepath.Join(tmp, "agent")
 	if fromSource {
-		args := append(append([]string{"build"}, agentBuildFlags...), "-o", out, "./exec/agent")
-		_, err = goOutput(ctx, goBin, dir, env, args...)
+		args := append(append([]string{"build"}, flags...), "-o", out, "./exec/agent")
+		_, err = goOutput(ctx, t.goBin, dir, t.env, args...)
 	} else {
-		args := append(append([]string{"install"}, agentBuildFlags...), agentPkg+"@"+version)
-		_, err = goOutput(ctx, goBin, tmp, append(env, "GOBIN="+tmp, "GOFLAGS="), args...)
+		args := append(append([]string{"install"}, flags...), agentPkg+"@"+version)
+		_, err = goOutput(ctx, t.goBin, tmp, append(t.env, "GOBIN="+tmp, "GOFLAGS="), args...)
 	}
 	if err != nil {
 		return "", err

@@ -26,7 +26,9 @@ tags=containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devi
 # Without tags: it must not embed itself.
 echo "build.sh: building the agent" >&2
 mkdir -p exec/embedded
-CGO_ENABLED=0 GOOS=linux go build -tags= -trimpath -ldflags='-s -w' -o exec/embedded/agent ./exec/agent
+# As the engine builds it (exec.BuildAgent: CGO_ENABLED=0 go build -trimpath
+# -ldflags='-s -w', with the runtime overlay of exec/sysmon.go).
+go run -tags= ./exec/internal/buildagent -o exec/embedded/agent
 
 pkgs=()
 for pattern in ./boxrund/... ./cmd/...; do

@@ -16,7 +16,7 @@ id boxrun-test >/dev/null 2>&1 || { echo "rootless-test: no user boxrun-test: ru
 work=$(mktemp -d /tmp/boxrun-rootless-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 go test -c -o "$work/integration.test" ./integration/
-CGO_ENABLED=0 GOOS=linux go build -tags= -trimpath -o "$work/agent" ./exec/agent
+go run -tags= ./exec/internal/buildagent -o "$work/agent" # as the engine builds it
 chown -R boxrun-test "$work"
 tests='^(TestImageOwnership|TestImageLayersAsTheImageSays|TestCreateFromRegistry|TestExecOutputAndExitCodes|TestStreamOrder|TestCopyLargeFileBothWays|TestCopyDirectoryTree|TestStopStartKeepsDisk|TestVolumesReadWriteAndReadOnly|TestNetworkOffHasOnlyLoopback|TestPublishedPort|TestWarmStartTwoBoxesFromOneTemplate)$'
 echo "rootless-test: running as boxrun-test: $tests" >&2

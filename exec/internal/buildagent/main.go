@@ -1,0 +1,25 @@
+// Command buildagent builds the guest agent from this module's source the
+// way the engine does ([exec.BuildAgent]: static, stripped, with the
+// agent's patched runtime scheduler): scripts/build.sh embeds what it
+// builds, and agent benchmarks compare such builds.
+//
+//	go run ./exec/internal/buildagent -o /tmp/agent
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/boxrun/boxrun/exec"
+)
+
+func main() {
+	out := flag.String("o", "agent", "where to write the agent binary")
+	flag.Parse()
+	if err := exec.BuildAgent(context.Background(), *out); err != nil {
+		fmt.Fprintln(os.Stderr, "buildagent:", err)
+		os.Exit(1)
+	}
+}
