@@ -20,8 +20,11 @@ import (
 // microseconds, so at 20 us ticks every exec made some 70 guest context
 // switches, most of them this hand-off, and the agent's threads used more
 // CPU than the command itself. At 5 ms a short exec runs on one thread from
-// request to answer: `exec true` took 0.77-0.85 of the time (same-run A/B,
-// bench/BenchmarkAgents; 1 ms: 0.85-0.89, 10 ms: no better than 5).
+// request to answer (26-30 switches): `exec true` took 0.77-0.84 of the
+// time (same-run A/B, bench/BenchmarkAgents; 2 ms: 0.85, 1 ms: 0.85-0.89,
+// 10 ms: no better than 5) and a warm create 0.91. Putting sysmon's thread
+// at SCHED_IDLE instead changed nothing (0.995): its hand-offs, not its
+// own ticks, were the cost.
 //
 // What it costs: a goroutine that needs the P while another blocks in a
 // system call waits up to two ticks (10 ms) for it, once per blocking call
