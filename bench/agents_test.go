@@ -23,7 +23,8 @@ import (
 //	BOXRUN_BENCH_AGENTS=old=/tmp/agent-old,new=/tmp/agent-new \
 //	  go test -run XXX -bench Agents -benchtime 300x ./bench/
 //
-// exec times `exec true` in a box per agent; warm times a warm create to
+// exec times `exec true` in a box per agent, exec-busy the same with a
+// background process left in each box; warm times a warm create to
 // its first `exec true` answered (each agent makes its own template
 // first). Under TCG, the same agent in two boxes differs by 2-5% in such
 // a run: smaller differences are noise.
@@ -108,6 +109,26 @@ func BenchmarkAgents(b *testing.B) {
 			a.eng.Remove(context.Background(), box.ID, boxrun.Force)
 			b.StartTimer()
 			return ms
+		})
+	})
+	// exec again, with a process left running in each box (an orphan of
+	// the agent, as a box's background service is): the agent's reaper
+	// then blocks in waitid whenever an exec's command exits. Last: the
+	// processes stay.
+	b.Run("exec-busy", func(b *testing.B) {
+		for _, a := range agents {
+			res, err := a.eng.Exec(context.Background(), a.box, boxrun.ExecSpec{Cmd: []string{"sh", "-c", "sleep 100000 >/dev/null 2>&1 &"}})
+			if err != nil || res.ExitCode != 0 {
+				b.Fatal(res, err)
+			}
+			for range 10 {
+				execTrue(b, a.eng, a.box)
+			}
+		}
+		compare(b, func(a *agent) float64 {
+			t0 := time.Now()
+			execTrue(b, a.eng, a.box)
+			return time.Since(t0).Seconds() * 1000
 		})
 	})
 }

@@ -46,6 +46,9 @@ grep ctxt /proc/stat`)
 			}
 			switch f[0] {
 			case "A":
+				if len(f) < 3 { // the thread ended between the listing and the read
+					continue
+				}
 				v, _ := strconv.ParseFloat(f[2], 64)
 				c.agent += v
 				if tid, _ := strconv.Atoi(f[1]); tid > 1 {

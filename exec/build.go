@@ -26,9 +26,10 @@ const (
 	agentPkg   = modulePath + "/exec/agent"
 )
 
-// agentLDFlags strip the symbol table and DWARF: the agent travels in
-// every initramfs.
-var agentBuildFlags = []string{"-trimpath", "-ldflags=-s -w"}
+// agentBuildFlags strip the symbol table and DWARF (the agent travels in
+// every initramfs) and drop any build tags of GOFLAGS: the agent needs
+// none, and must never get boxrun_embed_agent (it would embed itself).
+var agentBuildFlags = []string{"-tags=", "-trimpath", "-ldflags=-s -w"}
 
 // embeddedAgent is the agent binary built into this program (see
 // agent_embed.go, build tag boxrun_embed_agent); nil without one.
@@ -200,25 +201,50 @@ type agentToolchain struct {
 
 // newAgentToolchain asks the go command run in dir (the module's, where
 // its go.mod picks the toolchain that builds) for its version and GOROOT.
-func newAgentToolchain(ctx context.Context, dir string) (*agentToolchain, error) {
+// goarch "" is the host's.
+func newAgentToolchain(ctx context.Context, dir, goarch string) (*agentToolchain, error) {
 	goBin, err := findGo()
 	if err != nil {
 		return nil, err
 	}
-	t := &agentToolchain{goBin: goBin, env: append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)}
-	out, err := goOutput(ctx, goBin, dir, t.env, "env", "GOVERSION", "GOROOT")
+	if goarch == "" {
+		goarch = runtime.GOARCH
+	}
+	t := &agentToolchain{goBin: goBin, env: append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+goarch)}
+	out, err := goOutput(ctx, goBin, dir, t.env, "env", "GOVERSION", "GOROOT", "GOMODCACHE")
 	if err != nil {
 		return nil, err
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 2 {
-		return nil, errdefs.New(errdefs.RuntimeError, "building the agent: go env GOVERSION GOROOT printed %q", out)
+	if len(lines) != 3 {
+		return nil, errdefs.New(errdefs.RuntimeError, "building the agent: go env GOVERSION GOROOT GOMODCACHE printed %q", out)
 	}
 	t.goVersion, t.goroot = strings.TrimSpace(lines[0]), strings.TrimSpace(lines[1])
+	if !overlayAllowed(t.goroot, strings.TrimSpace(lines[2])) {
+		t.patchKey = "sysmon: stock (toolchain in the module cache)"
+		return t, nil
+	}
 	if t.patched, t.patchKey, err = sysmonOverlay(t.goroot); err != nil {
 		return nil, errdefs.Wrap(errdefs.RuntimeError, err, "building the agent: reading the Go runtime")
 	}
 	return t, nil
+}
+
+// overlayAllowed reports whether go build -overlay may replace files of
+// goroot: not when it is a toolchain the go command downloaded into the
+// module cache (GOTOOLCHAIN), whose files it refuses to replace.
+func overlayAllowed(goroot, modcache string) bool {
+	if modcache == "" {
+		return true
+	}
+	rel, err := filepath.Rel(modcache, goroot)
+	return err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator))
+}
+
+// stock drops the runtime patch: for builds whose toolchain is not the one
+// the patch was made from (go install of a module version picks its own).
+func (t *agentToolchain) stock() {
+	t.patched, t.patchKey = nil, "sysmon: stock"
 }
 
 // flags are the build flags, with the runtime's overlay written into dir.
@@ -235,14 +261,14 @@ func (t *agentToolchain) flags(dir string) ([]string, error) {
 }
 
 // BuildAgent builds the agent from this module's source into out, as
-// [AgentPath] does but without its cache: for release builds
-// (scripts/build.sh embeds it) and agent benchmarks.
-func BuildAgent(ctx context.Context, out string) error {
+// [AgentPath] does but without its cache, for goarch ("": the host's):
+// for release builds (scripts/build.sh embeds it) and agent benchmarks.
+func BuildAgent(ctx context.Context, out, goarch string) error {
 	dir, ok := moduleDir()
 	if !ok {
 		return errdefs.New(errdefs.RuntimeError, "building the agent: the source of %s is not available", modulePath)
 	}
-	t, err := newAgentToolchain(ctx, dir)
+	t, err := newAgentToolchain(ctx, dir, goarch)
 	if err != nil {
 		return err
 	}
@@ -266,17 +292,20 @@ func BuildAgent(ctx context.Context, out string) error {
 
 func buildAgent(ctx context.Context, cacheDir string) (string, error) {
 	dir, fromSource := moduleDir()
-	t, err := newAgentToolchain(ctx, dir)
+	t, err := newAgentToolchain(ctx, dir, "")
 	if err != nil {
 		return "", err
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", errdefs.Wrap(errdefs.RuntimeError, err, "agent cache")
 	}
+	var version string
+	if !fromSource {
+		t.stock()
+	}
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\n%s/%s\n%q\n%s\n", t.goVersion, "linux", runtime.GOARCH, agentBuildFlags, t.patchKey)
-
-	var version string
+	h.Write(t.patched) // a GOROOT changed under the same version is another runtime
 	if fromSource {
 		if err := hashAgentSource(ctx, h, t.goBin, dir, t.env); err != nil {
 			return "", err

@@ -74,15 +74,39 @@ func NewReaper(log *slog.Logger) *Reaper {
 // given the same pid for a new child meanwhile: reaped outside the lock,
 // a pid reused at once (a fork bomb cycles through pid_max quickly) would
 // have taken the earlier process's status to the new one's waiter.
+//
+// How it blocks matters to every exec (see waitChildBlocking): after a
+// fork it waits keeping its P, the cheapest way for a short command, which
+// then runs from request to answer on one thread; once it has reaped a
+// child, whose waiter (and its output, and the host's next request) is
+// about to need the P, it first looks without blocking, and blocks only
+// when children are left running (a box's background process): then it
+// gives the P up as it blocks.
 func (r *Reaper) loop() {
 	idle := time.NewTimer(time.Second)
+	info := new(unix.Siginfo) // on the heap: see waitChildBlocking
+	reaped := false
 	for {
-		var info unix.Siginfo
-		err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		*info = unix.Siginfo{}
+		var e syscall.Errno
+		switch {
+		case !reaped:
+			e = waitAnyChild(info, 0)
+		default:
+			if e = waitAnyChild(info, unix.WNOHANG); e == 0 && sigchldPid(info) == 0 {
+				*info = unix.Siginfo{}
+				e = waitChildBlocking(info)
+			}
+		}
+		var err error
+		if e != 0 {
+			err = e
+		}
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.ECHILD:
+			reaped = false
 			idle.Reset(time.Second)
 			select {
 			case <-r.forked:
@@ -94,7 +118,7 @@ func (r *Reaper) loop() {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		pid := sigchldPid(&info)
+		pid := sigchldPid(info)
 		if pid <= 0 { // wait4 would take any child: never
 			r.log.Warn("waitid: no pid", "pid", pid)
 			time.Sleep(10 * time.Millisecond)
@@ -110,6 +134,7 @@ func (r *Reaper) loop() {
 			continue
 		}
 		pid = got // the same, short of a kernel that disagrees with itself
+		reaped = true
 		ch, ok := r.waiters[pid]
 		delete(r.waiters, pid)
 		r.mu.Unlock()

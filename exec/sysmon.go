@@ -27,12 +27,14 @@ import (
 // own ticks, were the cost.
 //
 // What it costs: a goroutine that needs the P while another blocks in a
-// system call waits up to two ticks (10 ms) for it, once per blocking call
-// (the same bound as the runtime's own preemption of a running goroutine).
-// Nothing else sysmon does is on a shorter clock: it polls the network
-// after 10 ms without a poll and preempts after 10 ms of running.
-// Deep sleep, when every P is idle, is unchanged, so an idle box stays
-// quiet.
+// system call waits for sysmon's next tick or two (5-10 ms; up to 20 ms
+// after a quiet spell, when the ticks have grown to their 10 ms maximum),
+// once per blocking call. The reaper's waitid, the one blocking call of
+// every exec, gives its P up instead when it blocks while children live on
+// (Reaper.loop, waitChildBlocking). Nothing else sysmon does is on a
+// shorter clock: it polls the network after 10 ms without a poll and
+// preempts after 10 ms of running. Deep sleep, when every P is idle, is
+// unchanged, so an idle box stays quiet.
 const sysmonMinDelayUS = 5000
 
 // sysmonDelay is the statement of runtime.sysmon that sets its shortest

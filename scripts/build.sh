@@ -28,7 +28,9 @@ echo "build.sh: building the agent" >&2
 mkdir -p exec/embedded
 # As the engine builds it (exec.BuildAgent: CGO_ENABLED=0 go build -trimpath
 # -ldflags='-s -w', with the runtime overlay of exec/sysmon.go).
-go run -tags= ./exec/internal/buildagent -o exec/embedded/agent
+# buildagent runs here (GOOS/GOARCH cleared for it) and builds for the
+# target's architecture.
+GOOS= GOARCH= go run -tags= ./exec/internal/buildagent -goarch "$(go env GOARCH)" -o exec/embedded/agent
 
 pkgs=()
 for pattern in ./boxrund/... ./cmd/...; do

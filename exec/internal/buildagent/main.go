@@ -3,7 +3,7 @@
 // agent's patched runtime scheduler): scripts/build.sh embeds what it
 // builds, and agent benchmarks compare such builds.
 //
-//	go run ./exec/internal/buildagent -o /tmp/agent
+//	go run ./exec/internal/buildagent -o /tmp/agent [-goarch arm64]
 package main
 
 import (
@@ -17,8 +17,9 @@ import (
 
 func main() {
 	out := flag.String("o", "agent", "where to write the agent binary")
+	goarch := flag.String("goarch", "", "the guest's architecture (default: this program's)")
 	flag.Parse()
-	if err := exec.BuildAgent(context.Background(), *out); err != nil {
+	if err := exec.BuildAgent(context.Background(), *out, *goarch); err != nil {
 		fmt.Fprintln(os.Stderr, "buildagent:", err)
 		os.Exit(1)
 	}
