@@ -362,7 +362,7 @@ func buildAgent(ctx context.Context, cacheDir string) (string, error) {
 // agent imports (as listed by go list, so a new import is covered), with
 // go.mod and go.sum for the dependencies.
 func hashAgentSource(ctx context.Context, h io.Writer, goBin, dir string, env []string) error {
-	list, err := goOutput(ctx, goBin, dir, env, "list", "-deps",
+	list, err := goOutput(ctx, goBin, dir, env, "list", "-tags=", "-deps", // the build's tags: none
 		"-f", `{{if not .Standard}}{{$d := .Dir}}{{range .GoFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{range .EmbedFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{end}}`,
 		"./exec/agent")
 	if err != nil {

@@ -84,7 +84,7 @@ func NewReaper(log *slog.Logger) *Reaper {
 // gives the P up as it blocks.
 func (r *Reaper) loop() {
 	idle := time.NewTimer(time.Second)
-	info := new(unix.Siginfo) // on the heap: see waitChildBlocking
+	info := new(unix.Siginfo)
 	reaped := false
 	for {
 		*info = unix.Siginfo{}

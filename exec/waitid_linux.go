@@ -39,8 +39,9 @@ func waitAnyChild(info *unix.Siginfo, flags int) syscall.Errno {
 // other goroutine (the exec whose child was just reaped, its output, the
 // host's next request) waiting up to two ticks, each time the call is
 // entered while a child lives on, such as a box's background process:
-// an `exec true` took 1.6 times as long in such a box. info must not be
-// on the stack (it is written while the goroutine is in the call).
+// an `exec true` took 1.6 times as long in such a box. info may be on
+// the goroutine's stack: a stack is not moved while its goroutine is in a
+// system call (never shrunk then, and nothing here can grow it).
 //
 //go:nosplit
 func waitChildBlocking(info *unix.Siginfo) syscall.Errno {

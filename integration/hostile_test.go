@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -59,6 +60,26 @@ func TestHostileConsoleFlood(t *testing.T) {
 	}
 	t.Logf("%d bytes written to /dev/ttyS0 in %v", flood, time.Since(start).Round(time.Millisecond))
 	alive(t, box, "a console flood")
+	// "flooded" comes once the guest's tty took the bytes, not once its
+	// UART sent them: the relay may still be writing, and rotating (a new
+	// console.log appears just after the old one is renamed). Read the
+	// files once they have stopped changing.
+	settled := ""
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		var now string
+		for _, name := range []string{"console.log", "console.log.1"} {
+			st, err := os.Stat(filepath.Join(boxDir(box), name))
+			if err != nil {
+				now += name + " none;"
+				continue
+			}
+			now += fmt.Sprintf("%s %d;", name, st.Size())
+		}
+		if now == settled {
+			break
+		}
+		settled = now
+	}
 	var total int64
 	for _, name := range []string{"console.log", "console.log.1"} {
 		st, err := os.Stat(filepath.Join(boxDir(box), name))
