@@ -285,8 +285,13 @@ func BuildAgent(ctx context.Context, out, goarch string) error {
 	if err != nil {
 		return errdefs.Wrap(errdefs.RuntimeError, err, "building the agent")
 	}
+	return t.buildSource(ctx, dir, out, flags)
+}
+
+// buildSource builds the agent from the module's source in dir into out.
+func (t *agentToolchain) buildSource(ctx context.Context, dir, out string, flags []string) error {
 	args := append(append([]string{"build"}, flags...), "-o", out, "./exec/agent")
-	_, err = goOutput(ctx, t.goBin, dir, t.env, args...)
+	_, err := goOutput(ctx, t.goBin, dir, t.env, args...)
 	return err
 }
 
@@ -343,8 +348,7 @@ func buildAgent(ctx context.Context, cacheDir string) (string, error) {
 	}
 	out := filepath.Join(tmp, "agent")
 	if fromSource {
-		args := append(append([]string{"build"}, flags...), "-o", out, "./exec/agent")
-		_, err = goOutput(ctx, t.goBin, dir, t.env, args...)
+		err = t.buildSource(ctx, dir, out, flags)
 	} else {
 		args := append(append([]string{"install"}, flags...), agentPkg+"@"+version)
 		_, err = goOutput(ctx, t.goBin, tmp, append(t.env, "GOBIN="+tmp, "GOFLAGS="), args...)

@@ -142,24 +142,8 @@ func TestWarmStartTwoBoxesFromOneTemplate(t *testing.T) {
 			t.Errorf("%s: want %s on the console:\n%s", box.ID, probed, cons)
 		}
 	}
-	if fa.uuid == fb.uuid {
-		t.Errorf("both boxes made UUID %s", fa.uuid)
-	}
-	if fa.host != a.ID || fb.host != b.ID {
-		t.Errorf("hostnames: %q %q, want the box ids", fa.host, fb.host)
-	}
-	if fa.mac == fb.mac || fa.mac == "52:54:00:00:00:01" || !strings.HasPrefix(fa.mac, "52:54:00:") {
-		t.Errorf("MACs: A %s, B %s (the template's is 52:54:00:00:00:01)", fa.mac, fb.mac)
-	}
-	for _, f := range []facts{fa, fb} {
-		mem, _ := strconv.Atoi(f.mem)
-		if f.cpus != "3" || mem < 250_000 || mem > 330_000 {
-			t.Errorf("resources: nproc %s, MemTotal %s kB; want 3 CPUs and ~320 MiB", f.cpus, f.mem)
-		}
-		if f.net != "host says hi" {
-			t.Errorf("network: %q", f.net)
-		}
-	}
+	checkOwnIdentities(t, restoredBox{a, fa.uuid, fa.host, fa.mac, fa.cpus, fa.mem, fa.net},
+		restoredBox{b, fb.uuid, fb.host, fb.mac, fb.cpus, fb.mem, fb.net}, "3", 320, "host says hi")
 	if withVol && (fa.vol != "volume A" || fb.vol != "volume B") {
 		t.Errorf("volumes: A %q, B %q", fa.vol, fb.vol)
 	}
@@ -495,4 +479,39 @@ func hostServer(t *testing.T, body string) int {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// restoredBox is what a box restored from a template said of itself.
+type restoredBox struct {
+	box                               *boxrun.Box
+	uuid, host, mac, cpus, memKB, net string
+}
+
+// checkOwnIdentities checks two boxes restored from one template: each
+// has an identity of its own (a UUID of its own making, its id as
+// hostname, a MAC of its own, not the template's 52:54:00:00:00:01), the
+// CPUs and about the memory (MiB) asked for, and its network (net is what
+// the host's server answered).
+func checkOwnIdentities(t *testing.T, a, b restoredBox, cpus string, memMiB int, net string) {
+	t.Helper()
+	if a.uuid == b.uuid {
+		t.Errorf("both boxes made UUID %s", a.uuid)
+	}
+	if a.host != a.box.ID || b.host != b.box.ID {
+		t.Errorf("hostnames: %q %q, want the box ids", a.host, b.host)
+	}
+	if a.mac == b.mac || a.mac == "52:54:00:00:00:01" || !strings.HasPrefix(a.mac, "52:54:00:") {
+		t.Errorf("MACs: %s, %s (the template's is 52:54:00:00:00:01)", a.mac, b.mac)
+	}
+	for _, r := range []restoredBox{a, b} {
+		// MemTotal is the memory less what the kernel keeps: within
+		// 75 MiB below and 10 MiB above.
+		mem, _ := strconv.Atoi(r.memKB)
+		if r.cpus != cpus || mem < (memMiB-75)<<10 || mem > (memMiB+10)<<10 {
+			t.Errorf("%s: nproc %s, MemTotal %s kB; want %s CPUs and ~%d MiB", r.box.ID, r.cpus, r.memKB, cpus, memMiB)
+		}
+		if r.net != net {
+			t.Errorf("%s: network: %q, want %q", r.box.ID, r.net, net)
+		}
+	}
 }
